@@ -1,0 +1,263 @@
+"""Log-probabilities under pi_mix, the logit average of a trainable policy and a frozen reference.
+
+    m        = (1 - a) * z_pol + a * z_ref
+    pi_mix   = softmax(m / T)
+    log pi_mix(y) = m_y / T - logsumexp(m / T)
+
+The vocabulary may be split over a tensor-parallel group (each rank holds the same number of contiguous
+columns of both models' logits). The full-vocabulary softmax is never gathered: per chunk of tokens, one
+all-reduce(MAX) of the local max and one all-reduce(SUM) carrying the local sum of exp and the target logit
+(owned by exactly one rank). The gradient with respect to the policy logits,
+
+    d log pi_mix(y) / d z_pol = (1 - a) / T * (onehot(y) - pi_mix),
+
+is written chunk by chunk during the forward into one buffer of the logits' shape and dtype (the memory the
+gradient needs anyway), so the backward is a per-token scale with no communication and the float32 softmax of
+the whole micro-batch never exists at once. The reference receives no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# Float32 elements of one chunk's working buffer when `chunk_size` is not given (16 MiB): small enough to
+# stay in cache on a CPU and to bound peak memory, large enough that the per-chunk all-reduces are few.
+_DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 for every lower precision; float64 inputs keep float64 so that gradcheck is meaningful.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _validate(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    target: torch.Tensor,
+    ref_weight: float,
+    temperature: float,
+    chunk_size: int | None,
+) -> None:
+    for name, logits in (("policy_logits", policy_logits), ("ref_logits", ref_logits)):
+        if not torch.is_floating_point(logits):
+            raise ValueError(f"mixed_logprobs: {name} must be a floating-point tensor, got {logits.dtype}")
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(
+            "mixed_logprobs: policy_logits and ref_logits must have the same shape (the same vocabulary "
+            f"shard of the same tokens), got {tuple(policy_logits.shape)} and {tuple(ref_logits.shape)}"
+        )
+    if policy_logits.dim() < 1 or policy_logits.shape[-1] == 0:
+        raise ValueError(
+            f"mixed_logprobs: logits need a non-empty vocabulary dimension, got {tuple(policy_logits.shape)}"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"mixed_logprobs: target must hold integer token ids, got {target.dtype}")
+    if tuple(target.shape) != tuple(policy_logits.shape[:-1]):
+        raise ValueError(
+            "mixed_logprobs: target shape must equal the logits' shape without the vocabulary dimension, "
+            f"got target {tuple(target.shape)} and logits {tuple(policy_logits.shape)}"
+        )
+    if not 0.0 <= float(ref_weight) <= 1.0:
+        raise ValueError(f"mixed_logprobs: ref_weight must lie in [0, 1], got {ref_weight}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"mixed_logprobs: temperature must be > 0, got {temperature}")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"mixed_logprobs: chunk_size must be a positive number of tokens, got {chunk_size}")
+
+
+class _MixedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        policy_logits: torch.Tensor,
+        ref_logits: torch.Tensor,
+        target: torch.Tensor,
+        ref_weight: float,
+        temperature: float,
+        tp_group: dist.ProcessGroup | None,
+        chunk_size: int | None,
+        return_entropy: bool,
+        true_vocab_size: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lead_shape = policy_logits.shape[:-1]
+        vocab_local = policy_logits.shape[-1]
+        pol = policy_logits.reshape(-1, vocab_local)
+        ref = ref_logits.reshape(-1, vocab_local)
+        tgt = target.reshape(-1)
+        num_tokens = pol.shape[0]
+        cdtype = _compute_dtype(policy_logits.dtype)
+        device = policy_logits.device
+
+        tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+        tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
+        distributed = tp_size > 1
+        vocab_start = tp_rank * vocab_local
+        vocab_global = tp_size * vocab_local
+        vocab_true = vocab_global if true_vocab_size is None else int(true_vocab_size)
+        if not 0 < vocab_true <= vocab_global:
+            raise ValueError(
+                f"mixed_logprobs: true_vocab_size={true_vocab_size} must lie in (0, {vocab_global}] "
+                f"(the vocabulary the TP group's shards tile: {tp_size} x {vocab_local})"
+            )
+        if num_tokens and (tgt.min() < 0 or tgt.max() >= vocab_true):
+            bad = tgt[(tgt < 0) | (tgt >= vocab_true)][0].item()
+            raise ValueError(f"mixed_logprobs: target holds token id {bad}, outside the vocabulary [0, {vocab_true})")
+        # Columns of this shard at or beyond the true vocabulary (Megatron's padding) are excluded.
+        pad_from = min(max(vocab_true - vocab_start, 0), vocab_local)
+
+        a = float(ref_weight)
+        inv_t = 1.0 / float(temperature)
+        need_grad = ctx.needs_input_grad[0]
+        grad_buf = torch.empty_like(pol) if need_grad else None
+        logprobs = torch.empty(num_tokens, dtype=cdtype, device=device)
+        entropy = torch.empty(num_tokens if return_entropy else 0, dtype=cdtype, device=device)
+
+        if chunk_size is None:
+            chunk_size = max(1, _DEFAULT_CHUNK_ELEMENTS // vocab_local)
+        grad_scale = (1.0 - a) * inv_t
+        shard_checked = not distributed
+
+        chunk_buf = torch.empty(min(chunk_size, num_tokens), vocab_local, dtype=cdtype, device=device)
+        for start in range(0, num_tokens, chunk_size):
+            end = min(start + chunk_size, num_tokens)
+            rows = end - start
+            # m / T in the compute dtype, in one reused buffer; the inputs are never written.
+            m = chunk_buf[:rows]
+            if pol.dtype == cdtype:
+                torch.lerp(pol[start:end], ref[start:end], a, out=m)  # (1 - a) * pol + a * ref
+            else:
+                m.copy_(pol[start:end]).mul_(1.0 - a).add_(ref[start:end], alpha=a)
+            if inv_t != 1.0:
+                m.mul_(inv_t)
+            if pad_from < vocab_local:
+                m[:, pad_from:] = float("-inf")
+
+            local_t = tgt[start:end] - vocab_start
+            owned = (local_t >= 0) & (local_t < vocab_local)
+            local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
+            target_logit = torch.where(owned, m.gather(1, local_t.unsqueeze(1)).squeeze(1), 0.0)
+
+            row_max = m.amax(dim=1)
+            if distributed:
+                if not shard_checked:
+                    # Shard sizes ride along with the first MAX: equal sizes iff max(V) == -max(-V).
+                    sizes = torch.tensor([vocab_local, -vocab_local], dtype=cdtype, device=device)
+                    packed = torch.cat([row_max, sizes])
+                    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=tp_group)
+                    if packed[-2].item() != -packed[-1].item():
+                        raise ValueError(
+                            "mixed_logprobs: the tensor-parallel ranks hold vocabulary shards of different "
+                            f"sizes (between {int(-packed[-1].item())} and {int(packed[-2].item())} columns); "
+                            "the shards must tile the vocabulary in equal contiguous pieces"
+                        )
+                    row_max = packed[:rows]
+                    shard_checked = True
+                else:
+                    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+            # A shard that is all padding has row_max = -inf locally but not after the all-reduce.
+
+            m.sub_(row_max.unsqueeze(1))  # m <- m - max (<= 0)
+            if return_entropy:
+                # H = log S - sum(e * (m - max)) / S with e = exp(m - max), S = sum(e).
+                e = torch.exp(m)
+                weighted = torch.where(e > 0, e * m, 0.0)  # padded columns: 0 * -inf
+                sums = torch.stack([e.sum(dim=1), target_logit, weighted.sum(dim=1)])
+                m = e
+            else:
+                m.exp_()
+                sums = torch.stack([m.sum(dim=1), target_logit])
+            if distributed:
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)
+            sum_exp = sums[0]
+            log_z = torch.log(sum_exp) + row_max  # logsumexp(m / T)
+            logprobs[start:end] = sums[1] - log_z
+            if return_entropy:
+                entropy[start:end] = torch.log(sum_exp) - sums[2] / sum_exp
+
+            if need_grad:
+                # grad = (1 - a) / T * (onehot(y) - p), with p = exp(m - max) / sum_exp.
+                out = grad_buf[start:end]
+                scale = (-grad_scale / sum_exp).unsqueeze(1)
+                if out.dtype == m.dtype:
+                    torch.mul(m, scale, out=out)
+                else:
+                    out.copy_(m.mul_(scale))
+                rows_idx = torch.arange(rows, device=device)
+                owned_rows = rows_idx[owned]
+                out[owned_rows, local_t[owned]] += grad_scale
+
+        # Kept as an attribute rather than through save_for_backward: the backward scales it in place.
+        ctx.grad_buf = grad_buf
+        ctx.logits_shape = policy_logits.shape
+        ctx.mark_non_differentiable(entropy)
+        return logprobs.reshape(lead_shape), entropy.reshape(lead_shape if return_entropy else (0,))
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor):  # type: ignore[override]
+        grad_buf = ctx.grad_buf
+        if grad_buf is None:
+            raise RuntimeError(
+                "mixed_logprobs: a second backward through the same graph is only supported for float64 "
+                "logits; lower precisions scale the saved gradient in place to keep peak memory at one "
+                "gradient (call mixed_logprobs again instead of retain_graph=True)"
+            )
+        scale = grad_logprobs.reshape(-1, 1).to(grad_buf.dtype)
+        if grad_buf.dtype == torch.float64:
+            # The verification dtype keeps its buffer so that repeated backward (gradcheck) works.
+            grad = grad_buf * scale
+        else:
+            grad = grad_buf.mul_(scale)
+            ctx.grad_buf = None
+        grad = grad.reshape(ctx.logits_shape)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def mixed_logprobs(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    target: torch.Tensor,
+    ref_weight: float,
+    temperature: float = 1.0,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+    true_vocab_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi_mix(target) with pi_mix = softmax(((1 - ref_weight) * policy + ref_weight * ref) / temperature).
+
+    Args:
+        policy_logits: ``[..., V_local]`` this rank's vocabulary shard of the trainable policy's logits, any
+            float dtype. Rank r of ``tp_group`` holds global columns ``[r * V_local, (r + 1) * V_local)``.
+        ref_logits: ``[..., V_local]`` the frozen reference's logits, same shape and sharding. Never
+            receives a gradient.
+        target: integer ``[...]`` global vocabulary ids.
+        ref_weight: the reference's weight ``a`` in [0, 1]; 0 is the policy alone, 1 gives zero gradient.
+        temperature: ``T > 0``.
+        tp_group: the tensor-parallel group the vocabulary is split over; ``None`` or size 1 is one device.
+        chunk_size: tokens processed at once (bounds the float32 working memory); default picks about 4M
+            logits per chunk.
+        return_entropy: also return the entropy of pi_mix per token (a metric: no gradient).
+        true_vocab_size: columns at or beyond this global id (vocabulary padding) are excluded.
+
+    Returns:
+        ``[...]`` float32 log pi_mix(target) (float64 for float64 logits), differentiable with respect to
+        ``policy_logits`` only; with ``return_entropy``, a tuple ``(logprobs, entropy)``.
+
+    Raises:
+        ValueError: on mismatched shapes, non-float logits, a target outside the vocabulary, ``ref_weight``
+            outside [0, 1], ``temperature <= 0``, or TP shards of unequal size.
+    """
+    _validate(policy_logits, ref_logits, target, ref_weight, temperature, chunk_size)
+    logprobs, entropy = _MixedLogprobs.apply(
+        policy_logits,
+        ref_logits.detach(),
+        target,
+        float(ref_weight),
+        float(temperature),
+        tp_group,
+        None if chunk_size is None else int(chunk_size),
+        bool(return_entropy),
+        true_vocab_size,
+    )
+    return (logprobs, entropy) if return_entropy else logprobs

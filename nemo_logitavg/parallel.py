@@ -1,0 +1,170 @@
+"""The parallel runtime: torch.distributed plus megatron-core's TP/PP/DP groups, from torchrun or srun.
+
+    init_parallel(tensor_parallel_size=2)   # reads RANK/WORLD_SIZE/... (torchrun) or SLURM_* (srun)
+    ...
+    teardown()
+
+gloo is used when CUDA is absent (and the CPU compatibility patches are applied), NCCL otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nemo_logitavg import cpu_compat
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list ("node[01-04],gpu7" -> "node01"), via scontrol when present."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout.split()
+        if out:
+            return out[0]
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        return prefix + rest.rstrip("]").split(",")[0].split("-")[0]
+    return head
+
+
+def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Read rank, world size and rendezvous address from torchrun's variables, else from srun's.
+
+    Raises:
+        ValueError: when neither torchrun's RANK/WORLD_SIZE nor srun's SLURM_PROCID/SLURM_NTASKS are set, or
+            a variable does not parse; the message names the variable.
+    """
+    env = os.environ if environ is None else environ
+
+    def as_int(name: str) -> int:
+        try:
+            return int(env[name])
+        except ValueError:
+            raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size = as_int("RANK"), as_int("WORLD_SIZE")
+        local_rank = as_int("LOCAL_RANK") if "LOCAL_RANK" in env else rank
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world_size = as_int("SLURM_PROCID"), as_int("SLURM_NTASKS")
+        local_rank = as_int("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    else:
+        raise ValueError(
+            "no launcher environment: start with torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) "
+            "or srun (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST)"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the world size {world_size}")
+
+    if "MASTER_ADDR" in env:
+        master_addr = env["MASTER_ADDR"]
+    elif "SLURM_JOB_NODELIST" in env:
+        master_addr = _first_slurm_host(env["SLURM_JOB_NODELIST"])
+    elif world_size == 1:
+        master_addr = "127.0.0.1"
+    else:
+        raise ValueError("MASTER_ADDR is not set (and no SLURM_JOB_NODELIST to derive it from)")
+    if "MASTER_PORT" in env:
+        master_port = as_int("MASTER_PORT")
+    elif "SLURM_JOB_ID" in env:
+        # Jobs sharing a node must not share a port.
+        master_port = 20000 + as_int("SLURM_JOB_ID") % 20000
+    else:
+        master_port = DEFAULT_MASTER_PORT
+    return LaunchEnv(rank, world_size, local_rank, master_addr, master_port)
+
+
+def init_parallel(
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+    seed: int = 1234,
+    backend: str | None = None,
+    timeout_minutes: int = 30,
+    environ: Mapping[str, str] | None = None,
+) -> LaunchEnv:
+    """Initialise torch.distributed and megatron-core's parallel state; data parallel is what remains.
+
+    Args:
+        tensor_parallel_size: ranks a layer (and the vocabulary) is split over.
+        pipeline_parallel_size: stages the layers are split into.
+        seed: megatron-core's model-parallel RNG seed (TP ranks get distinct dropout streams).
+        backend: "gloo" or "nccl"; by default NCCL with CUDA, gloo without.
+        timeout_minutes: collective timeout.
+        environ: the launcher's environment; ``os.environ`` by default.
+
+    Raises:
+        ValueError: when the world size is not a multiple of ``tensor_parallel_size * pipeline_parallel_size``,
+            or the launcher environment is incomplete.
+    """
+    for name, size in (
+        ("tensor_parallel_size", tensor_parallel_size),
+        ("pipeline_parallel_size", pipeline_parallel_size),
+    ):
+        if int(size) < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+    env = launch_env(environ)
+    model_parallel = tensor_parallel_size * pipeline_parallel_size
+    if env.world_size % model_parallel:
+        raise ValueError(
+            f"world size {env.world_size} is not a multiple of tensor_parallel_size x pipeline_parallel_size "
+            f"= {tensor_parallel_size} x {pipeline_parallel_size}"
+        )
+    use_cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    else:
+        cpu_compat.apply()
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+        # Megatron's extra gloo groups only matter beside NCCL.
+        create_gloo_process_groups=backend == "nccl",
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return env
+
+
+def teardown() -> None:
+    """Destroy megatron-core's groups and the default process group; safe to call twice."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
