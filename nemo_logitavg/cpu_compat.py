@@ -12,6 +12,7 @@ unchanged on GPUs.
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -59,6 +60,14 @@ def apply() -> bool:
         return False
     if _applied:
         return True
+    # Expected on a CPU machine, printed once per import site: keep the console readable.
+    for message in (
+        "Transformer Engine and Apex are not installed",
+        "Apex is not installed",
+        "full scope is deprecated",
+        "When using async grad allreduce",  # CUDA_DEVICE_MAX_CONNECTIONS: a GPU-only tuning hint
+    ):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
     from megatron.core import utils as mcore_utils
     from megatron.core.pipeline_parallel import schedules
