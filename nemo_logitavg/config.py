@@ -25,9 +25,15 @@ def load_config(schema: type[T], path: str | Path, overrides: list[str] | None =
     try:
         merged = OmegaConf.merge(base, OmegaConf.load(path))
     except OmegaConfBaseException as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{path}: {_describe(exc)}") from None
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
     except OmegaConfBaseException as exc:
-        raise ValueError(f"command-line override: {exc}") from None
+        raise ValueError(f"command-line override: {_describe(exc)}") from None
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    return f"key '{key}': {message}" if key else message

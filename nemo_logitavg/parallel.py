@@ -53,8 +53,10 @@ def _first_slurm_host(nodelist: str) -> str:
 def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read rank, world size and rendezvous address from torchrun's variables, else from srun's.
 
+    With neither set, this is a single process (rank 0 of 1 on 127.0.0.1).
+
     Raises:
-        ValueError: when neither torchrun's RANK/WORLD_SIZE nor srun's SLURM_PROCID/SLURM_NTASKS are set, or
+        ValueError: when only half of torchrun's RANK/WORLD_SIZE or srun's SLURM_PROCID/SLURM_NTASKS is set, or
             a variable does not parse; the message names the variable.
     """
     env = os.environ if environ is None else environ
@@ -71,10 +73,12 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world_size = as_int("SLURM_PROCID"), as_int("SLURM_NTASKS")
         local_rank = as_int("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    elif not any(name in env for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")):
+        rank, world_size, local_rank = 0, 1, 0  # plain `python recipe.py`: one process
     else:
         raise ValueError(
-            "no launcher environment: start with torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) "
-            "or srun (SLURM_PROCID, SLURM_NTASKS, SLURM_JOB_NODELIST)"
+            "incomplete launcher environment: torchrun sets RANK and WORLD_SIZE, srun sets SLURM_PROCID and "
+            "SLURM_NTASKS; only part of one pair is set"
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the world size {world_size}")

@@ -1,7 +1,7 @@
 """Log pi_mix of two tiny Megatron GPTModels at any tensor-parallel size, checked two ways.
 
-    torchrun --nproc-per-node 1 recipes/pimix_tp_check.py [--config configs/pimix_check.yaml] [key=value ...]
-    torchrun --nproc-per-node 2 recipes/pimix_tp_check.py
+    python recipes/pimix_tp_check.py [--config configs/pimix_check.yaml] [key=value ...]
+    torchrun --nproc-per-node 2 recipes/pimix_tp_check.py        (or srun -n 2, launcher/pimix_tp_check.sh)
 
 A policy and a frozen reference (Llama-style, seeded so that their weights do not depend on TP) score the same
 random tokens; `mixed_logprobs` computes log pi_mix on the vocabulary shards and backpropagates into the policy.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from nemo_logitavg.config import load_config
 from nemo_logitavg.models import LlamaConfig, build_gpt_model
 from nemo_logitavg.ops import mixed_logprobs
-from nemo_logitavg.parallel import init_parallel, teardown
+from nemo_logitavg.parallel import init_parallel, launch_env, teardown
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pimix_check.yaml"
 
@@ -67,9 +66,7 @@ def main() -> int:
     args = parser.parse_args()
     cfg = load_config(CheckConfig, args.config, args.overrides)
 
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    tp = int(os.environ["WORLD_SIZE"])
+    tp = launch_env().world_size  # every process of the launch forms one TP group
     init_parallel(tensor_parallel_size=tp)
     from megatron.core import parallel_state
 

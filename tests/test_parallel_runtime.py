@@ -16,6 +16,11 @@ def test_launch_env_from_torchrun():
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 4, 1, "10.1.2.3", 2)
 
 
+def test_launch_env_single_process_default():
+    env = launch_env({})
+    assert (env.rank, env.world_size, env.master_addr) == (0, 1, "127.0.0.1")
+
+
 def test_launch_env_from_srun():
     env = launch_env(
         {
@@ -34,7 +39,7 @@ def test_launch_env_from_srun():
 @pytest.mark.parametrize(
     "environ,message",
     [
-        ({}, "no launcher environment"),
+        ({"RANK": "0"}, "incomplete launcher environment"),
         ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),
         ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "outside the world size"),
         ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR"),
