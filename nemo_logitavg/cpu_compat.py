@@ -4,13 +4,15 @@ megatron-core assumes CUDA in a handful of places (measured with 0.16.1, DESIGN.
 ``GlobalMemoryBuffer.get_tensor`` allocates on ``torch.cuda.current_device()``; the model-parallel RNG
 tracker saves and restores CUDA generator states; ``torch.cuda.current_device()`` is passed as a device and
 ``torch.cuda.synchronize()`` is called by the p2p code; tied embeddings at PP > 1 call ``.cuda()``; and the
-pipeline schedules (token counter) and the default causal mask use a hard-coded ``device="cuda"``.
+pipeline schedules, the default causal mask, the optimiser, gradient clipping and a few buffers use a hard-coded
+``device="cuda"``.
 ``apply()`` redirects each of these to the CPU. When CUDA is available it does nothing, so the same code runs
 unchanged on GPUs.
 """
 
 from __future__ import annotations
 
+import importlib
 import types
 import warnings
 from collections.abc import Iterator
@@ -20,6 +22,16 @@ from typing import Any
 import torch
 
 _applied = False
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",
+)
 
 
 def _cpu_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
@@ -38,7 +50,7 @@ class _CpuDeviceTorch(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(torch, name)
-        if name in {"zeros", "ones", "empty", "full", "tensor"}:
+        if name in {"zeros", "ones", "empty", "full", "tensor", "empty_like", "zeros_like"}:
 
             def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
                 if str(kwargs.get("device", "")).startswith("cuda"):
@@ -70,9 +82,7 @@ def apply() -> bool:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
     from megatron.core import utils as mcore_utils
-    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
-    from megatron.core.transformer import utils as transformer_utils
 
     torch.cuda.current_device = lambda: torch.device("cpu")  # used as `device=` throughout megatron
     torch.cuda.synchronize = lambda *_args, **_kwargs: None
@@ -106,9 +116,27 @@ def apply() -> bool:
             self.states_[name] = torch.get_rng_state()
 
     mcore_random.CudaRNGStatesTracker.add = add
-    # Hard-coded device="cuda": the schedules' token counter and the default causal attention mask.
-    schedules.torch = _CpuDeviceTorch()
-    transformer_utils.torch = _CpuDeviceTorch()
+
+    # Gradient clipping asserts `grad.type() == "torch.cuda.FloatTensor"`; the same scaling without it.
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        params = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for param in params:
+                grad = getattr(param, attr, None)
+                if grad is not None:
+                    grad.detach().mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    # Hard-coded device="cuda": the schedules' token counter, the default causal attention mask, the optimiser's
+    # scale and overflow buffers, gradient clipping, the DDP buffer warm-up and checkpoint exchange buffers.
+    for module in _CUDA_FACTORY_MODULES:
+        importlib.import_module(module).torch = _CpuDeviceTorch()
     _applied = True
     return True
 

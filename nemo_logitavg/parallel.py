@@ -158,8 +158,6 @@ def init_parallel(
         tensor_model_parallel_size=tensor_parallel_size,
         pipeline_model_parallel_size=pipeline_parallel_size,
         distributed_timeout_minutes=timeout_minutes,
-        # Megatron's extra gloo groups only matter beside NCCL.
-        create_gloo_process_groups=backend == "nccl",
     )
     model_parallel_cuda_manual_seed(seed)
     return env

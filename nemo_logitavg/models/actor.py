@@ -1,0 +1,259 @@
+"""The logit-averaging actor: a trainable policy and a frozen reference with the same parallel layout.
+
+Both are megatron-core GPTModels split identically over TP and PP. Under pipeline parallelism each stage is one
+``MixedStage`` module holding the policy's and the reference's layers of that stage; the activation passed
+between stages is ``cat([h_pol, h_ref], -1)`` and the last stage averages the two models' vocab-parallel logits
+in ``mixed_logprobs``. The policy alone is wrapped in megatron's DDP and given to the optimiser; the reference
+is in eval mode, has ``requires_grad=False``, runs under ``torch.no_grad()`` and never leaves its device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nemo_logitavg.models.builder import LlamaConfig, build_gpt_model
+from nemo_logitavg.ops import mixed_logprobs
+
+# loss_fn(logprobs [b, s] float32, entropy [b, s] float32, micro_batch) -> (scalar loss, metrics)
+LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    ref_weight: float = 0.5
+    temperature: float = 1.0
+    params_dtype: torch.dtype = torch.float32
+    logprob_chunk_size: int | None = None  # tokens per chunk of the fused log-prob (None: automatic)
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+
+
+def check_same_layout(policy: LlamaConfig, reference: LlamaConfig) -> None:
+    """The two models must share vocabulary and layer structure, or their shards would not line up.
+
+    Raises:
+        ValueError: naming every field that differs.
+    """
+    fields = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")
+    diff = [f"{f}: policy {getattr(policy, f)} vs reference {getattr(reference, f)}" for f in fields
+            if getattr(policy, f) != getattr(reference, f)]  # fmt: skip
+    if diff:
+        raise ValueError("policy and reference must have the same vocabulary and layout; " + "; ".join(diff))
+
+
+class MixedStage(torch.nn.Module):
+    """One pipeline stage: the policy's and the reference's layers of that stage, run side by side.
+
+    The schedule reads everything from ``self.config``: a shallow copy of the policy's with ``hidden_size``
+    doubled (the p2p tensor carries both models' hidden states), plus the finalize / no-sync hooks.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        reference: torch.nn.Module,
+        gpt_policy: torch.nn.Module,
+        actor_cfg: ActorConfig,
+        true_vocab_size: int,
+        tp_group: Any,
+    ) -> None:
+        super().__init__()
+        self.policy = policy  # the DDP-wrapped policy GPTModel
+        self.reference = reference
+        self.hidden_size = gpt_policy.config.hidden_size
+        self.config = copy.copy(gpt_policy.config)
+        self.config.hidden_size = 2 * self.hidden_size
+        self.model_type = gpt_policy.model_type
+        self.pre_process = gpt_policy.pre_process
+        self.post_process = gpt_policy.post_process
+        self.vp_stage = getattr(gpt_policy, "vp_stage", None)
+        self._gpt_policy = [gpt_policy]  # a list: not registered as a submodule twice
+        self.actor_cfg = actor_cfg
+        self.true_vocab_size = true_vocab_size
+        self.tp_group = tp_group
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        if input_tensor is None:
+            self._gpt_policy[0].set_input_tensor(None)
+            self.reference.set_input_tensor(None)
+            return
+        h_pol, h_ref = input_tensor.split(self.hidden_size, dim=-1)
+        self._gpt_policy[0].set_input_tensor(h_pol)
+        self.reference.set_input_tensor(h_ref.detach())
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """Not the last stage: ``[s, b, 2h]`` hidden states. Last stage: ``(logprobs, entropy)`` ``[b, s]``."""
+        policy_out = self.policy(input_ids, position_ids, None)
+        with torch.no_grad():
+            ref_out = self.reference(input_ids, position_ids, None)
+        if not self.post_process:
+            return torch.cat([policy_out, ref_out], dim=-1)
+        return mixed_logprobs(
+            policy_out,
+            ref_out,
+            targets,
+            self.actor_cfg.ref_weight,
+            self.actor_cfg.temperature,
+            tp_group=self.tp_group,
+            chunk_size=self.actor_cfg.logprob_chunk_size,
+            return_entropy=True,
+            true_vocab_size=self.true_vocab_size,
+        )
+
+
+class LogitAveragingActor:
+    """Policy + frozen reference on this rank's TP/PP shard, with the optimiser over the policy only.
+
+    Build with ``LogitAveragingActor(policy_cfg, reference_cfg, actor_cfg)`` after ``init_parallel``; load
+    weights with ``load_hf`` (or a checkpoint). ``forward_backward`` runs megatron's schedule over
+    micro-batches of ``{"input_ids", "position_ids", "targets", ...}`` (each ``[b, s]``).
+    """
+
+    def __init__(self, policy_cfg: LlamaConfig, reference_cfg: LlamaConfig, actor_cfg: ActorConfig) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        check_same_layout(policy_cfg, reference_cfg)
+        if not 0.0 <= actor_cfg.ref_weight <= 1.0:
+            raise ValueError(f"ref_weight must lie in [0, 1], got {actor_cfg.ref_weight}")
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if policy_cfg.num_hidden_layers % pp:
+            raise ValueError(
+                f"pipeline_parallel_size={pp} does not divide num_hidden_layers={policy_cfg.num_hidden_layers}"
+            )
+        self.policy_cfg, self.reference_cfg, self.cfg = policy_cfg, reference_cfg, actor_cfg
+        stage = {
+            "tensor_parallel_size": tp,
+            "pipeline_parallel_size": pp,
+            "params_dtype": actor_cfg.params_dtype,
+            "pre_process": parallel_state.is_pipeline_first_stage(),
+            "post_process": parallel_state.is_pipeline_last_stage(),
+        }
+        self.gpt_policy = build_gpt_model(policy_cfg, **stage)
+        self.reference = build_gpt_model(reference_cfg, **stage).eval().requires_grad_(False)
+
+        use_gpu = torch.cuda.is_available()
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=use_gpu,  # plain optimiser on CPU: its checkpoints are reliable there
+            overlap_grad_reduce=False,
+        )
+        self.policy = DistributedDataParallel(self.gpt_policy.config, ddp_config, self.gpt_policy)
+        self.stage = MixedStage(
+            self.policy,
+            self.reference,
+            self.gpt_policy,
+            actor_cfg,
+            policy_cfg.vocab_size,
+            parallel_state.get_tensor_model_parallel_group(),
+        )
+        config = self.stage.config
+        config.finalize_model_grads_func = lambda _model, num_tokens=None, **kw: finalize_model_grads(
+            [self.policy], num_tokens, **kw
+        )
+        config.no_sync_func = self.policy.no_sync
+        config.pipeline_dtype = actor_cfg.params_dtype
+        config.batch_p2p_comm = use_gpu  # gloo's batched p2p is unreliable (DESIGN §5)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=actor_cfg.lr,
+                weight_decay=actor_cfg.weight_decay,
+                adam_beta1=actor_cfg.adam_beta1,
+                adam_beta2=actor_cfg.adam_beta2,
+                clip_grad=actor_cfg.clip_grad,
+                bf16=actor_cfg.params_dtype == torch.bfloat16,
+                params_dtype=actor_cfg.params_dtype,
+                use_distributed_optimizer=use_gpu,
+            ),
+            [self.policy],
+        )
+
+    def forward_backward(
+        self,
+        micro_batches: Sequence[dict],
+        loss_fn: LossFn | None = None,
+        forward_only: bool = False,
+    ) -> list[dict]:
+        """Run the pipeline schedule over ``micro_batches``; return per-micro-batch results (last stage only).
+
+        With ``loss_fn``, its loss is backpropagated into the policy as given (the actor undoes megatron's
+        division by the number of micro-batches, so ``loss_fn`` normalises over the whole step itself). The
+        results hold ``logprobs`` and ``entropy`` (``[b, s]``, detached) and the metrics ``loss_fn`` returned;
+        they are empty on stages other than the last.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not micro_batches:
+            raise ValueError("forward_backward needs at least one micro-batch")
+        shape = tuple(micro_batches[0]["input_ids"].shape)
+        for i, batch in enumerate(micro_batches):
+            for key in ("input_ids", "position_ids", "targets"):
+                if tuple(batch[key].shape) != shape:
+                    raise ValueError(f"micro-batch {i}: {key} has shape {tuple(batch[key].shape)}, expected {shape}")
+        num_micro = len(micro_batches)
+        if forward_only:
+            self.stage.eval()
+        else:
+            self.stage.train()
+            self.reference.eval()
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch["input_ids"], batch["position_ids"], batch["targets"])
+
+            def loss_func(out):
+                logprobs, entropy = out
+                result = {"logprobs": logprobs.detach(), "entropy": entropy}
+                if loss_fn is None:
+                    return logprobs.sum() * 0.0, result
+                loss, metrics = loss_fn(logprobs, entropy, batch)
+                result.update(metrics)
+                return loss * num_micro, result  # megatron divides by num_micro in place
+
+            return output, loss_func
+
+        context = torch.no_grad() if forward_only else torch.enable_grad()
+        with context:
+            if not forward_only:
+                self.policy.zero_grad_buffer()
+                self.optimizer.zero_grad()
+            return get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iter(micro_batches),
+                model=[self.stage],
+                num_microbatches=num_micro,
+                seq_length=shape[1],
+                micro_batch_size=shape[0],
+                forward_only=forward_only,
+            )
+
+    def optimizer_step(self) -> tuple[bool, float]:
+        """Apply the policy update; returns (update applied, gradient norm before clipping)."""
+        success, grad_norm, _ = self.optimizer.step()
+        return bool(success), float(grad_norm) if grad_norm is not None else float("nan")
+
+    def load_hf(self, policy_dir: str, reference_dir: str) -> None:
+        """Load both models' shards from Hugging Face directories (checked against the configs)."""
+        from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
+
+        load_hf_into_mcore(self.gpt_policy, policy_dir)
+        load_hf_into_mcore(self.reference, reference_dir)
+        # The optimiser keeps its own float32 copies only under mixed precision; reload them.
+        if hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()

@@ -1,0 +1,744 @@
+"""Llama-family weights between Hugging Face (transformers) and megatron-core ``GPTModel`` shards.
+
+Name mapping, for global layer ``i`` (local index ``j`` on its pipeline stage), TP rank ``r`` of ``t``:
+
+    model.embed_tokens.weight           -> embedding.word_embeddings.weight          rows padded with zeros to the
+                                                                                      padded vocabulary, split in t
+    model.layers.i.input_layernorm      -> decoder.layers.j.input_layernorm.weight    replicated
+    model.layers.i.self_attn.{q,k,v}    -> decoder.layers.j.self_attention.linear_qkv.weight
+    model.layers.i.self_attn.o_proj     -> decoder.layers.j.self_attention.linear_proj.weight   split on columns
+    model.layers.i.post_attention_layernorm -> decoder.layers.j.pre_mlp_layernorm.weight        replicated
+    model.layers.i.mlp.{gate,up}_proj   -> decoder.layers.j.mlp.linear_fc1.weight     [gate_r; up_r] on each rank
+    model.layers.i.mlp.down_proj        -> decoder.layers.j.mlp.linear_fc2.weight     split on columns
+    model.norm.weight                   -> decoder.final_layernorm.weight             last stage
+    lm_head.weight                      -> output_layer.weight                        padded, split in t; absent
+                                                                                      when tied, except on the
+                                                                                      last stage at PP > 1
+
+``linear_qkv`` is megatron's per-query-group layout: for each of the ``g = num_key_value_heads`` groups, its
+``num_attention_heads / g`` query heads, then its key head, then its value head (rows of ``head_dim`` each).
+TP ranks hold ``g / t`` whole groups. HF's Llama q/k projections are already in the rotate-half rotary layout,
+which is megatron's default (``rotary_interleaved=False``), so no row permutation is needed. With Transformer
+Engine's layer spec (GPUs), the two layer norms are fused into ``linear_qkv.layer_norm_weight`` and
+``linear_fc1.layer_norm_weight``; the loader and the gatherer translate those names.
+
+The converter's Megatron checkpoint is one plain ``torch.save`` state dict per model-parallel rank:
+
+    CKPT/meta.json                          format, tensor/pipeline parallel sizes, padded vocabulary, LlamaConfig
+    CKPT/mp_rank_{tp:02d}_{pp:03d}/model.pt this rank's weights (megatron-core names, local layer numbering)
+    CKPT/hf/                                the source's config.json, tokenizer and generation files (for export)
+
+Converting needs neither torch.distributed nor a model; ``load_mcore_checkpoint`` re-shards through the full
+Hugging Face names when the model's TP/PP layout differs from the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from nemo_logitavg.models.builder import LlamaConfig, padded_vocab_size
+
+CHECKPOINT_FORMAT = "nemo_logitavg-mcore-shards"
+CHECKPOINT_VERSION = 1
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".gguf")
+_IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older exports carry; recomputed on load
+_EXTRA_STATE = "_extra_state"
+# Transformer Engine's spec fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_NAMES = (
+    (".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"),
+    (".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"),
+)
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """Global layer indices on pipeline stage ``pp_rank``: megatron's even split."""
+    if num_layers % pp_size:
+        raise ValueError(f"pipeline_parallel_size={pp_size} does not divide num_hidden_layers={num_layers}")
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def check_parallel_layout(cfg: LlamaConfig, tp_size: int, pp_size: int = 1) -> None:
+    """Raise ValueError when the TP/PP sizes cannot shard ``cfg``."""
+    if tp_size < 1 or pp_size < 1:
+        raise ValueError(f"parallel sizes must be >= 1, got tensor={tp_size}, pipeline={pp_size}")
+    for what, count in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_key_value_heads", cfg.num_key_value_heads),
+        ("intermediate_size", cfg.intermediate_size),
+    ):
+        if count % tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} does not divide {what}={count}")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(
+            f"num_key_value_heads={cfg.num_key_value_heads} does not divide "
+            f"num_attention_heads={cfg.num_attention_heads}"
+        )
+    stage_layers(cfg.num_hidden_layers, 0, pp_size)
+
+
+def _head_dim(cfg: LlamaConfig) -> int:
+    return cfg.hidden_size // cfg.num_attention_heads
+
+
+def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every Hugging Face weight of ``cfg`` with its shape."""
+    h, d, f = cfg.hidden_size, _head_dim(cfg), cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (cfg.num_attention_heads * d, h),
+                p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
+                p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
+                p + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+        )
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def _listing(keys: Sequence[str] | set[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: LlamaConfig, source: str = "the HF state") -> None:
+    """Raise ValueError naming missing and unexpected Hugging Face keys (before any tensor is read)."""
+    expected = set(hf_shapes(cfg))
+    present = set(hf_state.keys())
+    missing = expected - present
+    unexpected = {
+        k
+        for k in present - expected
+        if not k.endswith(_IGNORED_HF_SUFFIXES) and not (k == "lm_head.weight" and cfg.tie_word_embeddings)
+    }
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if problems:
+        raise ValueError(f"{source} does not match the Llama config: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------ HF -> megatron
+
+
+def hf_to_mcore_state_dict(
+    hf_state: Mapping[str, torch.Tensor],
+    cfg: LlamaConfig,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    padded_vocab: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of the ``GPTModel`` state dict (megatron-core names, local layer numbers).
+
+    Args:
+        hf_state: Hugging Face names to tensors (a dict, or the lazy mapping of ``read_hf_state``).
+        cfg: the model's shape; ``LlamaConfig.from_hf`` of the same directory.
+        tp_rank, tp_size, pp_rank, pp_size: this rank's place in the model-parallel grid.
+        padded_vocab: rows of the full embedding after padding; by default the builder's padding
+            (``padded_vocab_size(cfg.vocab_size, tp_size)``).
+        layers: global indices of this stage's layers; by default megatron's even split.
+
+    The result holds fresh tensors (no views of ``hf_state``) and no ``_extra_state`` entries.
+
+    Raises:
+        ValueError: missing / unexpected / misshapen HF weights (named), or a TP/PP layout that cannot shard cfg.
+    """
+    check_parallel_layout(cfg, tp_size, pp_size)
+    if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
+        raise ValueError(f"rank (tp={tp_rank}, pp={pp_rank}) is outside tp_size={tp_size}, pp_size={pp_size}")
+    check_hf_state(hf_state, cfg)
+    shapes = hf_shapes(cfg)
+    padded_vocab = padded_vocab or padded_vocab_size(cfg.vocab_size, tp_size)
+    if padded_vocab < cfg.vocab_size or padded_vocab % tp_size:
+        raise ValueError(f"padded vocabulary {padded_vocab} must be >= {cfg.vocab_size} and divisible by {tp_size}")
+    layers = stage_layers(cfg.num_hidden_layers, pp_rank, pp_size) if layers is None else layers
+    if any(not 0 <= i < cfg.num_hidden_layers for i in layers):
+        raise ValueError(f"layers {list(layers)} are outside the model's {cfg.num_hidden_layers} layers")
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+
+    def get(name: str) -> torch.Tensor:
+        tensor = hf_state[name]
+        if tuple(tensor.shape) != shapes[name]:
+            raise ValueError(f"HF weight {name} has shape {tuple(tensor.shape)}, expected {shapes[name]}")
+        return tensor
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:  # ColumnParallelLinear: split the output dimension
+        return tensor.chunk(tp_size, dim=0)[tp_rank]
+
+    def cols(tensor: torch.Tensor) -> torch.Tensor:  # RowParallelLinear: split the input dimension
+        return tensor.chunk(tp_size, dim=1)[tp_rank]
+
+    def vocab(tensor: torch.Tensor) -> torch.Tensor:
+        pad = tensor.new_zeros(padded_vocab - tensor.shape[0], tensor.shape[1])
+        return rows(torch.cat([tensor, pad]))
+
+    groups, d, h = cfg.num_key_value_heads, _head_dim(cfg), cfg.hidden_size
+    out: dict[str, torch.Tensor] = {}
+    if first:
+        out["embedding.word_embeddings.weight"] = vocab(get("model.embed_tokens.weight"))
+    for local, i in enumerate(layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{local}."
+        q = get(src + "self_attn.q_proj.weight").reshape(groups, -1, h)
+        k = get(src + "self_attn.k_proj.weight").reshape(groups, d, h)
+        v = get(src + "self_attn.v_proj.weight").reshape(groups, d, h)
+        out[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
+        out[dst + "self_attention.linear_qkv.weight"] = rows(torch.cat([q, k, v], dim=1)).reshape(-1, h)
+        out[dst + "self_attention.linear_proj.weight"] = cols(get(src + "self_attn.o_proj.weight"))
+        out[dst + "pre_mlp_layernorm.weight"] = get(src + "post_attention_layernorm.weight")
+        gate, up = get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([rows(gate), rows(up)])
+        out[dst + "mlp.linear_fc2.weight"] = cols(get(src + "mlp.down_proj.weight"))
+    if last:
+        out["decoder.final_layernorm.weight"] = get("model.norm.weight")
+        if not cfg.tie_word_embeddings:
+            out["output_layer.weight"] = vocab(get("lm_head.weight"))
+        elif pp_size > 1:  # the last stage keeps its own copy of the tied embedding
+            out["output_layer.weight"] = vocab(get("model.embed_tokens.weight"))
+    return {name: tensor.clone() for name, tensor in out.items()}
+
+
+# ------------------------------------------------------------------------------------ megatron -> HF
+
+
+def _local_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Megatron state with Transformer Engine's fused norm names mapped to the local spec's, extra state dropped."""
+    out = {}
+    for name, value in state.items():
+        if name.endswith(_EXTRA_STATE):
+            continue
+        for local, te in _TE_NAMES:
+            if name.endswith(te):
+                name = name[: -len(te)] + local
+        out[name] = value
+    return out
+
+
+def _layer_count(state: Mapping[str, torch.Tensor]) -> int:
+    numbers = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.layers\.(\d+)\.", k))}
+    if numbers != set(range(len(numbers))):
+        raise ValueError(f"layer numbers on a stage are not 0..n-1: {sorted(numbers)}")
+    return len(numbers)
+
+
+def mcore_to_hf_state_dict(
+    shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: LlamaConfig
+) -> dict[str, torch.Tensor]:
+    """Merge every model-parallel rank's ``GPTModel`` state dict into Hugging Face names (vocab padding removed).
+
+    Args:
+        shards: ``shards[pp_rank][tp_rank]`` is that rank's ``model.state_dict()`` (``_extra_state`` entries and
+            Transformer Engine's fused norm names are accepted).
+        cfg: the model's shape.
+
+    Raises:
+        ValueError: a shard misses keys or has keys the mapping does not know (named), or the grid is ragged.
+    """
+    pp_size = len(shards)
+    tp_size = len(shards[0]) if pp_size else 0
+    if pp_size == 0 or tp_size == 0 or any(len(stage) != tp_size for stage in shards):
+        raise ValueError("shards must be a non-empty [pp_rank][tp_rank] grid with the same TP size on every stage")
+    check_parallel_layout(cfg, tp_size)
+    groups, d, h, v = cfg.num_key_value_heads, _head_dim(cfg), cfg.hidden_size, cfg.vocab_size
+    q_rows = cfg.num_attention_heads // groups * d
+    grid = [[_local_names(s) for s in stage] for stage in shards]
+    used: list[set[str]] = [set() for _ in range(pp_size)]
+
+    def take(pp: int, name: str) -> list[torch.Tensor]:
+        missing = [tp for tp in range(tp_size) if name not in grid[pp][tp]]
+        if missing:
+            raise ValueError(f"megatron shard (pp={pp}, tp={missing}) has no key {name}")
+        used[pp].add(name)
+        return [grid[pp][tp][name].detach().cpu() for tp in range(tp_size)]
+
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.cat(take(0, "embedding.word_embeddings.weight"))[:v]
+    }
+    offset = 0
+    for pp in range(pp_size):
+        count = _layer_count(grid[pp][0])
+        for local in range(count):
+            src, dst = f"decoder.layers.{local}.", f"model.layers.{offset + local}."
+            qkv = torch.cat(
+                [t.reshape(-1, q_rows + 2 * d, h) for t in take(pp, src + "self_attention.linear_qkv.weight")]
+            )
+            q, k, val = qkv.split([q_rows, d, d], dim=1)
+            fc1 = [t.chunk(2) for t in take(pp, src + "mlp.linear_fc1.weight")]
+            out.update(
+                {
+                    dst + "input_layernorm.weight": take(pp, src + "input_layernorm.weight")[0],
+                    dst + "self_attn.q_proj.weight": q.reshape(-1, h),
+                    dst + "self_attn.k_proj.weight": k.reshape(-1, h),
+                    dst + "self_attn.v_proj.weight": val.reshape(-1, h),
+                    dst + "self_attn.o_proj.weight": torch.cat(take(pp, src + "self_attention.linear_proj.weight"), 1),
+                    dst + "post_attention_layernorm.weight": take(pp, src + "pre_mlp_layernorm.weight")[0],
+                    dst + "mlp.gate_proj.weight": torch.cat([gate for gate, _ in fc1]),
+                    dst + "mlp.up_proj.weight": torch.cat([up for _, up in fc1]),
+                    dst + "mlp.down_proj.weight": torch.cat(take(pp, src + "mlp.linear_fc2.weight"), 1),
+                }
+            )
+        offset += count
+    if offset != cfg.num_hidden_layers:
+        raise ValueError(f"the shards hold {offset} layers, the config has {cfg.num_hidden_layers}")
+    out["model.norm.weight"] = take(pp_size - 1, "decoder.final_layernorm.weight")[0]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = torch.cat(take(pp_size - 1, "output_layer.weight"))[:v]
+    elif pp_size > 1:
+        take(pp_size - 1, "output_layer.weight")  # the last stage's copy of the tied embedding
+    unexpected = {f"(pp={pp}) {k}" for pp in range(pp_size) for s in grid[pp] for k in s if k not in used[pp]}
+    if unexpected:
+        raise ValueError(f"megatron shards have keys the Llama mapping does not know: {_listing(unexpected)}")
+    return {name: tensor.clone() for name, tensor in out.items()}
+
+
+# ----------------------------------------------------------------------------------- Hugging Face files
+
+
+class _SafetensorsState(Mapping):
+    """Hugging Face weights of a directory, read lazily tensor by tensor (memory-mapped safetensors)."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self._files = files  # name -> path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def read_hf_state(hf_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The weights of a Hugging Face directory (``model.safetensors`` or a sharded index), loaded on access.
+
+    Raises:
+        FileNotFoundError: no safetensors weights in the directory, or a shard the index names is absent.
+    """
+    from safetensors import safe_open
+
+    hf_dir = os.fspath(hf_dir)
+    index, single = os.path.join(hf_dir, SAFETENSORS_INDEX), os.path.join(hf_dir, SAFETENSORS_SINGLE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+        absent = sorted({path for path in files.values() if not os.path.isfile(path)})
+        if absent:
+            raise FileNotFoundError(f"{index} names weight files that do not exist: {', '.join(absent)}")
+        return _SafetensorsState(files)
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return _SafetensorsState({name: single for name in f.keys()})
+    others = (
+        [name for name in sorted(os.listdir(hf_dir)) if name.endswith(_WEIGHT_SUFFIXES)]
+        if os.path.isdir(hf_dir)
+        else []
+    )
+    found = f" (found only {', '.join(others)}; convert them to safetensors)" if others else ""
+    raise FileNotFoundError(f"no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} in {hf_dir}{found}")
+
+
+def hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """A ``config.json`` for ``cfg`` that transformers 4.x and 5.x both read."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": _head_dim(cfg),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
+
+
+def _copy_assets(source_dir: str | os.PathLike | None, out_dir: str) -> list[str]:
+    """Copy tokenizer, generation and other non-weight files (not config.json) of ``source_dir``."""
+    if source_dir is None or not os.path.isdir(source_dir):
+        return []
+    copied = []
+    for name in sorted(os.listdir(source_dir)):
+        path = os.path.join(source_dir, name)
+        if name == "config.json" or name.startswith(".") or name.endswith(_WEIGHT_SUFFIXES) or not os.path.isfile(path):
+            continue
+        shutil.copyfile(path, os.path.join(out_dir, name))
+        copied.append(name)
+    return copied
+
+
+def export_hf(
+    hf_state: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    cfg: LlamaConfig,
+    source_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Args:
+        hf_state: full Hugging Face weights (``mcore_to_hf_state_dict``).
+        out_dir: created if needed; safetensors files already there are replaced.
+        cfg: the model's shape.
+        source_dir: a Hugging Face directory whose ``config.json`` (dtype updated) and tokenizer / generation
+            files are carried over; without one a config is written from ``cfg``.
+        max_shard_bytes: above this, the weights are split into ``model-0000k-of-0000n.safetensors`` plus index.
+
+    Raises:
+        ValueError: the weights do not match ``cfg``, or the source config describes another model.
+    """
+    from safetensors.torch import save_file
+
+    check_hf_state(hf_state, cfg)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {name: hf_state[name].detach().cpu().contiguous() for name in hf_shapes(cfg)}
+    dtype = tensors["model.embed_tokens.weight"].dtype
+
+    source_config = os.path.join(source_dir, "config.json") if source_dir is not None else None
+    if source_config is not None and os.path.isfile(source_config):
+        with open(source_config, encoding="utf-8") as f:
+            config = json.load(f)
+        if LlamaConfig.from_hf(config) != cfg:
+            raise ValueError(f"{source_config} describes another model than the weights' config {cfg}")
+        dtype_name = str(dtype).removeprefix("torch.")
+        config.update({key: dtype_name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": dtype_name})
+    else:
+        config = hf_config_dict(cfg, dtype)
+
+    for name in os.listdir(out_dir):
+        if name.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, name))
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, SAFETENSORS_SINGLE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _copy_assets(source_dir, out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------------- live megatron models
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP / Float16Module wrappers
+        model = model.module
+    return model
+
+
+def _model_layers(model: torch.nn.Module) -> list[int]:
+    decoder = getattr(model, "decoder", None)
+    return [layer.layer_number - 1 for layer in decoder.layers] if decoder is not None else []
+
+
+def _parallel_ranks() -> tuple[int, int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_world_size(),
+    )
+
+
+def _check_model_matches(model: torch.nn.Module, cfg: LlamaConfig, source: str) -> None:
+    config = model.config
+    pairs = {
+        "hidden_size": (config.hidden_size, cfg.hidden_size),
+        "ffn_hidden_size / intermediate_size": (config.ffn_hidden_size, cfg.intermediate_size),
+        "num_layers / num_hidden_layers": (config.num_layers, cfg.num_hidden_layers),
+        "num_attention_heads": (config.num_attention_heads, cfg.num_attention_heads),
+        "num_query_groups / num_key_value_heads": (
+            config.num_query_groups or config.num_attention_heads,
+            cfg.num_key_value_heads,
+        ),
+        "layernorm_epsilon / rms_norm_eps": (config.layernorm_epsilon, cfg.rms_norm_eps),
+        "share_embeddings_and_output_weights / tie_word_embeddings": (
+            model.share_embeddings_and_output_weights,
+            cfg.tie_word_embeddings,
+        ),
+    }
+    if getattr(model, "rotary_base", None) is not None:
+        pairs["rotary_base / rope_theta"] = (float(model.rotary_base), cfg.rope_theta)
+    wrong = [f"{name}: model {ours} vs {theirs}" for name, (ours, theirs) in pairs.items() if ours != theirs]
+    if model.vocab_size < cfg.vocab_size:
+        wrong.append(f"vocab_size: model {model.vocab_size} < {cfg.vocab_size}")
+    if wrong:
+        raise ValueError(f"the model was not built for {source}: " + "; ".join(wrong))
+
+
+def load_mcore_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a shard in local-spec names into ``model`` strictly (any spec; ``_extra_state`` kept from the model).
+
+    Raises:
+        ValueError: naming the keys the model has and the shard lacks, the keys it has that the model lacks, and
+            any shape mismatch.
+    """
+    model = _unwrap(model)
+    own = model.state_dict()
+    fused = {local: te for local, te in _TE_NAMES if any(k.endswith(te) for k in own)}
+    renamed = {}
+    for name, value in state.items():
+        for local, te in fused.items():
+            if name.endswith(local):
+                name = name[: -len(local)] + te
+        renamed[name] = value
+    missing = {k for k in own if k not in renamed and not k.endswith(_EXTRA_STATE)}
+    unexpected = {k for k in renamed if k not in own}
+    shapes = {
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in renamed.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    }
+    problems = [
+        f"{what}: {_listing(keys)}"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if keys
+    ]
+    if problems:
+        raise ValueError("state dict does not fit the megatron model: " + "; ".join(problems))
+    extra = {k: v for k, v in own.items() if k.endswith(_EXTRA_STATE) and k not in renamed}
+    model.load_state_dict({**renamed, **extra}, strict=True)
+
+
+def load_hf_into_mcore(model: torch.nn.Module, hf_dir: str | os.PathLike) -> LlamaConfig:
+    """Load this rank's shard of a Hugging Face Llama directory into a ``GPTModel`` built for it.
+
+    Call under ``init_parallel`` (the TP/PP ranks come from megatron's parallel state) on a model from
+    ``build_gpt_model(LlamaConfig.from_hf(hf_dir), ...)``. Returns that config.
+
+    Raises:
+        ValueError: unsupported architecture, a model built for another config, or keys that do not match
+            (named). FileNotFoundError: no config.json or safetensors weights.
+    """
+    model = _unwrap(model)
+    cfg = LlamaConfig.from_hf(hf_dir)
+    _check_model_matches(model, cfg, os.fspath(hf_dir))
+    tp_rank, tp_size, pp_rank, pp_size = _parallel_ranks()
+    hf_state = read_hf_state(hf_dir)
+    check_hf_state(hf_state, cfg, os.fspath(hf_dir))
+    state = hf_to_mcore_state_dict(
+        hf_state, cfg, tp_rank, tp_size, pp_rank, pp_size, padded_vocab=model.vocab_size, layers=_model_layers(model)
+    )
+    load_mcore_state_dict(model, state)
+    return cfg
+
+
+def gather_mcore_shards(model: torch.nn.Module, dst: int = 0) -> list[list[dict[str, torch.Tensor]]] | None:
+    """Every model-parallel rank's state dict (data-parallel rank 0's), as ``[pp_rank][tp_rank]`` on rank ``dst``.
+
+    A collective over the default group: every rank must call it. Other ranks get None. The whole model
+    passes through ``dst``'s CPU memory.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp_rank, tp_size, pp_rank, pp_size = _parallel_ranks()
+    state = None
+    if ps.get_data_parallel_rank() == 0:
+        state = {k: v.detach().cpu() for k, v in _local_names(_unwrap(model).state_dict()).items()}
+    payload = (tp_rank, pp_rank, state)
+    received = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(payload, received, dst=dst)
+    if received is None:
+        return None
+    grid: list[list] = [[None] * tp_size for _ in range(pp_size)]
+    for tp, pp, shard in received:
+        if shard is not None:
+            grid[pp][tp] = shard
+    return grid
+
+
+# ------------------------------------------------------------------------------ converter's checkpoint
+
+
+def _shard_path(ckpt_dir: str, tp_rank: int, pp_rank: int) -> str:
+    return os.path.join(ckpt_dir, f"mp_rank_{tp_rank:02d}_{pp_rank:03d}", "model.pt")
+
+
+def save_mcore_shard(shard: Mapping[str, torch.Tensor], out_dir: str | os.PathLike, tp_rank: int, pp_rank: int) -> None:
+    """Write one rank's state dict (``_extra_state`` dropped, local-spec names) into a converter checkpoint."""
+    path = _shard_path(os.fspath(out_dir), tp_rank, pp_rank)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(_local_names(shard), path)
+
+
+def save_mcore_meta(
+    out_dir: str | os.PathLike,
+    cfg: LlamaConfig,
+    tp_size: int,
+    pp_size: int,
+    padded_vocab: int,
+    source_dir: str | os.PathLike | None = None,
+) -> None:
+    """Write the checkpoint's ``meta.json``, and the source's config.json and tokenizer files under ``hf/``."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if source_dir is not None:
+        assets = os.path.join(out_dir, "hf")
+        os.makedirs(assets, exist_ok=True)
+        _copy_assets(source_dir, assets)
+        if os.path.isfile(os.path.join(source_dir, "config.json")):
+            shutil.copyfile(os.path.join(source_dir, "config.json"), os.path.join(assets, "config.json"))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "tensor_parallel_size": tp_size,
+        "pipeline_parallel_size": pp_size,
+        "padded_vocab_size": padded_vocab,
+        "model": dataclasses.asdict(cfg),
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> tuple[dict, LlamaConfig]:
+    """The checkpoint's ``meta.json`` and model config. Raises FileNotFoundError / ValueError when not one."""
+    path = os.path.join(os.fspath(ckpt_dir), "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no meta.json in {ckpt_dir}: not a checkpoint written by convert_hf_to_mcore")
+    with open(path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} v{meta.get('version')} is not "
+            f"{CHECKPOINT_FORMAT!r} v{CHECKPOINT_VERSION}"
+        )
+    return meta, LlamaConfig(**meta["model"])
+
+
+def read_mcore_checkpoint(ckpt_dir: str | os.PathLike) -> tuple[list[list[dict[str, torch.Tensor]]], LlamaConfig]:
+    """All shards of a converter checkpoint as ``[pp_rank][tp_rank]``, and its config."""
+    meta, cfg = read_checkpoint_meta(ckpt_dir)
+    shards = []
+    for pp in range(meta["pipeline_parallel_size"]):
+        stage = []
+        for tp in range(meta["tensor_parallel_size"]):
+            path = _shard_path(os.fspath(ckpt_dir), tp, pp)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"checkpoint shard {path} is missing")
+            stage.append(torch.load(path, map_location="cpu", weights_only=True))
+        shards.append(stage)
+    return shards, cfg
+
+
+def load_mcore_checkpoint(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> LlamaConfig:
+    """Load this rank's part of a converter checkpoint; re-shards when the model's TP/PP/vocab layout differs."""
+    model = _unwrap(model)
+    meta, cfg = read_checkpoint_meta(ckpt_dir)
+    _check_model_matches(model, cfg, os.fspath(ckpt_dir))
+    tp_rank, tp_size, pp_rank, pp_size = _parallel_ranks()
+    layers = _model_layers(model)
+    same_layout = (
+        meta["tensor_parallel_size"] == tp_size
+        and meta["pipeline_parallel_size"] == pp_size
+        and meta["padded_vocab_size"] == model.vocab_size
+        and list(layers) == list(stage_layers(cfg.num_hidden_layers, pp_rank, pp_size))
+    )
+    if same_layout:
+        state = torch.load(_shard_path(os.fspath(ckpt_dir), tp_rank, pp_rank), map_location="cpu", weights_only=True)
+    else:
+        shards, _ = read_mcore_checkpoint(ckpt_dir)
+        state = hf_to_mcore_state_dict(
+            mcore_to_hf_state_dict(shards, cfg),
+            cfg,
+            tp_rank,
+            tp_size,
+            pp_rank,
+            pp_size,
+            padded_vocab=model.vocab_size,
+            layers=layers,
+        )
+    load_mcore_state_dict(model, state)
+    return cfg
+
+
+def convert_hf_to_mcore(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+) -> LlamaConfig:
+    """Hugging Face directory -> converter checkpoint for a TP x PP grid (one process, no torch.distributed)."""
+    cfg = LlamaConfig.from_hf(hf_dir)
+    check_parallel_layout(cfg, tensor_parallel_size, pipeline_parallel_size)
+    hf_state = read_hf_state(hf_dir)
+    check_hf_state(hf_state, cfg, os.fspath(hf_dir))
+    padded = padded_vocab_size(cfg.vocab_size, tensor_parallel_size)
+    for pp in range(pipeline_parallel_size):
+        for tp in range(tensor_parallel_size):  # one shard in memory at a time
+            shard = hf_to_mcore_state_dict(hf_state, cfg, tp, tensor_parallel_size, pp, pipeline_parallel_size, padded)
+            save_mcore_shard(shard, out_dir, tp, pp)
+    save_mcore_meta(out_dir, cfg, tensor_parallel_size, pipeline_parallel_size, padded, source_dir=hf_dir)
+    return cfg
+
+
+def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> LlamaConfig:
+    """Converter checkpoint -> Hugging Face directory (with the source's config and tokenizer files)."""
+    shards, cfg = read_mcore_checkpoint(ckpt_dir)
+    export_hf(mcore_to_hf_state_dict(shards, cfg), out_dir, cfg, source_dir=os.path.join(os.fspath(ckpt_dir), "hf"))
+    return cfg

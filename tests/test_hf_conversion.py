@@ -1,0 +1,473 @@
+"""Hugging Face <-> Megatron-Core conversion of a tiny random Llama: logits, exact round trips, clear errors."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_logitavg.models.builder import LlamaConfig
+from nemo_logitavg.models.hf_conversion import (
+    convert_hf_to_mcore,
+    export_hf,
+    hf_to_mcore_state_dict,
+    load_mcore_state_dict,
+    mcore_to_hf_state_dict,
+    read_hf_state,
+)
+from tests.distributed import run_distributed
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+VOCAB = 100  # pads to 128 (TP=1) and 256 (TP=2)
+
+
+def make_hf_model(path: Path, tied: bool, seed: int) -> None:
+    """A random float32 Llama (GQA, 2 layers) with non-trivial norms and a word-level tokenizer, saved to path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    config = HFLlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        initializer_range=0.1,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    words = {f"w{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(path)
+
+
+def hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def safetensors_state(path: Path) -> dict[str, torch.Tensor]:
+    state = read_hf_state(path)
+    return {name: state[name] for name in state}
+
+
+def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """Untied and tied tiny Llamas, a batch of token ids, and transformers' logits for it."""
+    root = tmp_path_factory.mktemp("hf")
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    models = {}
+    for tied in (False, True):
+        path = root / ("tied" if tied else "untied")
+        make_hf_model(path, tied, seed=7 + tied)
+        models[tied] = {"dir": path, "logits": hf_logits(path, ids), "state": safetensors_state(path)}
+    return ids, models
+
+
+# ----------------------------------------------------------------------------------------- multi-rank
+
+
+def _build(cfg: LlamaConfig, tp: int, pp: int):
+    """build_gpt_model on this rank's stage."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.models.builder import build_gpt_model
+
+    return build_gpt_model(
+        cfg,
+        tp,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        pipeline_parallel_size=pp,
+    ).eval()
+
+
+def _full_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        local = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)[..., :vocab]
+
+
+def _pipeline_logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor | None:
+    """PP=2, TP=1 forward by hand: stage 0's hidden states are sent to stage 1 (no schedule)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        if ps.is_pipeline_first_stage():
+            dist.send(model(ids, positions, None).contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+        hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
+        dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+        return model(None, positions, None)[..., :vocab]
+
+
+def _expect_error(fn, exc_type, *fragments) -> str:
+    try:
+        fn()
+    except exc_type as exc:
+        missing = [f for f in fragments if f not in str(exc)]
+        return f"message lacks {missing}: {exc}" if missing else ""
+    return f"no {exc_type.__name__} raised"
+
+
+def _load_errors(model, dirs: dict) -> dict[str, str]:
+    """Loading refuses a model built for another config and state dicts with wrong keys or shapes."""
+    from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
+
+    errors = {}
+    errors["wrong model"] = _expect_error(
+        lambda: load_hf_into_mcore(model, dirs[False]), ValueError, "tie_word_embeddings"
+    )
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    del state["decoder.layers.1.mlp.linear_fc2.weight"]
+    state["decoder.layers.9.mlp.linear_fc2.weight"] = torch.zeros(1)
+    errors["strict keys"] = _expect_error(
+        lambda: load_mcore_state_dict(model, state),
+        ValueError,
+        "missing keys: decoder.layers.1.mlp.linear_fc2.weight",
+        "unexpected keys: decoder.layers.9.mlp.linear_fc2.weight",
+    )
+    bad_shape = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    bad_shape["decoder.final_layernorm.weight"] = torch.zeros(3)
+    errors["shape"] = _expect_error(
+        lambda: load_mcore_state_dict(model, bad_shape), ValueError, "decoder.final_layernorm.weight (3,)"
+    )
+    return errors
+
+
+def _worker(dirs: dict, ids: torch.Tensor, hf_logits: dict, ckpts: dict) -> dict:
+    """Every multi-rank check in one process group: TP=2, then TP=1 (two data-parallel replicas), then PP=2."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, load_hf_into_mcore, load_mcore_checkpoint
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    out: dict = {"diff": {}, "errors": {}, "shards": {}, "equal": {}}
+    cfgs = {tied: LlamaConfig.from_hf(dirs[tied]) for tied in dirs}
+
+    for tp, pp in ((2, 1), (1, 1), (1, 2)):
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        layout = f"tp{tp}pp{pp}"
+        for tied, cfg in cfgs.items():
+            model = _build(cfg, tp, pp)
+            load_hf_into_mcore(model, dirs[tied])
+            if pp == 1:
+                logits = _full_logits(model, ids, cfg.vocab_size)
+            else:
+                logits = _pipeline_logits(model, ids, cfg.vocab_size)
+            if logits is not None:
+                out["diff"][f"{layout} tied={tied}"] = (logits - hf_logits[tied]).abs().max().item()
+            if tied and pp > 1 and ps.is_pipeline_last_stage():
+                out["keys tied last stage"] = sorted(k for k in model.state_dict() if not k.endswith("_extra_state"))
+            shards = gather_mcore_shards(model)
+            if shards is not None:
+                out["shards"][f"{layout} tied={tied}"] = shards
+            # A converter checkpoint written at another layout loads (re-sharded) to the same weights.
+            direct = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+            fresh = _build(cfg, tp, pp)
+            load_mcore_checkpoint(fresh, ckpts[tied])
+            out["equal"][f"{layout} tied={tied} from ckpt"] = all(
+                torch.equal(v, direct[k]) for k, v in fresh.state_dict().items() if not k.endswith("_extra_state")
+            )
+
+        if (tp, pp) == (2, 1):
+            out["errors"] = _load_errors(_build(cfgs[True], tp, pp), dirs)
+    teardown()
+    return out
+
+
+@pytest.mark.slow
+def test_megatron_matches_transformers_and_round_trips(hf_models, tmp_path):
+    ids, models = hf_models
+    dirs = {tied: str(m["dir"]) for tied, m in models.items()}
+    # Converter checkpoints: the untied one at a layout no run uses (always re-sharded on load), the tied one
+    # at PP=2 (loaded directly there, re-sharded at TP=2 and TP=1).
+    ckpts = {}
+    for tied, (tp, pp) in ((False, (2, 2)), (True, (1, 2))):
+        ckpts[tied] = str(tmp_path / f"ckpt_{tied}")
+        convert_hf_to_mcore(dirs[tied], ckpts[tied], tp, pp)
+    results = run_distributed(
+        _worker, 2, dirs=dirs, ids=ids, hf_logits={t: m["logits"] for t, m in models.items()}, ckpts=ckpts
+    )
+    diffs = {f"rank{r} {k}": v for r, res in enumerate(results) for k, v in res["diff"].items()}
+    assert len(diffs) == 2 * 2 + 2 * 2 + 2  # TP=2 and TP=1 on both ranks, PP=2 on the last stage
+    assert max(diffs.values()) < 1e-4, diffs
+    for res in results:
+        assert all(res["equal"].values()), res["equal"]
+        assert not any(res["errors"].values()), res["errors"]
+    keys = results[1]["keys tied last stage"]
+    assert "output_layer.weight" in keys and "embedding.word_embeddings.weight" not in keys
+    assert keys[0] == "decoder.final_layernorm.weight" and "decoder.layers.1.mlp.linear_fc2.weight" not in keys
+
+    shards = results[0]["shards"]
+    assert sorted(shards) == sorted(f"{layout} tied={t}" for layout in ("tp2pp1", "tp1pp1", "tp1pp2") for t in models)
+    for name, grid in shards.items():
+        tied = name.endswith("True")
+        cfg = LlamaConfig.from_hf(dirs[tied])
+        hf_state = mcore_to_hf_state_dict(grid, cfg)
+        assert_same_state(hf_state, models[tied]["state"])
+        # The shard of every rank equals the pure mapping's.
+        tp_size, pp_size = len(grid[0]), len(grid)
+        for pp, stage in enumerate(grid):
+            for tp, shard in enumerate(stage):
+                expected = hf_to_mcore_state_dict(models[tied]["state"], cfg, tp, tp_size, pp, pp_size)
+                assert_same_state(shard, expected)
+
+    # Export the TP=2 gather and load it with transformers: same weights, same logits, tokenizer kept.
+    from transformers import AutoTokenizer
+
+    for tied in models:
+        out_dir = tmp_path / f"export_{tied}"
+        cfg = LlamaConfig.from_hf(dirs[tied])
+        export_hf(mcore_to_hf_state_dict(shards[f"tp2pp1 tied={tied}"], cfg), out_dir, cfg, source_dir=dirs[tied])
+        assert_same_state(safetensors_state(out_dir), models[tied]["state"])
+        assert torch.equal(hf_logits(out_dir, ids), models[tied]["logits"])
+        assert AutoTokenizer.from_pretrained(out_dir)("w5 w7")["input_ids"] == [5, 7]
+
+
+# ------------------------------------------------------------------------------------- single process
+
+
+def run_recipe(name: str, *args: str) -> None:
+    argv = sys.argv
+    sys.argv = [name, *args]
+    try:
+        runpy.run_path(str(RECIPES / name), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+@pytest.mark.parametrize("tied,tp,pp", [(False, 2, 2), (True, 1, 2), (True, 2, 1)])
+def test_recipes_round_trip_exactly(hf_models, tmp_path, tied, tp, pp):
+    _, models = hf_models
+    source = models[tied]["dir"]
+    run_recipe(
+        "convert_hf_to_mcore.py", "--hf", str(source), "--out", str(tmp_path / "ckpt"), "--tp", str(tp), "--pp", str(pp)
+    )
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    assert (meta["tensor_parallel_size"], meta["pipeline_parallel_size"]) == (tp, pp)
+    shard = torch.load(tmp_path / "ckpt" / f"mp_rank_{tp - 1:02d}_{pp - 1:03d}" / "model.pt", weights_only=True)
+    assert shard["decoder.final_layernorm.weight"].shape == (64,)
+    assert shard["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((4 + 2 * 2) * 16 // tp, 64)
+    run_recipe("convert_mcore_to_hf.py", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"))
+    assert_same_state(safetensors_state(tmp_path / "hf"), models[tied]["state"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (source / name).read_bytes()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+
+
+def test_qkv_layout_is_per_query_group():
+    """linear_qkv rows: for each KV group, its query heads, its key head, its value head; TP splits groups."""
+    cfg = LlamaConfig(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    d = 2
+    hf = {name: torch.zeros(shape) for name, shape in _hf_shapes(cfg).items()}
+    # Row r of each projection holds its own tag, so the layout can be read off the result.
+    hf["model.layers.0.self_attn.q_proj.weight"] = torch.arange(8.0)[:, None].expand(8, 8) + 100
+    hf["model.layers.0.self_attn.k_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 200
+    hf["model.layers.0.self_attn.v_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 300
+    hf["model.layers.0.mlp.gate_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 400
+    hf["model.layers.0.mlp.up_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 500
+    q = [100 + h * d + i for h in range(4) for i in range(d)]
+    k = [200 + g * d + i for g in range(2) for i in range(d)]
+    v = [300 + g * d + i for g in range(2) for i in range(d)]
+    group0 = q[:4] + k[:2] + v[:2]
+    group1 = q[4:] + k[2:] + v[2:]
+    full = hf_to_mcore_state_dict(hf, cfg)
+    assert full["decoder.layers.0.self_attention.linear_qkv.weight"][:, 0].tolist() == group0 + group1
+    assert full["decoder.layers.0.mlp.linear_fc1.weight"][:, 0].tolist() == [400, 401, 402, 403, 500, 501, 502, 503]
+    for rank, group in enumerate((group0, group1)):
+        shard = hf_to_mcore_state_dict(hf, cfg, tp_rank=rank, tp_size=2)
+        assert shard["decoder.layers.0.self_attention.linear_qkv.weight"][:, 0].tolist() == group
+        fc1 = [400 + 2 * rank, 401 + 2 * rank, 500 + 2 * rank, 501 + 2 * rank]  # [gate_r; up_r]
+        assert shard["decoder.layers.0.mlp.linear_fc1.weight"][:, 0].tolist() == fc1
+        assert shard["embedding.word_embeddings.weight"].shape == (128, 8)  # 10 padded to 256, split in 2
+    merged = mcore_to_hf_state_dict([[hf_to_mcore_state_dict(hf, cfg, r, 2) for r in range(2)]], cfg)
+    assert_same_state(merged, hf)
+
+
+def _hf_shapes(cfg):
+    from nemo_logitavg.models.hf_conversion import hf_shapes
+
+    return hf_shapes(cfg)
+
+
+def test_transformer_engine_names_are_translated():
+    """With TE's spec the layer norms live in linear_qkv / linear_fc1; loading and merging translate the names."""
+    from nemo_logitavg.models.hf_conversion import _local_names
+
+    te_names = {
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": torch.ones(4),
+        "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": torch.full((4,), 2.0),
+        "decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(2, 4),
+        "decoder.layers.0.mlp.linear_fc1._extra_state": None,
+    }
+    local = _local_names(te_names)
+    assert sorted(local) == [
+        "decoder.layers.0.input_layernorm.weight",
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "decoder.layers.0.pre_mlp_layernorm.weight",
+    ]
+    model = torch.nn.Module()
+    holder = torch.nn.ParameterDict({"layer_norm_weight": torch.nn.Parameter(torch.zeros(4))})
+    model.add_module("decoder", torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.Module()])}))
+    model.decoder.layers[0].add_module("self_attention", torch.nn.ModuleDict({"linear_qkv": holder}))
+    load_mcore_state_dict(model, {"decoder.layers.0.input_layernorm.weight": torch.ones(4)})
+    assert torch.equal(holder["layer_norm_weight"], torch.ones(4))
+
+
+def test_sharded_safetensors_export_and_read(hf_models, tmp_path):
+    _, models = hf_models
+    state = models[True]["state"]
+    cfg = LlamaConfig.from_hf(models[True]["dir"])
+    export_hf(state, tmp_path, cfg, max_shard_bytes=60_000)  # no source dir: config written from cfg
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
+    assert_same_state(safetensors_state(tmp_path), state)
+    assert LlamaConfig.from_hf(tmp_path) == cfg
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def write_config(path: Path, **changes) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 500000.0,
+    }
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "architecture GPT2LMHeadModel"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM.*biases"),
+        ({"architectures": None, "model_type": "mistral"}, "model_type 'mistral'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"head_dim": 32}, "head_dim"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
+    ],
+)
+def test_unsupported_configs_are_refused(tmp_path, changes, message):
+    path = write_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message) as info:
+        LlamaConfig.from_hf(path)
+    assert str(path / "config.json") in str(info.value)
+
+
+def test_config_layouts_of_transformers_4_and_5(tmp_path):
+    old = LlamaConfig.from_hf(write_config(tmp_path / "v4", rope_theta=500000.0, tie_word_embeddings=True))
+    new_dict = json.loads((write_config(tmp_path / "v5")).joinpath("config.json").read_text())
+    new_dict.pop("rope_theta")
+    new_dict.update(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True)
+    assert LlamaConfig.from_hf(new_dict) == old
+    assert old.rope_theta == 500000.0 and old.rms_norm_eps == 1e-6 and old.tie_word_embeddings
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LlamaConfig.from_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "tp,pp,message", [(3, 1, "num_attention_heads=4"), (4, 1, "num_key_value_heads=2"), (2, 3, "num_hidden_layers=2")]
+)
+def test_parallel_sizes_that_do_not_divide(hf_models, tmp_path, tp, pp, message):
+    _, models = hf_models
+    with pytest.raises(ValueError, match=message):
+        convert_hf_to_mcore(models[False]["dir"], tmp_path, tp, pp)
+    assert not (tmp_path / "meta.json").exists()
+
+
+def test_missing_weights_and_keys(hf_models, tmp_path):
+    from safetensors.torch import save_file
+
+    _, models = hf_models
+    state = dict(models[False]["state"])
+    empty = write_config(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        convert_hf_to_mcore(empty, tmp_path / "out")
+
+    index_dir = write_config(tmp_path / "index")
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in state}
+    (index_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
+        read_hf_state(index_dir)
+
+    broken = write_config(tmp_path / "broken")
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    state["model.layers.7.mlp.up_proj.weight"] = torch.zeros(1)
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(
+        ValueError,
+        match="missing keys: model.layers.1.mlp.up_proj.weight.*unexpected keys: model.layers.7.mlp.up_proj.weight",
+    ):
+        convert_hf_to_mcore(broken, tmp_path / "out")
+
+    cfg = LlamaConfig.from_hf(models[False]["dir"])
+    shards = [[hf_to_mcore_state_dict(models[False]["state"], cfg, tp, 2) for tp in range(2)]]
+    del shards[0][1]["decoder.layers.0.mlp.linear_fc2.weight"]
+    with pytest.raises(ValueError, match=r"\(pp=0, tp=\[1\]\) has no key decoder.layers.0.mlp.linear_fc2.weight"):
+        mcore_to_hf_state_dict(shards, cfg)
+    shards[0][1]["decoder.layers.0.mlp.linear_fc2.weight"] = shards[0][0]["decoder.layers.0.mlp.linear_fc2.weight"]
+    shards[0][0]["decoder.layers.0.self_attention.linear_qkv.bias"] = torch.zeros(4)
+    with pytest.raises(ValueError, match="does not know: .*linear_qkv.bias"):
+        mcore_to_hf_state_dict(shards, cfg)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        run_recipe("convert_mcore_to_hf.py", "--ckpt", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
