@@ -34,6 +34,7 @@ class ActorConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
+    lr_warmup_steps: int = 0  # update k (from 0) uses lr * min(1, k / lr_warmup_steps): megatron's linear warm-up
 
 
 def check_same_layout(policy: LlamaConfig, reference: LlamaConfig) -> None:
@@ -49,6 +50,28 @@ def check_same_layout(policy: LlamaConfig, reference: LlamaConfig) -> None:
         raise ValueError("policy and reference must have the same vocabulary and layout; " + "; ".join(diff))
 
 
+def _lr_scheduler(optimizer: Any, cfg: ActorConfig) -> Any:
+    """Megatron's LR / weight-decay schedule: linear warm-up over ``lr_warmup_steps``, then constant ``lr``.
+
+    It also applies megatron's per-group weight-decay multipliers (no decay on norms and biases).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.lr,
+        lr_warmup_steps=cfg.lr_warmup_steps,
+        lr_decay_steps=cfg.lr_warmup_steps + 1,
+        lr_decay_style="constant",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+
+
 class MixedStage(torch.nn.Module):
     """One pipeline stage: the policy's and the reference's layers of that stage, run side by side.
 
@@ -59,7 +82,7 @@ class MixedStage(torch.nn.Module):
     def __init__(
         self,
         policy: torch.nn.Module,
-        reference: torch.nn.Module,
+        reference: torch.nn.Module | None,
         gpt_policy: torch.nn.Module,
         actor_cfg: ActorConfig,
         true_vocab_size: int,
@@ -70,7 +93,8 @@ class MixedStage(torch.nn.Module):
         self.reference = reference
         self.hidden_size = gpt_policy.config.hidden_size
         self.config = copy.copy(gpt_policy.config)
-        self.config.hidden_size = 2 * self.hidden_size
+        if reference is not None:
+            self.config.hidden_size = 2 * self.hidden_size
         self.model_type = gpt_policy.model_type
         self.pre_process = gpt_policy.pre_process
         self.post_process = gpt_policy.post_process
@@ -83,6 +107,9 @@ class MixedStage(torch.nn.Module):
     def set_input_tensor(self, input_tensor: torch.Tensor | list | None) -> None:
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
+        if self.reference is None:
+            self._gpt_policy[0].set_input_tensor(input_tensor)
+            return
         if input_tensor is None:
             self._gpt_policy[0].set_input_tensor(None)
             self.reference.set_input_tensor(None)
@@ -96,15 +123,19 @@ class MixedStage(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Not the last stage: ``[s, b, 2h]`` hidden states. Last stage: ``(logprobs, entropy)`` ``[b, s]``."""
         policy_out = self.policy(input_ids, position_ids, None)
-        with torch.no_grad():
-            ref_out = self.reference(input_ids, position_ids, None)
+        if self.reference is None:  # policy alone: pi_mix with a = 0 is the policy's own softmax
+            ref_out, ref_weight = policy_out, 0.0
+        else:
+            with torch.no_grad():
+                ref_out = self.reference(input_ids, position_ids, None)
+            ref_weight = self.actor_cfg.ref_weight
         if not self.post_process:
-            return torch.cat([policy_out, ref_out], dim=-1)
+            return policy_out if self.reference is None else torch.cat([policy_out, ref_out], dim=-1)
         return mixed_logprobs(
             policy_out,
             ref_out,
             targets,
-            self.actor_cfg.ref_weight,
+            ref_weight,
             self.actor_cfg.temperature,
             tp_group=self.tp_group,
             chunk_size=self.actor_cfg.logprob_chunk_size,
@@ -117,17 +148,19 @@ class LogitAveragingActor:
     """Policy + frozen reference on this rank's TP/PP shard, with the optimiser over the policy only.
 
     Build with ``LogitAveragingActor(policy_cfg, reference_cfg, actor_cfg)`` after ``init_parallel``; load
-    weights with ``load_hf`` (or a checkpoint). ``forward_backward`` runs megatron's schedule over
+    weights with ``load_hf`` (or a checkpoint). ``reference_cfg=None`` builds the policy alone (SFT, and the
+    baseline of the benchmarks): its log-probs are the policy's own. ``forward_backward`` runs megatron's schedule over
     micro-batches of ``{"input_ids", "position_ids", "targets", ...}`` (each ``[b, s]``).
     """
 
-    def __init__(self, policy_cfg: LlamaConfig, reference_cfg: LlamaConfig, actor_cfg: ActorConfig) -> None:
+    def __init__(self, policy_cfg: LlamaConfig, reference_cfg: LlamaConfig | None, actor_cfg: ActorConfig) -> None:
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        check_same_layout(policy_cfg, reference_cfg)
+        if reference_cfg is not None:
+            check_same_layout(policy_cfg, reference_cfg)
         if not 0.0 <= actor_cfg.ref_weight <= 1.0:
             raise ValueError(f"ref_weight must lie in [0, 1], got {actor_cfg.ref_weight}")
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -145,7 +178,9 @@ class LogitAveragingActor:
             "post_process": parallel_state.is_pipeline_last_stage(),
         }
         self.gpt_policy = build_gpt_model(policy_cfg, **stage)
-        self.reference = build_gpt_model(reference_cfg, **stage).eval().requires_grad_(False)
+        self.reference = None
+        if reference_cfg is not None:
+            self.reference = build_gpt_model(reference_cfg, **stage).eval().requires_grad_(False)
 
         use_gpu = torch.cuda.is_available()
         ddp_config = DistributedDataParallelConfig(
@@ -183,6 +218,8 @@ class LogitAveragingActor:
             ),
             [self.policy],
         )
+        self.scheduler = _lr_scheduler(self.optimizer, actor_cfg)
+        self.reference_dir: str | None = None  # set by load_hf; checkpoints record it (the reference is not saved)
 
     def forward_backward(
         self,
@@ -211,7 +248,8 @@ class LogitAveragingActor:
             self.stage.eval()
         else:
             self.stage.train()
-            self.reference.eval()
+            if self.reference is not None:
+                self.reference.eval()
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
@@ -246,14 +284,20 @@ class LogitAveragingActor:
     def optimizer_step(self) -> tuple[bool, float]:
         """Apply the policy update; returns (update applied, gradient norm before clipping)."""
         success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(1)
         return bool(success), float(grad_norm) if grad_norm is not None else float("nan")
 
-    def load_hf(self, policy_dir: str, reference_dir: str) -> None:
+    def load_hf(self, policy_dir: str, reference_dir: str | None) -> None:
         """Load both models' shards from Hugging Face directories (checked against the configs)."""
         from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
 
         load_hf_into_mcore(self.gpt_policy, policy_dir)
-        load_hf_into_mcore(self.reference, reference_dir)
+        if self.reference is not None:
+            if reference_dir is None:
+                raise ValueError("this actor has a reference model: load_hf needs reference_dir")
+            load_hf_into_mcore(self.reference, reference_dir)
+            self.reference_dir = str(reference_dir)
         # The optimiser keeps its own float32 copies only under mixed precision; reload them.
         if hasattr(self.optimizer, "reload_model_params"):
             self.optimizer.reload_model_params()

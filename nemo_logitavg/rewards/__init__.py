@@ -1,0 +1,33 @@
+"""Verifiable rewards for GRPO: math answers (math-verify in a worker pool), multiple-choice letters, format metrics.
+
+Imports nothing else of the package. math-verify is imported only inside the grading worker processes.
+"""
+
+from nemo_logitavg.rewards.format import format_metrics, format_metrics_batch, latex_structure_ok
+from nemo_logitavg.rewards.math_answer import (
+    MAX_ANSWER_CHARS,
+    MAX_FALLBACK_CHARS,
+    MAX_NESTING_DEPTH,
+    GradeStats,
+    MathGrader,
+    extract_last_boxed,
+    get_default_grader,
+    score_math,
+)
+from nemo_logitavg.rewards.mcq import extract_choice, score_mcq
+
+__all__ = [
+    "MAX_ANSWER_CHARS",
+    "MAX_FALLBACK_CHARS",
+    "MAX_NESTING_DEPTH",
+    "GradeStats",
+    "MathGrader",
+    "extract_choice",
+    "extract_last_boxed",
+    "format_metrics",
+    "format_metrics_batch",
+    "get_default_grader",
+    "latex_structure_ok",
+    "score_math",
+    "score_mcq",
+]
