@@ -38,11 +38,11 @@ class LaunchEnv:
 def _first_slurm_host(nodelist: str) -> str:
     """First host of a Slurm node list ("node[01-04],gpu7" -> "node01"), via scontrol when present."""
     if shutil.which("scontrol"):
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
-        ).stdout.split()
-        if out:
-            return out[0]
+        # scontrol needs a readable slurm.conf; outside a configured cluster fall back to parsing.
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        hosts = result.stdout.split() if result.returncode == 0 else []
+        if hosts:
+            return hosts[0]
     head = nodelist.split(",")[0]
     if "[" in head:
         prefix, rest = head.split("[", 1)

@@ -61,7 +61,10 @@ def _actor_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, ref_wei
     cfg = LlamaConfig.from_hf(policy_dir)
     actor = LogitAveragingActor(cfg, LlamaConfig.from_hf(reference_dir), ActorConfig(ref_weight=ref_weight, lr=1e-2))
     actor.load_hf(policy_dir, reference_dir)
-    results = actor.forward_backward(micro_batches(), weighted_loss)
+    # Data parallel: each DP rank takes its share of the step's micro-batches.
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    indices = list(range(dp_rank, len(micro_batches()), dp_size))
+    results = actor.forward_backward([micro_batches()[i] for i in indices], weighted_loss)
 
     # Policy gradients in Hugging Face names, merged from every TP/PP shard; the reference has none.
     grads = {n: p.main_grad.detach().clone() for n, p in actor.gpt_policy.named_parameters()}
@@ -83,9 +86,9 @@ def _actor_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, ref_wei
     policy_after = actor.gpt_policy.state_dict()
     out = {
         "rank": dist.get_rank(),
-        "last_stage": ps.is_pipeline_last_stage(),
-        "logprobs": [r["logprobs"] for r in results],
-        "entropy": [r["entropy"] for r in results],
+        "last_stage": ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0,
+        "logprobs": dict(zip(indices, [r["logprobs"] for r in results], strict=True)) if results else {},
+        "entropy": dict(zip(indices, [r["entropy"] for r in results], strict=True)) if results else {},
         "grads": mcore_to_hf_state_dict(grad_grid, cfg) if grad_grid is not None else None,
         "reference_has_grad": reference_has_grad,
         "reference_in_optimizer": reference_in_optimizer,
@@ -110,9 +113,9 @@ def hf_dirs(tmp_path_factory):
     return make_hf_llama(root / "policy", seed=1), make_hf_llama(root / "reference", seed=2)
 
 
-def run_layout(tp: int, pp: int, dirs, ref_weight: float = 0.5) -> dict:
+def run_layout(tp: int, pp: int, dirs, ref_weight: float = 0.5, dp: int = 1) -> dict:
     ranks = run_distributed(
-        _actor_worker, tp * pp, tp=tp, pp=pp, policy_dir=dirs[0], reference_dir=dirs[1], ref_weight=ref_weight
+        _actor_worker, tp * pp * dp, tp=tp, pp=pp, policy_dir=dirs[0], reference_dir=dirs[1], ref_weight=ref_weight
     )
     for r in ranks:
         assert not r["reference_has_grad"], f"TP={tp} PP={pp} rank {r['rank']}: the reference received a gradient"
@@ -120,9 +123,13 @@ def run_layout(tp: int, pp: int, dirs, ref_weight: float = 0.5) -> dict:
         assert r["applied"] and r["reference_unchanged"]
         assert not r["unchanged"], f"TP={tp} PP={pp} rank {r['rank']}: not updated by one Adam step: {r['unchanged']}"
         assert r["policy_changed"] > 0
-    last = [r for r in ranks if r["last_stage"]]
-    return {"logprobs": last[0]["logprobs"], "entropy": last[0]["entropy"], "grads": ranks[0]["grads"],
-            "grad_norm": ranks[0]["grad_norm"]}  # fmt: skip
+    logprobs, entropy = {}, {}
+    for r in ranks:
+        if r["last_stage"]:
+            logprobs.update(r["logprobs"])
+            entropy.update(r["entropy"])
+    return {"logprobs": [logprobs[i] for i in sorted(logprobs)], "entropy": [entropy[i] for i in sorted(entropy)],
+            "grads": ranks[0]["grads"], "grad_norm": ranks[0]["grad_norm"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +159,14 @@ def test_layouts_match_single_rank(hf_dirs):
     assert set(base["grads"]) >= {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
     for tp, pp in ((2, 1), (1, 2), (2, 2)):
         assert_same(base, run_layout(tp, pp, hf_dirs), tp, pp)
+
+
+@pytest.mark.slow
+def test_data_parallel_matches_single_rank(hf_dirs):
+    # Each DP rank runs half of the step's micro-batches; the averaged gradient must equal the one-rank step's.
+    base = run_layout(1, 1, hf_dirs)
+    for tp in (1, 2):
+        assert_same(base, run_layout(tp, 1, hf_dirs, dp=2), tp, 1)
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
-"""Hugging Face <-> Megatron-Core conversion of a tiny random Llama: logits, exact round trips, clear errors."""
+"""Hugging Face <-> Megatron-Core conversion of tiny random Llama / Llama 3.x / Qwen2 models: logits, exact round
+trips, clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_logitavg.models.builder import LlamaConfig
+from nemo_logitavg.models.builder import MEGATRON_LLAMA3_ROPE, LlamaConfig
 from nemo_logitavg.models.hf_conversion import (
     convert_hf_to_mcore,
     export_hf,
@@ -23,33 +25,64 @@ from tests.distributed import run_distributed
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VOCAB = 100  # pads to 128 (TP=1) and 256 (TP=2)
+SEQ = 32
+# name -> (family, tied). "llama3": Llama 3.x rope scaling (llama3 type, megatron's constants); "qwen2": q/k/v biases.
+MODELS = {
+    "llama": ("llama", False),
+    "llama_tied": ("llama", True),
+    "llama3": ("llama3", False),
+    "qwen2": ("qwen2", False),
+    "qwen2_tied": ("qwen2", True),
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
-def make_hf_model(path: Path, tied: bool, seed: int) -> None:
-    """A random float32 Llama (GQA, 2 layers) with non-trivial norms and a word-level tokenizer, saved to path."""
+def make_hf_model(path: Path, family: str, tied: bool, seed: int) -> None:
+    """A random float32 model (GQA, 2 layers) with non-trivial norms / biases and a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig as HFLlamaConfig
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = HFLlamaConfig(
+    shape = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
         initializer_range=0.1,
         tie_word_embeddings=tied,
     )
-    model = LlamaForCausalLM(config)
+    if family == "qwen2":
+        config = Qwen2Config(
+            **shape,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
+        model = Qwen2ForCausalLM(config)
+    else:
+        rope = LLAMA3_ROPE if family == "llama3" else {"rope_type": "default", "rope_theta": 500000.0}
+        # Llama 3.x scales frequencies against an original context of 8192 (megatron's constant).
+        max_positions = 16384 if family == "llama3" else 64
+        config = HFLlamaConfig(
+            **shape, max_position_embeddings=max_positions, rms_norm_eps=1e-5, rope_parameters=dict(rope)
+        )
+        model = LlamaForCausalLM(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5)
     model.save_pretrained(path)
     words = {f"w{i}": i for i in range(VOCAB)}
     tokenizer = Tokenizer(models.WordLevel(words, unk_token="w0"))
@@ -78,14 +111,14 @@ def assert_same_state(actual: dict[str, torch.Tensor], expected: dict[str, torch
 
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
-    """Untied and tied tiny Llamas, a batch of token ids, and transformers' logits for it."""
+    """The tiny models of MODELS (by name), a batch of token ids, and transformers' logits for it."""
     root = tmp_path_factory.mktemp("hf")
-    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
     models = {}
-    for tied in (False, True):
-        path = root / ("tied" if tied else "untied")
-        make_hf_model(path, tied, seed=7 + tied)
-        models[tied] = {"dir": path, "logits": hf_logits(path, ids), "state": safetensors_state(path)}
+    for seed, (name, (family, tied)) in enumerate(MODELS.items(), start=7):
+        path = root / name
+        make_hf_model(path, family, tied, seed=seed)
+        models[name] = {"dir": path, "logits": hf_logits(path, ids), "state": safetensors_state(path)}
     return ids, models
 
 
@@ -144,13 +177,24 @@ def _expect_error(fn, exc_type, *fragments) -> str:
     return f"no {exc_type.__name__} raised"
 
 
-def _load_errors(model, dirs: dict) -> dict[str, str]:
+def _load_errors(tp: int, dirs: dict, cfgs: dict) -> dict[str, str]:
     """Loading refuses a model built for another config and state dicts with wrong keys or shapes."""
     from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
 
     errors = {}
+    model = _build(cfgs["llama_tied"], tp, 1)
     errors["wrong model"] = _expect_error(
-        lambda: load_hf_into_mcore(model, dirs[False]), ValueError, "tie_word_embeddings"
+        lambda: load_hf_into_mcore(model, dirs["llama"]), ValueError, "tie_word_embeddings"
+    )
+    errors["no rope scaling"] = _expect_error(
+        lambda: load_hf_into_mcore(_build(cfgs["llama"], tp, 1), dirs["llama3"]), ValueError, "rope_scaling"
+    )
+    other_factor = dataclasses.replace(cfgs["llama3"], rope_scaling_factor=16.0)
+    errors["rope factor"] = _expect_error(
+        lambda: load_hf_into_mcore(_build(other_factor, tp, 1), dirs["llama3"]), ValueError, "rotary frequencies"
+    )
+    errors["no qkv bias"] = _expect_error(
+        lambda: load_hf_into_mcore(_build(cfgs["llama"], tp, 1), dirs["qwen2"]), ValueError, "qkv_bias"
     )
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     del state["decoder.layers.1.mlp.linear_fc2.weight"]
@@ -171,43 +215,54 @@ def _load_errors(model, dirs: dict) -> dict[str, str]:
 
 def _worker(dirs: dict, ids: torch.Tensor, hf_logits: dict, ckpts: dict) -> dict:
     """Every multi-rank check in one process group: TP=2, then TP=1 (two data-parallel replicas), then PP=2."""
+    import inspect
+
     from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from nemo_logitavg.models.hf_conversion import gather_mcore_shards, load_hf_into_mcore, load_mcore_checkpoint
     from nemo_logitavg.parallel import init_parallel, teardown
 
     out: dict = {"diff": {}, "errors": {}, "shards": {}, "equal": {}}
-    cfgs = {tied: LlamaConfig.from_hf(dirs[tied]) for tied in dirs}
+    defaults = inspect.signature(RotaryEmbedding._apply_scaling).parameters
+    out["megatron llama3 constants"] = {name: defaults[name].default for name in MEGATRON_LLAMA3_ROPE}
+    cfgs = {name: LlamaConfig.from_hf(dirs[name]) for name in dirs}
 
     for tp, pp in ((2, 1), (1, 1), (1, 2)):
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
         layout = f"tp{tp}pp{pp}"
-        for tied, cfg in cfgs.items():
+        for name, cfg in cfgs.items():
             model = _build(cfg, tp, pp)
-            load_hf_into_mcore(model, dirs[tied])
+            load_hf_into_mcore(model, dirs[name])
             if pp == 1:
                 logits = _full_logits(model, ids, cfg.vocab_size)
             else:
                 logits = _pipeline_logits(model, ids, cfg.vocab_size)
             if logits is not None:
-                out["diff"][f"{layout} tied={tied}"] = (logits - hf_logits[tied]).abs().max().item()
-            if tied and pp > 1 and ps.is_pipeline_last_stage():
+                out["diff"][f"{layout} {name}"] = (logits - hf_logits[name]).abs().max().item()
+            if name == "llama3" and pp == 1:
+                # The same weights without megatron's rope scaling: the comparison above must be able to fail.
+                unscaled = _build(dataclasses.replace(cfg, rope_scaling_factor=None), tp, pp)
+                load_mcore_state_dict(unscaled, model.state_dict())
+                plain = _full_logits(unscaled, ids, cfg.vocab_size)
+                out["diff"][f"{layout} llama3 unscaled"] = (plain - hf_logits[name]).abs().max().item()
+            if name == "llama_tied" and pp > 1 and ps.is_pipeline_last_stage():
                 out["keys tied last stage"] = sorted(k for k in model.state_dict() if not k.endswith("_extra_state"))
             shards = gather_mcore_shards(model)
             if shards is not None:
-                out["shards"][f"{layout} tied={tied}"] = shards
+                out["shards"][f"{layout} {name}"] = shards
             # A converter checkpoint written at another layout loads (re-sharded) to the same weights.
             direct = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
             fresh = _build(cfg, tp, pp)
-            load_mcore_checkpoint(fresh, ckpts[tied])
-            out["equal"][f"{layout} tied={tied} from ckpt"] = all(
+            load_mcore_checkpoint(fresh, ckpts[name])
+            out["equal"][f"{layout} {name} from ckpt"] = all(
                 torch.equal(v, direct[k]) for k, v in fresh.state_dict().items() if not k.endswith("_extra_state")
             )
 
         if (tp, pp) == (2, 1):
-            out["errors"] = _load_errors(_build(cfgs[True], tp, pp), dirs)
+            out["errors"] = _load_errors(tp, dirs, cfgs)
     teardown()
     return out
 
@@ -215,50 +270,60 @@ def _worker(dirs: dict, ids: torch.Tensor, hf_logits: dict, ckpts: dict) -> dict
 @pytest.mark.slow
 def test_megatron_matches_transformers_and_round_trips(hf_models, tmp_path):
     ids, models = hf_models
-    dirs = {tied: str(m["dir"]) for tied, m in models.items()}
-    # Converter checkpoints: the untied one at a layout no run uses (always re-sharded on load), the tied one
-    # at PP=2 (loaded directly there, re-sharded at TP=2 and TP=1).
+    dirs = {name: str(m["dir"]) for name, m in models.items()}
+    # Converter checkpoints at layouts some runs do not use (re-sharded on load there): the untied ones at
+    # TP=2 x PP=2, the tied ones at PP=2 (loaded directly there, re-sharded at TP=2 and TP=1).
     ckpts = {}
-    for tied, (tp, pp) in ((False, (2, 2)), (True, (1, 2))):
-        ckpts[tied] = str(tmp_path / f"ckpt_{tied}")
-        convert_hf_to_mcore(dirs[tied], ckpts[tied], tp, pp)
+    for name in models:
+        tp, pp = (1, 2) if MODELS[name][1] else (2, 2)
+        ckpts[name] = str(tmp_path / f"ckpt_{name}")
+        convert_hf_to_mcore(dirs[name], ckpts[name], tp, pp)
     results = run_distributed(
-        _worker, 2, dirs=dirs, ids=ids, hf_logits={t: m["logits"] for t, m in models.items()}, ckpts=ckpts
+        _worker, 2, dirs=dirs, ids=ids, hf_logits={name: m["logits"] for name, m in models.items()}, ckpts=ckpts
     )
+    assert results[0]["megatron llama3 constants"] == MEGATRON_LLAMA3_ROPE
     diffs = {f"rank{r} {k}": v for r, res in enumerate(results) for k, v in res["diff"].items()}
-    assert len(diffs) == 2 * 2 + 2 * 2 + 2  # TP=2 and TP=1 on both ranks, PP=2 on the last stage
+    unscaled = {k: diffs.pop(k) for k in list(diffs) if k.endswith("unscaled")}
+    print("max |logits - transformers|:", json.dumps(diffs, indent=1), "\nwithout rope scaling:", unscaled)
+    assert len(diffs) == len(models) * (2 * 2 + 1)  # TP=2 and TP=1 on both ranks, PP=2 on the last stage
     assert max(diffs.values()) < 1e-4, diffs
+    assert len(unscaled) == 4 and min(unscaled.values()) > 1e-2, unscaled  # the rope-scaling check is sensitive
     for res in results:
-        assert all(res["equal"].values()), res["equal"]
+        assert len(res["equal"]) == 3 * len(models) and all(res["equal"].values()), res["equal"]
         assert not any(res["errors"].values()), res["errors"]
     keys = results[1]["keys tied last stage"]
     assert "output_layer.weight" in keys and "embedding.word_embeddings.weight" not in keys
     assert keys[0] == "decoder.final_layernorm.weight" and "decoder.layers.1.mlp.linear_fc2.weight" not in keys
 
     shards = results[0]["shards"]
-    assert sorted(shards) == sorted(f"{layout} tied={t}" for layout in ("tp2pp1", "tp1pp1", "tp1pp2") for t in models)
-    for name, grid in shards.items():
-        tied = name.endswith("True")
-        cfg = LlamaConfig.from_hf(dirs[tied])
+    assert sorted(shards) == sorted(f"{layout} {n}" for layout in ("tp2pp1", "tp1pp1", "tp1pp2") for n in models)
+    for key, grid in shards.items():
+        name = key.split()[1]
+        cfg = LlamaConfig.from_hf(dirs[name])
         hf_state = mcore_to_hf_state_dict(grid, cfg)
-        assert_same_state(hf_state, models[tied]["state"])
+        assert_same_state(hf_state, models[name]["state"])
         # The shard of every rank equals the pure mapping's.
         tp_size, pp_size = len(grid[0]), len(grid)
         for pp, stage in enumerate(grid):
             for tp, shard in enumerate(stage):
-                expected = hf_to_mcore_state_dict(models[tied]["state"], cfg, tp, tp_size, pp, pp_size)
+                expected = hf_to_mcore_state_dict(models[name]["state"], cfg, tp, tp_size, pp, pp_size)
                 assert_same_state(shard, expected)
+    assert shards["tp2pp1 qwen2"][0][1]["decoder.layers.0.self_attention.linear_qkv.bias"].shape == (64,)
 
     # Export the TP=2 gather and load it with transformers: same weights, same logits, tokenizer kept.
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for tied in models:
-        out_dir = tmp_path / f"export_{tied}"
-        cfg = LlamaConfig.from_hf(dirs[tied])
-        export_hf(mcore_to_hf_state_dict(shards[f"tp2pp1 tied={tied}"], cfg), out_dir, cfg, source_dir=dirs[tied])
-        assert_same_state(safetensors_state(out_dir), models[tied]["state"])
-        assert torch.equal(hf_logits(out_dir, ids), models[tied]["logits"])
-        assert AutoTokenizer.from_pretrained(out_dir)("w5 w7")["input_ids"] == [5, 7]
+    for name in models:
+        out_dir = tmp_path / f"export_{name}"
+        cfg = LlamaConfig.from_hf(dirs[name])
+        export_hf(mcore_to_hf_state_dict(shards[f"tp2pp1 {name}"], cfg), out_dir, cfg, source_dir=dirs[name])
+        assert_same_state(safetensors_state(out_dir), models[name]["state"])
+        assert torch.equal(hf_logits(out_dir, ids), models[name]["logits"])
+        assert (out_dir / "tokenizer.json").read_bytes() == (models[name]["dir"] / "tokenizer.json").read_bytes()
+        if name.startswith("llama"):  # (transformers maps model_type qwen2 to its own Qwen2Tokenizer class)
+            assert AutoTokenizer.from_pretrained(out_dir)("w5 w7")["input_ids"] == [5, 7]
+    qwen = AutoModelForCausalLM.from_pretrained(tmp_path / "export_qwen2_tied")
+    assert type(qwen).__name__ == "Qwen2ForCausalLM"
 
 
 # ------------------------------------------------------------------------------------- single process
@@ -273,10 +338,12 @@ def run_recipe(name: str, *args: str) -> None:
         sys.argv = argv
 
 
-@pytest.mark.parametrize("tied,tp,pp", [(False, 2, 2), (True, 1, 2), (True, 2, 1)])
-def test_recipes_round_trip_exactly(hf_models, tmp_path, tied, tp, pp):
+@pytest.mark.parametrize(
+    "name,tp,pp", [("llama", 2, 2), ("llama_tied", 1, 2), ("llama_tied", 2, 1), ("llama3", 2, 1), ("qwen2_tied", 2, 2)]
+)
+def test_recipes_round_trip_exactly(hf_models, tmp_path, name, tp, pp):
     _, models = hf_models
-    source = models[tied]["dir"]
+    source = models[name]["dir"]
     run_recipe(
         "convert_hf_to_mcore.py", "--hf", str(source), "--out", str(tmp_path / "ckpt"), "--tp", str(tp), "--pp", str(pp)
     )
@@ -285,15 +352,19 @@ def test_recipes_round_trip_exactly(hf_models, tmp_path, tied, tp, pp):
     shard = torch.load(tmp_path / "ckpt" / f"mp_rank_{tp - 1:02d}_{pp - 1:03d}" / "model.pt", weights_only=True)
     assert shard["decoder.final_layernorm.weight"].shape == (64,)
     assert shard["decoder.layers.0.self_attention.linear_qkv.weight"].shape == ((4 + 2 * 2) * 16 // tp, 64)
+    if name.startswith("qwen2"):
+        assert shard["decoder.layers.0.self_attention.linear_qkv.bias"].shape == ((4 + 2 * 2) * 16 // tp,)
+    else:
+        assert "decoder.layers.0.self_attention.linear_qkv.bias" not in shard
     run_recipe("convert_mcore_to_hf.py", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf"))
-    assert_same_state(safetensors_state(tmp_path / "hf"), models[tied]["state"])
+    assert_same_state(safetensors_state(tmp_path / "hf"), models[name]["state"])
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "hf" / name).read_bytes() == (source / name).read_bytes()
     assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((source / "config.json").read_text())
 
 
 def test_qkv_layout_is_per_query_group():
-    """linear_qkv rows: for each KV group, its query heads, its key head, its value head; TP splits groups."""
+    """linear_qkv rows (and Qwen2's biases): per KV group its query heads, key head, value head; TP splits groups."""
     cfg = LlamaConfig(
         vocab_size=10,
         hidden_size=8,
@@ -301,6 +372,7 @@ def test_qkv_layout_is_per_query_group():
         num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
+        qkv_bias=True,
     )
     d = 2
     hf = {name: torch.zeros(shape) for name, shape in _hf_shapes(cfg).items()}
@@ -308,6 +380,8 @@ def test_qkv_layout_is_per_query_group():
     hf["model.layers.0.self_attn.q_proj.weight"] = torch.arange(8.0)[:, None].expand(8, 8) + 100
     hf["model.layers.0.self_attn.k_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 200
     hf["model.layers.0.self_attn.v_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 300
+    for proj, rows, tag in (("q", 8, 100), ("k", 4, 200), ("v", 4, 300)):
+        hf[f"model.layers.0.self_attn.{proj}_proj.bias"] = torch.arange(float(rows)) + tag + 0.5
     hf["model.layers.0.mlp.gate_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 400
     hf["model.layers.0.mlp.up_proj.weight"] = torch.arange(4.0)[:, None].expand(4, 8) + 500
     q = [100 + h * d + i for h in range(4) for i in range(d)]
@@ -317,10 +391,13 @@ def test_qkv_layout_is_per_query_group():
     group1 = q[4:] + k[2:] + v[2:]
     full = hf_to_mcore_state_dict(hf, cfg)
     assert full["decoder.layers.0.self_attention.linear_qkv.weight"][:, 0].tolist() == group0 + group1
+    bias = full["decoder.layers.0.self_attention.linear_qkv.bias"]
+    assert (bias - 0.5).tolist() == group0 + group1  # each bias entry sits with its weight row
     assert full["decoder.layers.0.mlp.linear_fc1.weight"][:, 0].tolist() == [400, 401, 402, 403, 500, 501, 502, 503]
     for rank, group in enumerate((group0, group1)):
         shard = hf_to_mcore_state_dict(hf, cfg, tp_rank=rank, tp_size=2)
         assert shard["decoder.layers.0.self_attention.linear_qkv.weight"][:, 0].tolist() == group
+        assert (shard["decoder.layers.0.self_attention.linear_qkv.bias"] - 0.5).tolist() == group
         fc1 = [400 + 2 * rank, 401 + 2 * rank, 500 + 2 * rank, 501 + 2 * rank]  # [gate_r; up_r]
         assert shard["decoder.layers.0.mlp.linear_fc1.weight"][:, 0].tolist() == fc1
         assert shard["embedding.word_embeddings.weight"].shape == (128, 8)  # 10 padded to 256, split in 2
@@ -358,10 +435,11 @@ def test_transformer_engine_names_are_translated():
     assert torch.equal(holder["layer_norm_weight"], torch.ones(4))
 
 
-def test_sharded_safetensors_export_and_read(hf_models, tmp_path):
-    _, models = hf_models
-    state = models[True]["state"]
-    cfg = LlamaConfig.from_hf(models[True]["dir"])
+@pytest.mark.parametrize("name", ["llama_tied", "llama3", "qwen2_tied"])
+def test_sharded_safetensors_export_and_read(hf_models, tmp_path, name):
+    ids, models = hf_models
+    state = models[name]["state"]
+    cfg = LlamaConfig.from_hf(models[name]["dir"])
     export_hf(state, tmp_path, cfg, max_shard_bytes=60_000)  # no source dir: config written from cfg
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
@@ -370,7 +448,11 @@ def test_sharded_safetensors_export_and_read(hf_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(loaded.lm_head.weight, state["model.embed_tokens.weight"])
+    source_config = json.loads((models[name]["dir"] / "config.json").read_text())
+    assert type(loaded).__name__ == source_config["architectures"][0]
+    assert torch.equal(hf_logits(tmp_path, ids), models[name]["logits"])  # rope scaling and biases written back
+    if cfg.tie_word_embeddings:
+        assert torch.equal(loaded.lm_head.weight, state["model.embed_tokens.weight"])
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -398,12 +480,25 @@ def write_config(path: Path, **changes) -> Path:
     "changes,message",
     [
         ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "architecture GPT2LMHeadModel"),
-        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM.*biases"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "llama"}, "do not match model_type 'llama'"),
         ({"architectures": None, "model_type": "mistral"}, "model_type 'mistral'"),
-        ({"attention_bias": True}, "attention_bias"),
+        ({"attention_bias": True}, "attention_bias.*o_proj"),  # Llama's covers o_proj too: not megatron's qkv bias
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True}, "sliding"),
+        (
+            {"model_type": "qwen2", "architectures": None, "layer_types": ["full_attention", "sliding_attention"]},
+            "sliding_attention",
+        ),  # fmt: skip
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"head_dim": 32}, "head_dim"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling without low_freq_factor"),
+        (
+            {"rope_scaling": {**LLAMA3_ROPE, "original_max_position_embeddings": 4096}},
+            r"original_max_position_embeddings=4096 \(megatron uses 8192\).*rotary_pos_embedding.py",
+        ),
+        ({"rope_parameters": {**LLAMA3_ROPE, "low_freq_factor": 2.0}}, "low_freq_factor=2.0"),
+        ({"rope_parameters": {**LLAMA3_ROPE, "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
     ],
 )
@@ -424,6 +519,28 @@ def test_config_layouts_of_transformers_4_and_5(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         LlamaConfig.from_hf(tmp_path / "nowhere")
 
+    # Llama 3.x rope scaling: rope_scaling with "rope_type" or the older "type", or rope_parameters.
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    v4 = LlamaConfig.from_hf(write_config(tmp_path / "l3v4", rope_scaling=scaling))
+    legacy = {**{k: v for k, v in scaling.items() if k != "rope_type"}, "type": "llama3"}
+    assert LlamaConfig.from_hf(write_config(tmp_path / "l3legacy", rope_scaling=legacy)) == v4
+    v5 = {**new_dict, "rope_parameters": dict(LLAMA3_ROPE), "tie_word_embeddings": False}
+    assert LlamaConfig.from_hf(v5) == v4
+    assert (v4.rope_scaling_factor, v4.rope_theta, v4.qkv_bias) == (8.0, 500000.0, False)
+    assert (v4.rope_low_freq_factor, v4.rope_high_freq_factor, v4.rope_original_max_position_embeddings) == (1, 4, 8192)
+    with pytest.raises(ValueError, match="high_freq_factor=2.0"):
+        dataclasses.replace(v4, rope_high_freq_factor=2.0)  # a hand-made config is checked too
+
+    # Qwen2: q/k/v biases; its own rms_norm_eps / rope_theta (transformers 4 and 5 layouts).
+    qwen = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6, "rope_theta": 1e6}
+    q4 = LlamaConfig.from_hf(write_config(tmp_path / "q4", use_sliding_window=False, sliding_window=4096, **qwen))
+    assert q4.qkv_bias and q4.model_type == "qwen2" and q4.rope_scaling_factor is None
+    assert (q4.rms_norm_eps, q4.rope_theta) == (1e-6, 1e6)
+    q5 = {**new_dict, **qwen, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    q5.update(tie_word_embeddings=False, layer_types=["full_attention"] * 2, attention_bias=True)  # ignored by Qwen2
+    q5.pop("rope_theta")
+    assert LlamaConfig.from_hf(q5) == q4
+
 
 @pytest.mark.parametrize(
     "tp,pp,message", [(3, 1, "num_attention_heads=4"), (4, 1, "num_key_value_heads=2"), (2, 3, "num_hidden_layers=2")]
@@ -431,7 +548,7 @@ def test_config_layouts_of_transformers_4_and_5(tmp_path):
 def test_parallel_sizes_that_do_not_divide(hf_models, tmp_path, tp, pp, message):
     _, models = hf_models
     with pytest.raises(ValueError, match=message):
-        convert_hf_to_mcore(models[False]["dir"], tmp_path, tp, pp)
+        convert_hf_to_mcore(models["llama"]["dir"], tmp_path, tp, pp)
     assert not (tmp_path / "meta.json").exists()
 
 
@@ -439,7 +556,7 @@ def test_missing_weights_and_keys(hf_models, tmp_path):
     from safetensors.torch import save_file
 
     _, models = hf_models
-    state = dict(models[False]["state"])
+    state = dict(models["llama"]["state"])
     empty = write_config(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         convert_hf_to_mcore(empty, tmp_path / "out")
@@ -460,8 +577,8 @@ def test_missing_weights_and_keys(hf_models, tmp_path):
     ):
         convert_hf_to_mcore(broken, tmp_path / "out")
 
-    cfg = LlamaConfig.from_hf(models[False]["dir"])
-    shards = [[hf_to_mcore_state_dict(models[False]["state"], cfg, tp, 2) for tp in range(2)]]
+    cfg = LlamaConfig.from_hf(models["llama"]["dir"])
+    shards = [[hf_to_mcore_state_dict(models["llama"]["state"], cfg, tp, 2) for tp in range(2)]]
     del shards[0][1]["decoder.layers.0.mlp.linear_fc2.weight"]
     with pytest.raises(ValueError, match=r"\(pp=0, tp=\[1\]\) has no key decoder.layers.0.mlp.linear_fc2.weight"):
         mcore_to_hf_state_dict(shards, cfg)

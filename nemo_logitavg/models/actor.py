@@ -234,6 +234,7 @@ class LogitAveragingActor:
         results hold ``logprobs`` and ``entropy`` (``[b, s]``, detached) and the metrics ``loss_fn`` returned;
         they are empty on stages other than the last.
         """
+        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if not micro_batches:
@@ -244,6 +245,7 @@ class LogitAveragingActor:
                 if tuple(batch[key].shape) != shape:
                     raise ValueError(f"micro-batch {i}: {key} has shape {tuple(batch[key].shape)}, expected {shape}")
         num_micro = len(micro_batches)
+        dp_size = parallel_state.get_data_parallel_world_size()
         if forward_only:
             self.stage.eval()
         else:
@@ -262,7 +264,9 @@ class LogitAveragingActor:
                     return logprobs.sum() * 0.0, result
                 loss, metrics = loss_fn(logprobs, entropy, batch)
                 result.update(metrics)
-                return loss * num_micro, result  # megatron divides by num_micro in place
+                # Megatron divides by num_micro in place and DDP averages gradients over DP ranks: undo both,
+                # so that loss_fn's own normalisation (over the whole step) is the one that counts.
+                return loss * (num_micro * dp_size), result
 
             return output, loss_func
 

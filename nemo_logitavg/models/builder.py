@@ -1,4 +1,8 @@
-"""Build a Llama-family decoder (RMSNorm, SwiGLU, rotary, grouped-query attention) as a megatron-core GPTModel."""
+"""Build a Llama-family decoder (RMSNorm, SwiGLU, rotary, grouped-query attention) as a megatron-core GPTModel.
+
+The family covers Llama 2/3 (``LlamaForCausalLM``, including Llama 3.x's ``llama3`` rope scaling) and Qwen2
+(``Qwen2ForCausalLM``: the same decoder with biases on the q/k/v projections).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# Hugging Face model_type -> the architecture name it is saved under.
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# megatron-core applies Llama 3.1's rope scaling with only the factor configurable: these are the defaults of
+# ``RotaryEmbedding._apply_scaling`` in megatron/core/models/common/embeddings/rotary_pos_embedding.py, which
+# GPTModel never overrides. A checkpoint with other values cannot be reproduced.
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_mismatches(low_freq_factor: float, high_freq_factor: float, original_max_position_embeddings: int):
+    """The llama3 rope constants that differ from megatron-core's hard-coded ones, as ``name=value`` strings."""
+    given = {
+        "low_freq_factor": low_freq_factor,
+        "high_freq_factor": high_freq_factor,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
+    return [f"{name}={value} (megatron uses {MEGATRON_LLAMA3_ROPE[name]})"
+            for name, value in given.items() if value != MEGATRON_LLAMA3_ROPE[name]]  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a Llama-family decoder; names follow Hugging Face's ``LlamaConfig``."""
+    """Shape of a Llama-family decoder; names follow Hugging Face's ``LlamaConfig``.
+
+    ``rope_scaling_factor`` is Llama 3.x's ``llama3`` rope scaling (None: unscaled rotary embeddings); the
+    ``rope_*`` constants after it only apply with a factor and must equal ``MEGATRON_LLAMA3_ROPE``.
+    ``qkv_bias`` is Qwen2's biases on the q/k/v projections (no bias on o_proj or the MLP); a config with
+    it is exported as ``Qwen2ForCausalLM``.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -26,18 +55,40 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    rope_scaling_factor: float | None = None
+    rope_low_freq_factor: float = MEGATRON_LLAMA3_ROPE["low_freq_factor"]
+    rope_high_freq_factor: float = MEGATRON_LLAMA3_ROPE["high_freq_factor"]
+    rope_original_max_position_embeddings: int = MEGATRON_LLAMA3_ROPE["original_max_position_embeddings"]
+    qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rope_scaling_factor is not None:
+            wrong = llama3_rope_mismatches(
+                self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_position_embeddings
+            )
+            if wrong:
+                raise ValueError(f"llama3 rope scaling with {', '.join(wrong)} is not supported by megatron-core")
+
+    @property
+    def model_type(self) -> str:
+        """Hugging Face ``model_type`` of this config: ``qwen2`` with q/k/v biases, else ``llama``."""
+        return "qwen2" if self.qkv_bias else "llama"
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> LlamaConfig:
         """Read a Hugging Face ``config.json`` (a directory, the file itself, or its parsed dict).
 
         Both the transformers 4 layout (``rope_theta``, ``rope_scaling``) and the 5 layout
-        (``rope_parameters``) are read. Only what the builder can reproduce exactly is accepted.
+        (``rope_parameters``) are read. Only what the builder can reproduce exactly is accepted: Llama
+        (unscaled or ``llama3`` rope scaling with megatron-core's constants) and Qwen2 (q/k/v biases, full
+        attention in every layer).
 
         Raises:
-            ValueError: for an architecture other than ``LlamaForCausalLM`` / ``model_type`` other than
-                ``llama`` (the message names it and the file), or a Llama option the builder does not
-                implement (attention or MLP biases, rope scaling, a non-SiLU activation, a custom head_dim).
+            ValueError: for an architecture other than ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``, a
+                ``model_type`` other than ``llama`` / ``qwen2`` or one that disagrees with the architecture
+                (the message names it and the file), or an option the builder does not implement (Llama's
+                attention or MLP biases, rope scaling other than llama3 or with other llama3 constants than
+                megatron's, sliding-window attention, a non-SiLU activation, a custom head_dim).
             FileNotFoundError: when the directory has no ``config.json``.
         """
         if isinstance(path_or_dict, Mapping):
@@ -52,31 +103,61 @@ class LlamaConfig:
                 hf = json.load(f)
 
         def refuse(what: str) -> ValueError:
-            return ValueError(f"{source}: {what}; supported: LlamaForCausalLM (model_type 'llama')")
+            supported = ", ".join(f"{arch} (model_type {mt!r})" for mt, arch in SUPPORTED_ARCHITECTURES.items())
+            return ValueError(f"{source}: {what}; supported: {supported}")
 
         architectures = hf.get("architectures") or []
         model_type = hf.get("model_type")
         for arch in architectures:
-            if arch == "Qwen2ForCausalLM":
-                raise refuse("architecture Qwen2ForCausalLM is not supported (its q/k/v projections have biases)")
-            if arch != "LlamaForCausalLM":
+            if arch not in SUPPORTED_ARCHITECTURES.values():
                 raise refuse(f"architecture {arch} is not supported")
-        if model_type != "llama":
+        if model_type not in SUPPORTED_ARCHITECTURES:
             raise refuse(f"model_type {model_type!r} is not supported")
-        for flag in ("attention_bias", "mlp_bias"):
-            if hf.get(flag):
-                raise refuse(f"{flag}=true is not supported (the builder has no linear biases)")
+        if any(arch != SUPPORTED_ARCHITECTURES[model_type] for arch in architectures):
+            raise refuse(f"architectures {architectures} do not match model_type {model_type!r}")
+        if model_type == "llama":  # Qwen2's q/k/v biases are fixed by the architecture; these flags are Llama's
+            for flag, what in (("attention_bias", "q/k/v and o_proj biases"), ("mlp_bias", "MLP biases")):
+                if hf.get(flag):
+                    raise refuse(f"{flag}=true is not supported (the builder has no {what})")
+        if hf.get("use_sliding_window"):
+            raise refuse("use_sliding_window=true is not supported (only full attention)")
+        sliding = sorted({t for t in hf.get("layer_types") or [] if t != "full_attention"})
+        if sliding:
+            raise refuse(f"layer_types {sliding} are not supported (only full_attention)")
         if hf.get("hidden_act", "silu") != "silu":
             raise refuse(f"hidden_act={hf['hidden_act']!r} is not supported (only silu)")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim")
         if head_dim is not None and head_dim * heads != hf["hidden_size"]:
             raise refuse(f"head_dim={head_dim} != hidden_size / num_attention_heads is not supported")
-        rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-        if rope_type != "default":
-            raise refuse(f"rope scaling of type {rope_type!r} is not supported (only unscaled rotary embeddings)")
+
+        # transformers 5 writes rope_parameters (rope_theta inside); 4 writes rope_theta and rope_scaling.
+        rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise refuse(f"partial_rotary_factor={partial} is not supported (only full rotary embeddings)")
+        scaling: dict[str, Any] = {}
+        if rope_type == "llama3":
+            names = ("factor", *MEGATRON_LLAMA3_ROPE)
+            absent = [name for name in names if rope.get(name) is None]
+            if absent:
+                raise refuse(f"llama3 rope scaling without {', '.join(absent)}")
+            wrong = llama3_rope_mismatches(*(rope[name] for name in MEGATRON_LLAMA3_ROPE))
+            if wrong:
+                raise refuse(
+                    f"llama3 rope scaling with {', '.join(wrong)} is not supported (megatron-core hard-codes "
+                    "them in RotaryEmbedding._apply_scaling, megatron/core/models/common/embeddings/"
+                    "rotary_pos_embedding.py; only the factor is configurable)"
+                )
+            scaling = {
+                "rope_scaling_factor": float(rope["factor"]),
+                "rope_low_freq_factor": float(rope["low_freq_factor"]),
+                "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                "rope_original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            }
+        elif rope_type != "default":
+            raise refuse(f"rope scaling of type {rope_type!r} is not supported (only unscaled rotary or llama3)")
         rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
         if not rope_theta.is_integer():  # megatron-core takes an integer rotary base
             raise refuse(f"a non-integer rope_theta={rope_theta} is not supported")
@@ -91,6 +172,8 @@ class LlamaConfig:
             rope_theta=rope_theta,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            **scaling,
         )
 
 
@@ -129,6 +212,8 @@ def build_gpt_model(
     ``torch.manual_seed`` yields the same model at every TP size (real runs load weights instead). The last
     stage returns vocab-parallel logits ``[batch, seq, padded_vocab / TP]``; other stages return hidden
     states ``[seq, batch, hidden]``. Under PP each stage builds ``num_hidden_layers / PP`` layers.
+    ``cfg.qkv_bias`` gives ``linear_qkv`` a bias (``add_qkv_bias``); ``cfg.rope_scaling_factor`` turns on
+    megatron's Llama 3.1 rope scaling (``rope_scaling=True``).
 
     Raises:
         ValueError: when ``tensor_parallel_size`` does not divide the attention heads or the query groups, or
@@ -158,6 +243,7 @@ def build_gpt_model(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel_size,
@@ -177,4 +263,6 @@ def build_gpt_model(
         share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling_factor is not None else 8.0,
     )

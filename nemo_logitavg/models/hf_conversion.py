@@ -1,4 +1,4 @@
-"""Llama-family weights between Hugging Face (transformers) and megatron-core ``GPTModel`` shards.
+"""Llama-family (Llama, Qwen2) weights between Hugging Face (transformers) and megatron-core ``GPTModel`` shards.
 
 Name mapping, for global layer ``i`` (local index ``j`` on its pipeline stage), TP rank ``r`` of ``t``:
 
@@ -6,6 +6,7 @@ Name mapping, for global layer ``i`` (local index ``j`` on its pipeline stage), 
                                                                                       padded vocabulary, split in t
     model.layers.i.input_layernorm      -> decoder.layers.j.input_layernorm.weight    replicated
     model.layers.i.self_attn.{q,k,v}    -> decoder.layers.j.self_attention.linear_qkv.weight
+    model.layers.i.self_attn.{q,k,v}_proj.bias -> ...linear_qkv.bias (Qwen2)         same layout as the weight rows
     model.layers.i.self_attn.o_proj     -> decoder.layers.j.self_attention.linear_proj.weight   split on columns
     model.layers.i.post_attention_layernorm -> decoder.layers.j.pre_mlp_layernorm.weight        replicated
     model.layers.i.mlp.{gate,up}_proj   -> decoder.layers.j.mlp.linear_fc1.weight     [gate_r; up_r] on each rank
@@ -18,7 +19,8 @@ Name mapping, for global layer ``i`` (local index ``j`` on its pipeline stage), 
 ``linear_qkv`` is megatron's per-query-group layout: for each of the ``g = num_key_value_heads`` groups, its
 ``num_attention_heads / g`` query heads, then its key head, then its value head (rows of ``head_dim`` each).
 TP ranks hold ``g / t`` whole groups. HF's Llama q/k projections are already in the rotate-half rotary layout,
-which is megatron's default (``rotary_interleaved=False``), so no row permutation is needed. With Transformer
+which is megatron's default (``rotary_interleaved=False``), so no row permutation is needed. Qwen2's q/k/v
+biases follow their weight rows into ``linear_qkv.bias``. With Transformer
 Engine's layer spec (GPUs), the two layer norms are fused into ``linear_qkv.layer_norm_weight`` and
 ``linear_fc1.layer_norm_weight``; the loader and the gatherer translate those names.
 
@@ -43,7 +45,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from nemo_logitavg.models.builder import LlamaConfig, padded_vocab_size
+from nemo_logitavg.models.builder import SUPPORTED_ARCHITECTURES, LlamaConfig, padded_vocab_size
 
 CHECKPOINT_FORMAT = "nemo_logitavg-mcore-shards"
 CHECKPOINT_VERSION = 1
@@ -106,6 +108,15 @@ def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.k_proj.weight": (cfg.num_key_value_heads * d, h),
                 p + "self_attn.v_proj.weight": (cfg.num_key_value_heads * d, h),
                 p + "self_attn.o_proj.weight": (h, cfg.num_attention_heads * d),
+                **(
+                    {
+                        p + "self_attn.q_proj.bias": (cfg.num_attention_heads * d,),
+                        p + "self_attn.k_proj.bias": (cfg.num_key_value_heads * d,),
+                        p + "self_attn.v_proj.bias": (cfg.num_key_value_heads * d,),
+                    }
+                    if cfg.qkv_bias
+                    else {}
+                ),
                 p + "post_attention_layernorm.weight": (h,),
                 p + "mlp.gate_proj.weight": (f, h),
                 p + "mlp.up_proj.weight": (f, h),
@@ -211,6 +222,11 @@ def hf_to_mcore_state_dict(
         v = get(src + "self_attn.v_proj.weight").reshape(groups, d, h)
         out[dst + "input_layernorm.weight"] = get(src + "input_layernorm.weight")
         out[dst + "self_attention.linear_qkv.weight"] = rows(torch.cat([q, k, v], dim=1)).reshape(-1, h)
+        if cfg.qkv_bias:
+            q_bias = get(src + "self_attn.q_proj.bias").reshape(groups, -1)
+            k_bias = get(src + "self_attn.k_proj.bias").reshape(groups, d)
+            v_bias = get(src + "self_attn.v_proj.bias").reshape(groups, d)
+            out[dst + "self_attention.linear_qkv.bias"] = rows(torch.cat([q_bias, k_bias, v_bias], dim=1)).reshape(-1)
         out[dst + "self_attention.linear_proj.weight"] = cols(get(src + "self_attn.o_proj.weight"))
         out[dst + "pre_mlp_layernorm.weight"] = get(src + "post_attention_layernorm.weight")
         gate, up = get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")
@@ -290,6 +306,12 @@ def mcore_to_hf_state_dict(
                 [t.reshape(-1, q_rows + 2 * d, h) for t in take(pp, src + "self_attention.linear_qkv.weight")]
             )
             q, k, val = qkv.split([q_rows, d, d], dim=1)
+            if cfg.qkv_bias:
+                qkv_bias = torch.cat(
+                    [t.reshape(-1, q_rows + 2 * d) for t in take(pp, src + "self_attention.linear_qkv.bias")]
+                )
+                for name, bias in zip("qkv", qkv_bias.split([q_rows, d, d], dim=1), strict=True):
+                    out[dst + f"self_attn.{name}_proj.bias"] = bias.reshape(-1)
             fc1 = [t.chunk(2) for t in take(pp, src + "mlp.linear_fc1.weight")]
             out.update(
                 {
@@ -314,7 +336,9 @@ def mcore_to_hf_state_dict(
         take(pp_size - 1, "output_layer.weight")  # the last stage's copy of the tied embedding
     unexpected = {f"(pp={pp}) {k}" for pp in range(pp_size) for s in grid[pp] for k in s if k not in used[pp]}
     if unexpected:
-        raise ValueError(f"megatron shards have keys the Llama mapping does not know: {_listing(unexpected)}")
+        raise ValueError(
+            f"megatron shards have keys the {cfg.model_type} mapping does not know: {_listing(unexpected)}"
+        )
     return {name: tensor.clone() for name, tensor in out.items()}
 
 
@@ -371,11 +395,21 @@ def read_hf_state(hf_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:
 
 
 def hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """A ``config.json`` for ``cfg`` that transformers 4.x and 5.x both read."""
+    """A ``config.json`` for ``cfg`` that transformers 4.x and 5.x read (``Qwen2ForCausalLM`` when ``qkv_bias``)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling_factor is not None:
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
+        }
+    config = {
+        "architectures": [SUPPORTED_ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -385,16 +419,26 @@ def hf_config_dict(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict
         "head_dim": _head_dim(cfg),
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_scaling": None,
+        "rope_theta": cfg.rope_theta,  # transformers 4 (5 reads rope_parameters)
+        "rope_parameters": rope,
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"}
+        if cfg.rope_scaling_factor is not None
+        else None,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": dtype_name,
         "torch_dtype": dtype_name,
     }
+    if cfg.model_type == "qwen2":
+        config.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=cfg.num_hidden_layers,
+            layer_types=["full_attention"] * cfg.num_hidden_layers,
+        )
+    else:
+        config.update(attention_bias=False, mlp_bias=False)
+    return config
 
 
 def _copy_assets(source_dir: str | os.PathLike | None, out_dir: str) -> list[str]:
@@ -516,6 +560,11 @@ def _check_model_matches(model: torch.nn.Module, cfg: LlamaConfig, source: str) 
             cfg.num_key_value_heads,
         ),
         "layernorm_epsilon / rms_norm_eps": (config.layernorm_epsilon, cfg.rms_norm_eps),
+        "add_qkv_bias / qkv_bias": (bool(config.add_qkv_bias), cfg.qkv_bias),
+        "rope_scaling / rope_scaling_factor set": (
+            bool(getattr(model, "rotary_scaling", False)),
+            cfg.rope_scaling_factor is not None,
+        ),
         "share_embeddings_and_output_weights / tie_word_embeddings": (
             model.share_embeddings_and_output_weights,
             cfg.tie_word_embeddings,
@@ -524,10 +573,30 @@ def _check_model_matches(model: torch.nn.Module, cfg: LlamaConfig, source: str) 
     if getattr(model, "rotary_base", None) is not None:
         pairs["rotary_base / rope_theta"] = (float(model.rotary_base), cfg.rope_theta)
     wrong = [f"{name}: model {ours} vs {theirs}" for name, (ours, theirs) in pairs.items() if ours != theirs]
+    inv_freq = getattr(getattr(model, "rotary_pos_emb", None), "inv_freq", None)
+    if inv_freq is not None and not wrong:
+        expected = _rotary_inv_freq(cfg)
+        if inv_freq.shape != expected.shape or not torch.allclose(inv_freq.detach().cpu().float(), expected):
+            wrong.append("rotary frequencies (rope_theta / rope_scaling_factor) differ")
     if model.vocab_size < cfg.vocab_size:
         wrong.append(f"vocab_size: model {model.vocab_size} < {cfg.vocab_size}")
     if wrong:
         raise ValueError(f"the model was not built for {source}: " + "; ".join(wrong))
+
+
+def _rotary_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """megatron-core's rotary inverse frequencies for ``cfg`` (float32, CPU), llama3 scaling included."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rotary = RotaryEmbedding(
+        kv_channels=_head_dim(cfg),
+        rotary_percent=1.0,
+        rotary_base=int(cfg.rope_theta),
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling_factor is not None else 8.0,
+        use_cpu_initialization=True,
+    )
+    return rotary.inv_freq
 
 
 def load_mcore_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
