@@ -29,6 +29,7 @@ class ActorConfig:
     temperature: float = 1.0
     params_dtype: torch.dtype = torch.float32
     logprob_chunk_size: int | None = None  # tokens per chunk of the fused log-prob (None: automatic)
+    reference_logprobs: bool = False  # also compute log pi_ref of the targets (the KL-GRPO baseline)
     lr: float = 1e-6
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -121,7 +122,8 @@ class MixedStage(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """Not the last stage: ``[s, b, 2h]`` hidden states. Last stage: ``(logprobs, entropy)`` ``[b, s]``."""
+        """Not the last stage: ``[s, b, 2h]`` hidden states. Last stage: ``(logprobs, entropy[, ref_logprobs])``,
+        each ``[b, s]`` float32 (``ref_logprobs`` = log pi_ref when ``reference_logprobs`` is set)."""
         policy_out = self.policy(input_ids, position_ids, None)
         if self.reference is None:  # policy alone: pi_mix with a = 0 is the policy's own softmax
             ref_out, ref_weight = policy_out, 0.0
@@ -131,7 +133,7 @@ class MixedStage(torch.nn.Module):
             ref_weight = self.actor_cfg.ref_weight
         if not self.post_process:
             return policy_out if self.reference is None else torch.cat([policy_out, ref_out], dim=-1)
-        return mixed_logprobs(
+        logprobs, entropy = mixed_logprobs(
             policy_out,
             ref_out,
             targets,
@@ -142,6 +144,14 @@ class MixedStage(torch.nn.Module):
             return_entropy=True,
             true_vocab_size=self.true_vocab_size,
         )
+        if not self.actor_cfg.reference_logprobs or self.reference is None:
+            return logprobs, entropy
+        with torch.no_grad():  # log pi_ref: the reference's own softmax (a = 0 on the reference's logits)
+            ref_logprobs = mixed_logprobs(
+                ref_out, ref_out, targets, 0.0, self.actor_cfg.temperature, tp_group=self.tp_group,
+                chunk_size=self.actor_cfg.logprob_chunk_size, true_vocab_size=self.true_vocab_size,
+            )  # fmt: skip
+        return logprobs, entropy, ref_logprobs
 
 
 class LogitAveragingActor:
@@ -258,8 +268,10 @@ class LogitAveragingActor:
             output = model(batch["input_ids"], batch["position_ids"], batch["targets"])
 
             def loss_func(out):
-                logprobs, entropy = out
+                logprobs, entropy = out[0], out[1]
                 result = {"logprobs": logprobs.detach(), "entropy": entropy}
+                if len(out) == 3:
+                    batch["ref_logprobs"] = result["ref_logprobs"] = out[2]
                 if loss_fn is None:
                     return logprobs.sum() * 0.0, result
                 loss, metrics = loss_fn(logprobs, entropy, batch)

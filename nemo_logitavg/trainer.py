@@ -1,0 +1,373 @@
+"""GRPO on pi_mix, one step at a time: rollout -> rewards -> advantages -> actor update -> weight sync.
+
+Rank 0 talks to the rollout servers and grades the completions; every rank receives the step's batch. The
+actor recomputes the old log pi_mix before the update (the rollout's own log-probs are kept to report the
+train/rollout mismatch), then runs ``epochs x mini_batches`` optimiser steps with the clipped pi_mix loss, and
+the new policy is written once in Hugging Face format for the servers to reload. The KL-GRPO baseline is the
+same loop with ``ref_weight = 0`` and ``beta > 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nemo_logitavg.algorithms.grpo import aggregate, group_advantages, kl_penalty, policy_loss
+
+
+def sample_seed(run_seed: int, step: int) -> int:
+    """The rollout seed of a step (the server derives each completion's generator from it and its index)."""
+    digest = hashlib.sha256(f"{run_seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class StepBatch:
+    """One step's rollouts as training tensors (``B`` = prompts x group_size, ``L`` = longest sequence - 1).
+
+    ``targets[b, t]`` is the token predicted at position ``t``; ``mask`` marks completion tokens that count;
+    ``rollout_logprobs`` holds the servers' log pi_mix at the same places.
+    """
+
+    input_ids: torch.Tensor  # [B, L] int64
+    targets: torch.Tensor  # [B, L] int64
+    mask: torch.Tensor  # [B, L] bool
+    rollout_logprobs: torch.Tensor  # [B, L] float32
+    advantages: torch.Tensor  # [B] float32
+    rewards: torch.Tensor  # [B] float32
+    truncated: torch.Tensor  # [B] bool
+
+
+def pack_rollouts(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[Any]],
+    rewards: Sequence[float],
+    group_size: int,
+    normalize_std: bool = True,
+    mask_truncated: bool = False,
+    pad_id: int = 0,
+) -> StepBatch:
+    """Lay out prompt + completion token sequences, right-padded, with the completion tokens masked in.
+
+    ``completions[p]`` are prompt p's ``group_size`` completions (objects with ``token_ids``, ``logprobs`` and
+    ``finish_reason``), ``rewards`` their rewards in the same order.
+    """
+    sequences, rollout_lps, starts, truncated = [], [], [], []
+    for prompt, group in zip(prompt_ids, completions, strict=True):
+        if len(group) != group_size:
+            raise ValueError(f"expected {group_size} completions per prompt, got {len(group)}")
+        for completion in group:
+            if len(completion.logprobs) != len(completion.token_ids):
+                raise ValueError("a completion's logprobs and token_ids differ in length")
+            sequences.append(list(prompt) + list(completion.token_ids))
+            rollout_lps.append(list(completion.logprobs))
+            starts.append(len(prompt) - 1)  # target index of the first completion token
+            truncated.append(completion.finish_reason == "length")
+    length = max(len(s) for s in sequences) - 1
+    count = len(sequences)
+    input_ids = torch.full((count, length), pad_id, dtype=torch.long)
+    targets = torch.full((count, length), pad_id, dtype=torch.long)
+    mask = torch.zeros(count, length, dtype=torch.bool)
+    rollout_logprobs = torch.zeros(count, length)
+    for i, (seq, lps, start) in enumerate(zip(sequences, rollout_lps, starts, strict=True)):
+        tokens = torch.tensor(seq, dtype=torch.long)
+        input_ids[i, : len(seq) - 1] = tokens[:-1]
+        targets[i, : len(seq) - 1] = tokens[1:]
+        if lps and not (mask_truncated and truncated[i]):
+            mask[i, start : start + len(lps)] = True
+        rollout_logprobs[i, start : start + len(lps)] = torch.tensor(lps, dtype=torch.float32)
+    reward_t = torch.tensor(list(rewards), dtype=torch.float32)
+    return StepBatch(
+        input_ids=input_ids,
+        targets=targets,
+        mask=mask,
+        rollout_logprobs=rollout_logprobs,
+        advantages=group_advantages(reward_t, group_size, normalize_std=normalize_std),
+        rewards=reward_t,
+        truncated=torch.tensor(truncated),
+    )
+
+
+def micro_batches(batch: StepBatch, indices: Sequence[int], size: int) -> list[dict]:
+    """Micro-batches of ``size`` sequences taken from ``indices`` of the step's batch."""
+    out = []
+    length = batch.input_ids.shape[1]
+    for begin in range(0, len(indices), size):
+        idx = torch.tensor(indices[begin : begin + size])
+        out.append(
+            {
+                "input_ids": batch.input_ids[idx],
+                "targets": batch.targets[idx],
+                "position_ids": torch.arange(length).expand(len(idx), -1),
+                "mask": batch.mask[idx],
+                "advantages": batch.advantages[idx],
+                "rollout_logprobs": batch.rollout_logprobs[idx],
+            }
+        )
+    return out
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (Slurm preemption) set a flag; the loop checkpoints at the end of the step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        print(f"[grpo] received {signal.Signals(signum).name}: checkpointing after this step", flush=True)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank if any rank was signalled (a collective)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_length: int) -> Callable:
+    """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7)."""
+    alg = cfg.algorithm
+
+    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict, ref_logprobs: torch.Tensor | None = None):
+        mask = mb["mask"]
+        # token-mean: the step's token count; the sequence modes: this micro-batch's share of the sequences.
+        share = 1.0 if alg.agg == "token-mean" else mask.shape[0] / num_sequences
+        loss, metrics = policy_loss(
+            logprobs, mb["old_logprobs"], mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
+            agg=alg.agg, dual_clip=alg.dual_clip, max_response_length=max_response_length,
+            num_tokens=num_tokens if alg.agg == "token-mean" else None,
+        )  # fmt: skip
+        loss = loss * share
+        if alg.beta > 0 and ref_logprobs is not None:
+            kl = kl_penalty(logprobs, ref_logprobs, alg.kl_estimator)
+            kl_term = aggregate(kl, mask, alg.agg, num_tokens if alg.agg == "token-mean" else None,
+                                max_response_length) * share  # fmt: skip
+            loss = loss + alg.beta * kl_term
+            metrics["kl"] = kl_term.detach()
+        tokens = mask.sum().clamp(min=1)
+        metrics["entropy"] = (entropy * mask).sum() / tokens
+        metrics["loss"] = loss.detach().clone()
+        return loss, metrics
+
+    return loss_fn
+
+
+class MetricsLog:
+    """Per-step scalars to ``metrics.jsonl`` and TensorBoard (rank 0), plus a console progress line."""
+
+    def __init__(self, run_dir: str, total_steps: int) -> None:
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.total = total_steps
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # tensorboard not installed: the JSONL still has everything
+            self.tb = None
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if self.first_step is None:
+            self.first_step = step
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        done = step - self.first_step + 1
+        eta = (time.monotonic() - self.started) / done * (self.total - step)
+        print(
+            f"[grpo] step {step}/{self.total}  reward {metrics.get('reward/mean', float('nan')):.3f}  "
+            f"len {metrics.get('response/length', 0):.0f}  loss {metrics.get('loss', 0):+.4f}  "
+            f"ETA {eta / 60:.1f} min",
+            flush=True,
+        )
+
+
+class GRPOTrainer:
+    """The loop of ``recipes/grpo.py``: built from a validated ``GRPOConfig``, an actor, and (rank 0) a client.
+
+    Args:
+        cfg: the run's ``GRPOConfig``.
+        actor: ``LogitAveragingActor`` with weights loaded.
+        prompts: records ``{"prompt_ids": [...], "answer": ...}`` of the training set.
+        client: a ``RolloutClient`` on rank 0 (None elsewhere).
+        score: ``score(completion_texts, answers) -> list[float]`` (rank 0).
+        export_policy: ``export_policy(out_dir)`` writes the current policy as a Hugging Face directory (a
+            collective; rank 0 writes).
+    """
+
+    def __init__(self, cfg: Any, actor: Any, prompts: Sequence[dict], client: Any, score: Callable,
+                 export_policy: Callable[[str], None]) -> None:  # fmt: skip
+        self.cfg, self.actor, self.prompts = cfg, actor, list(prompts)
+        self.client, self.score, self.export_policy = client, score, export_policy
+        self.rank = dist.get_rank()
+        self.step = 0
+        self.position = 0  # index of the next prompt
+        self.ckpt_dir = os.path.join(cfg.run.dir, "checkpoints")
+        self.sync_dir = os.path.join(cfg.run.dir, "policy_sync")
+        self.log = MetricsLog(cfg.run.dir, cfg.run.steps) if self.rank == 0 else None
+        self.stop = StopRequested()
+
+    # --------------------------------------------------------------------------------------------- state
+    def save(self) -> None:
+        from nemo_logitavg.checkpointing import save_checkpoint
+
+        save_checkpoint(self.actor, self.ckpt_dir, self.step, {"position": self.position},
+                        keep_last=self.cfg.run.keep_last)  # fmt: skip
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint if there is one; True when the run resumed."""
+        from nemo_logitavg.checkpointing import latest_step, load_checkpoint
+
+        if latest_step(self.ckpt_dir) is None:
+            return False
+        loaded = load_checkpoint(self.actor, self.ckpt_dir)
+        self.step, self.position = loaded.step, int(loaded.extra_state["position"])
+        if self.rank == 0:
+            print(f"[grpo] resumed from {loaded.path} (step {self.step})", flush=True)
+        return True
+
+    def push_policy(self) -> None:
+        """Write the current policy once and make every server serve it as ``self.step``."""
+        path = os.path.join(self.sync_dir, f"step_{self.step:08d}")
+        self.export_policy(path)
+        if self.rank == 0:
+            self.client.load_weights(path, self.step)
+        dist.barrier()
+
+    # ---------------------------------------------------------------------------------------------- step
+    def _rollout(self) -> dict:
+        """Rank 0: sample, grade and pack this step's batch; every rank receives it."""
+        cfg, payload = self.cfg, [None]
+        if self.rank == 0:
+            start = time.monotonic()
+            count = cfg.rollout.prompts_per_step
+            records = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(count)]
+            prompt_ids = [r["prompt_ids"] for r in records]
+            groups = self.client.generate(
+                prompt_ids, n=cfg.algorithm.group_size, max_tokens=cfg.rollout.max_tokens,
+                temperature=cfg.algorithm.temperature, top_p=cfg.algorithm.top_p,
+                seed=sample_seed(cfg.run.seed, self.step),
+            )  # fmt: skip
+            rollout_s = time.monotonic() - start
+            texts = [c.text for group in groups for c in group]
+            answers = [r["answer"] for r in records for _ in range(cfg.algorithm.group_size)]
+            rewards = self.score(texts, answers)
+            batch = pack_rollouts(prompt_ids, groups, rewards, cfg.algorithm.group_size,
+                                  cfg.algorithm.normalize_std, cfg.algorithm.mask_truncated)  # fmt: skip
+            payload = [{"batch": batch, "rollout_s": rollout_s, "reward_s": time.monotonic() - start - rollout_s}]
+        dist.broadcast_object_list(payload, src=0)
+        return payload[0]
+
+    def train_step(self) -> dict[str, float]:
+        """One GRPO step on the current policy; returns the step's metrics (complete on rank 0)."""
+        from megatron.core import parallel_state as ps
+
+        cfg = self.cfg
+        got = self._rollout()
+        batch: StepBatch = got["batch"]
+        count = batch.input_ids.shape[0]
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        mb_size = cfg.rollout.micro_batch_size
+
+        # Old log pi_mix, recomputed by the trainer on the weights that sampled (this rank's DP share).
+        start = time.monotonic()
+        mine = list(range(dp_rank, count, dp_size))
+        mbs = micro_batches(batch, mine, mb_size)
+        old = self.actor.forward_backward(mbs, forward_only=True)
+        on_last_stage = bool(old)
+        for mb, result in zip(mbs, old, strict=False):
+            mb["old_logprobs"] = result["logprobs"]
+        old_s = time.monotonic() - start
+
+        # epochs x mini-batches of optimiser steps; each mini-batch is an interleaved slice of the sequences.
+        start = time.monotonic()
+        metrics_acc: dict[str, list[float]] = {}
+        grad_norms = []
+        per_mini = count // cfg.algorithm.mini_batches
+        for _epoch in range(cfg.algorithm.epochs):
+            for mini in range(cfg.algorithm.mini_batches):
+                seqs = list(range(mini * per_mini, (mini + 1) * per_mini))
+                mb_list = [mb for mb, first in zip(mbs, mine[::mb_size], strict=False) if first in seqs]
+                num_tokens = float(batch.mask[seqs].sum().clamp(min=1))
+                loss_fn = make_loss_fn(cfg, num_tokens, len(seqs), cfg.rollout.max_tokens)
+                results = self.actor.forward_backward(mb_list, loss_fn)
+                _, grad_norm = self.actor.optimizer_step()
+                grad_norms.append(grad_norm)
+                for result in results:
+                    for key, value in result.items():
+                        if key not in ("logprobs", "entropy", "ref_logprobs"):
+                            metrics_acc.setdefault(key, []).append(float(value))
+        update_s = time.monotonic() - start
+        self.step += 1
+        self.position += cfg.rollout.prompts_per_step
+
+        start = time.monotonic()
+        self.push_policy()
+        sync_s = time.monotonic() - start
+
+        # Metrics: local sums on the last stage, reduced over DP; rank 0 logs.
+        mask = batch.mask
+        mismatch = torch.zeros(2)
+        if on_last_stage:
+            diffs = [(mb["old_logprobs"] - mb["rollout_logprobs"]).abs()[mb["mask"]] for mb in mbs]
+            diffs = torch.cat(diffs) if diffs else torch.zeros(0)
+            mismatch = torch.tensor([diffs.sum().item(), diffs.max().item() if diffs.numel() else 0.0])
+        scalars = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
+        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)  # max over ranks of (sum, max): exact for DP = 1
+        metrics = {
+            "reward/mean": batch.rewards.mean().item(),
+            "reward/accuracy": (batch.rewards > 0.5).float().mean().item(),
+            "response/length": (mask.sum(1).float().mean().item()),
+            "response/truncated": batch.truncated.float().mean().item(),
+            "mismatch/mean_abs": (mismatch[0] / mask.sum().clamp(min=1)).item(),
+            "mismatch/max_abs": mismatch[1].item(),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "time/rollout_s": got["rollout_s"],
+            "time/reward_s": got["reward_s"],
+            "time/old_logprobs_s": old_s,
+            "time/update_s": update_s,
+            "time/weight_sync_s": sync_s,
+            "throughput/update_tokens_per_s": float(mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
+        }
+        logged = ("loss", "entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
+        metrics.update({k: v for k, v in scalars.items() if k in logged})
+        return metrics
+
+    def fit(self) -> None:
+        """Run (or resume) until ``run.steps``, checkpointing every ``run.checkpoint_every`` and on a signal."""
+        self.resume()
+        self.push_policy()  # the servers must serve exactly this policy before the first rollout
+        while self.step < self.cfg.run.steps:
+            metrics = self.train_step()
+            # Metrics of the step are gathered on the last pipeline stage; send them to rank 0.
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, metrics)
+            if self.log is not None:
+                merged = dict(metrics)
+                for other in gathered:
+                    for key, value in other.items():
+                        merged.setdefault(key, value)
+                self.log.write(self.step, merged)
+            stop = self.stop.agreed()
+            if stop or self.step % self.cfg.run.checkpoint_every == 0 or self.step == self.cfg.run.steps:
+                self.save()
+            if stop:
+                if self.rank == 0:
+                    print(f"[grpo] stopped at step {self.step} on request; rerun to resume", flush=True)
+                return
