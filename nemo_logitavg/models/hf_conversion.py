@@ -811,3 +811,26 @@ def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike)
     shards, cfg = read_mcore_checkpoint(ckpt_dir)
     export_hf(mcore_to_hf_state_dict(shards, cfg), out_dir, cfg, source_dir=os.path.join(os.fspath(ckpt_dir), "hf"))
     return cfg
+
+
+def export_model_hf(
+    model: torch.nn.Module, cfg: LlamaConfig, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
+) -> None:
+    """Write a live (TP/PP-sharded) model as one Hugging Face directory; a collective, rank 0 writes.
+
+    The directory appears whole or not at all (written beside it, then renamed), so a server reloading from it
+    never reads half a checkpoint.
+    """
+    import shutil
+
+    import torch.distributed as dist
+
+    shards = gather_mcore_shards(model)
+    if shards is not None:
+        out_dir = os.fspath(out_dir)
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_hf(mcore_to_hf_state_dict(shards, cfg), tmp, cfg, source_dir=source_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    dist.barrier()
