@@ -156,3 +156,21 @@ def _get(obj: object, dotted: str) -> object:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@dataclass
+class SFTConfig:
+    model: str = MISSING  # Hugging Face directory to fine-tune (with its tokenizer)
+    data: str = MISSING  # jsonl: {"prompt": ..., "response": ...}
+    out: str = MISSING  # where the fine-tuned Hugging Face directory is written
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    steps: int = 100
+    sequences_per_step: int = 32
+    micro_batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    seed: int = 1234
+    log: str | None = None  # metrics jsonl (default: <out>.metrics.jsonl)
