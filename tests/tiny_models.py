@@ -1,0 +1,41 @@
+"""Tiny Hugging Face models and a character-level tokenizer, made locally for tests (nothing downloads)."""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHARS = string.digits + string.ascii_lowercase + " +-*/=().,:?\\{}^_$"
+
+
+def save_char_tokenizer(path: str) -> int:
+    """A character-level fast tokenizer (pad 0, bos 1, eos 2, unk 3) saved into ``path``; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return len(vocab)
+
+
+def make_llama_with_tokenizer(path: str, seed: int, vocab_size: int = 100) -> str:
+    """A random tiny Llama (4 layers, GQA) plus the character tokenizer, as one Hugging Face directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    size = save_char_tokenizer(path)
+    assert size <= vocab_size
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
