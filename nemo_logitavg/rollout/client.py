@@ -1,0 +1,340 @@
+"""The trainer's client for the rollout servers (DESIGN.md §7, rollout client API).
+
+    client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
+    client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs from the trainer's
+    client.load_weights(path, step)                    # after each update (see weight_sync.write_policy_for_servers)
+    groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
+    groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
+
+- Each prompt is one request (its ``n`` samples decode together on one server); prompts are spread round-robin
+  over the servers and sent concurrently from a thread pool. Prompt ``i`` of a call with seed ``s`` is sent
+  with seed ``derive_seed(s, i)``, so results depend neither on how many servers there are nor on which one
+  answers (bit-identical on one server; equal up to float32 noise across servers).
+- A connection error, a timeout or a 5xx moves the request to another server (the one that failed longest
+  ago; servers that failed within ``cooldown`` seconds are tried last) and, once every server has failed,
+  waits with exponential backoff (``backoff * 2**k``, capped by ``max_backoff``) before trying again, up to
+  ``max_attempts`` tries in all; the final error names every server tried and its error. A 4xx is the
+  request's fault: raised at once with the server's message.
+- Weight sync: ``load_weights`` pushes (path, step) to every server. Completions that report an older
+  ``policy_step`` than the last push are never returned: the client pushes the weights to that server again
+  (e.g. one that was restarted) and retries.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+
+from nemo_logitavg.rollout.engine import derive_seed
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # log pi_mix of each token, at the request temperature (before top-p truncation)
+    text: str
+    finish_reason: str  # "stop" or "length"
+    policy_step: int
+    server: str = ""
+
+
+class RolloutError(RuntimeError):
+    """A request failed on every server it was tried on, or a server refused the trainer's settings."""
+
+
+class RolloutRequestError(RolloutError):
+    """A server rejected the request itself (4xx): retrying elsewhere would not help."""
+
+
+def _normalise(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            return str(body["error"].get("message"))
+        return str(body)[:500]
+    except ValueError:
+        return response.text[:500]
+
+
+class RolloutClient:
+    """Args:
+    urls: one server URL or several (``http://host:port``, a trailing ``/v1`` is accepted).
+    token: the servers' bearer token, if any.
+    timeout: seconds allowed for one request (generation included); connecting gets ``min(timeout, 10)``.
+    max_attempts: tries per request over all servers.
+    backoff, max_backoff: the exponential backoff once every server has failed (seconds).
+    cooldown: seconds a failed server is tried after the others.
+    max_workers: concurrent requests (default 4 per server).
+    transport: an httpx transport (tests).
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        token: str | None = None,
+        timeout: float = 600.0,
+        *,
+        max_attempts: int = 8,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        cooldown: float = 10.0,
+        max_workers: int | None = None,
+        model: str = "pi_mix",
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.urls = [_normalise(u) for u in ([urls] if isinstance(urls, str) else list(urls))]
+        if not self.urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"duplicate server URLs in {self.urls}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.timeout = float(timeout)
+        self.max_attempts = int(max_attempts)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.cooldown = float(cooldown)
+        self.model = model
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            trust_env=False,  # never route the trainer's traffic through a proxy from the environment
+            transport=transport,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=max_workers or 4 * len(self.urls), thread_name_prefix="rollout")
+        self._lock = threading.Lock()
+        self._failed_at: dict[str, float] = {}
+        self._next = 0
+        self.policy_step: int | None = None  # the last step pushed with load_weights
+        self.policy_path: str | None = None
+
+    # -------------------------------------------------------------------------------------------- plumbing
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _pick(self, start: int) -> str:
+        """The server to try: the start-th in rotation among those with no recent failure, else the one whose
+        last failure is oldest."""
+        now = time.monotonic()
+        k = len(self.urls)
+        rotation = [self.urls[(start + i) % k] for i in range(k)]
+        with self._lock:
+            recent = {u: t for u, t in self._failed_at.items() if now - t < self.cooldown}
+        healthy = [u for u in rotation if u not in recent]
+        return healthy[0] if healthy else min(rotation, key=lambda u: recent[u])
+
+    def _mark(self, url: str, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._failed_at.pop(url, None)
+            else:
+                self._failed_at[url] = time.monotonic()
+
+    def _recently_failed(self, url: str) -> bool:
+        with self._lock:
+            t = self._failed_at.get(url)
+        return t is not None and time.monotonic() - t < self.cooldown
+
+    def _call(self, url: str, method: str, path: str, body: dict | None) -> tuple[dict | None, str | None]:
+        """One HTTP call: (payload, None) on success, (None, error) when retryable; raises on a 4xx."""
+        try:
+            response = self._http.request(method, url + path, json=body)
+        except httpx.TransportError as exc:  # connect/read/write errors, timeouts, dropped connections
+            return None, f"{type(exc).__name__}: {exc or 'no detail'}"
+        if response.status_code >= 500:
+            return None, f"HTTP {response.status_code}: {_message(response)}"
+        if response.status_code >= 400:
+            status = response.status_code
+            raise RolloutRequestError(f"{url}{path} rejected the request (HTTP {status}): {_message(response)}")
+        try:
+            return response.json(), None
+        except ValueError:
+            return None, f"HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}"
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None,
+        start: int = 0,
+        pin: str | None = None,
+        check_step: bool = False,
+    ) -> tuple[str, dict]:
+        """Send with fail-over (or only to ``pin``), backoff and retries; returns (server, payload)."""
+        errors: list[str] = []
+        failures = 0
+        for attempt in range(self.max_attempts):
+            url = pin or self._pick(start)
+            if attempt > 0 and (pin is not None or self._recently_failed(url)):
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** max(0, failures - 1)))
+            payload, error = self._call(url, method, path, body)
+            if error is None and check_step:
+                error = self._stale(url, payload)
+            if error is None:
+                self._mark(url, True)
+                return url, payload
+            errors.append(f"{url}: {error}")
+            failures += 1
+            self._mark(url, False)
+        tried = sorted({e.split(": ", 1)[0] for e in errors})
+        detail = "; ".join(errors[-2 * len(self.urls) :])
+        raise RolloutError(
+            f"{method} {path} failed after {len(errors)} attempts on server(s) {', '.join(tried)}: {detail}"
+        )
+
+    def _stale(self, url: str, payload: dict) -> str | None:
+        """None if ``payload`` comes from the pushed policy step; else re-push the weights and say why."""
+        step = payload.get("policy_step") if isinstance(payload, dict) else None
+        if not isinstance(step, int):
+            return "the response carries no integer policy_step"
+        if self.policy_step is None or step >= self.policy_step:
+            return None
+        reason = f"served policy step {step}, older than the pushed step {self.policy_step}"
+        if self.policy_path is not None:
+            _, error = self._call(url, "POST", "/v1/load_weights", {"path": self.policy_path, "step": self.policy_step})
+            reason += " (weights pushed again)" if error is None else f" (pushing the weights again failed: {error})"
+        return reason
+
+    # -------------------------------------------------------------------------------------------- public
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[Sequence[int]],
+        n: int,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        *,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+    ) -> list[list[Completion]]:
+        """``n`` completions of each prompt (token ids), in prompt order, from pi_mix of the pushed policy step."""
+        prompts = [list(p) for p in prompt_token_ids]
+        if any(not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompts):
+            raise ValueError("prompt_token_ids must be a list of non-empty lists of int token ids")
+        if n < 1 or max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={n}, max_tokens={max_tokens}")
+        if top_p < 1.0:
+            warnings.warn(
+                f"top_p={top_p} < 1: completions come from a truncated pi_mix but carry log pi_mix before "
+                "truncation, so the GRPO importance ratios are off-policy",
+                stacklevel=2,
+            )
+        with self._lock:
+            first = self._next
+            self._next += len(prompts)
+
+        def one(i: int) -> list[Completion]:
+            body = {
+                "model": self.model,
+                "prompt": prompts[i],
+                "n": n,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": derive_seed(seed, i) if seed is not None else None,
+                "logprobs": 1,
+                "ignore_eos": ignore_eos,
+            }
+            if stop_token_ids:
+                body["stop_token_ids"] = list(stop_token_ids)
+            url, payload = self._request("POST", "/v1/completions", body, start=first + i, check_step=True)
+            return self._parse(url, payload, n)
+
+        return list(self._pool.map(one, range(len(prompts))))
+
+    @staticmethod
+    def _parse(url: str, payload: dict, n: int) -> list[Completion]:
+        try:
+            choices = sorted(payload["choices"], key=lambda c: c["index"])
+            out = [
+                Completion(
+                    token_ids=[int(t) for t in c["token_ids"]],
+                    logprobs=[float(x) for x in c["logprobs"]["token_logprobs"]],
+                    text=c.get("text") or "",
+                    finish_reason=c["finish_reason"],
+                    policy_step=int(payload["policy_step"]),
+                    server=url,
+                )
+                for c in choices
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RolloutError(f"{url} sent a malformed completions response ({exc!r})") from exc
+        if len(out) != n or any(len(c.token_ids) != len(c.logprobs) for c in out):
+            raise RolloutError(f"{url} sent {len(out)} choices (asked {n}) or token ids without one log-prob each")
+        return out
+
+    def load_weights(self, path: str, step: int) -> dict[str, int]:
+        """Make every server serve the policy in ``path`` (a directory they can read) as ``step``.
+
+        Servers that cannot be reached after the retries are reported in a warning and receive the weights when
+        they next answer (stale-step check); if no server loads them, RolloutError.
+        """
+        self.policy_path, self.policy_step = str(path), int(step)
+        body = {"path": str(path), "step": int(step)}
+
+        def push(url: str):
+            try:
+                return url, self._request("POST", "/v1/load_weights", body, pin=url)[1], None
+            except RolloutRequestError:
+                raise
+            except RolloutError as exc:
+                return url, None, exc
+
+        loaded, failed = {}, []
+        for url, payload, error in self._pool.map(push, self.urls):
+            if error is None:
+                loaded[url] = int(payload.get("policy_step", -1))
+            else:
+                failed.append(f"{url} ({error})")
+        if not loaded:
+            raise RolloutError(f"no server loaded step {step} from {path}: {'; '.join(failed)}")
+        if failed:
+            missed = "; ".join(failed)
+            warnings.warn(f"step {step} not loaded by: {missed}; they get it when they next answer", stacklevel=2)
+        return loaded
+
+    def check(self, ref_weight: float) -> dict[str, dict]:
+        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight``."""
+
+        def models(url: str):
+            return url, self._request("GET", "/v1/models", None, pin=url)[1]
+
+        infos = dict(self._pool.map(models, self.urls))
+        wrong = []
+        for url, info in infos.items():
+            served = info.get("ref_weight") if isinstance(info, dict) else None
+            if not isinstance(served, (int, float)) or not math.isclose(served, ref_weight, rel_tol=0, abs_tol=1e-9):
+                wrong.append(f"{url} serves ref_weight={served}")
+        if wrong:
+            raise RolloutError(
+                f"refusing rollout servers whose pi_mix differs from the trainer's (ref_weight={ref_weight}): "
+                + "; ".join(wrong)
+            )
+        return infos

@@ -1,0 +1,470 @@
+"""Engines that sample completions from pi_mix, and the torch engine for CPUs and tests.
+
+pi_mix (DESIGN.md §1) for a context s, reference weight ``a`` and temperature ``T``:
+
+    m(s) = (1 - a) * z_pol(s) + a * z_ref(s),      pi_mix(.|s) = softmax(m(s) / T)
+
+Conventions every engine follows (DESIGN.md §7, wire format and determinism):
+
+- The returned log-prob of a sampled token is log pi_mix at the request's temperature, computed *before* top-p
+  truncation, in float32: the quantity the trainer's ``mixed_logprobs`` recomputes. With top_p < 1 the tokens
+  come from the truncated distribution, so ratios against these log-probs are off-policy (the client warns).
+- Greedy decoding when ``temperature == 0``: the argmax of ``m``; its log-prob is then log pi_mix at ``T = 1``.
+- Each sequence (sample ``j`` of a request with seed ``s``) draws its randomness from its own
+  ``torch.Generator`` seeded with ``derive_seed(s, j)``, one uniform number per generated token (inverse-CDF
+  sampling), so a completion does not depend on which other sequences share its batch.
+- A completion stops at a stop token id (the models' EOS ids unless ``ignore_eos``, plus ``stop_token_ids``),
+  finish_reason ``"stop"``, the token kept in ``token_ids`` (the trainer learns to stop) but not in ``text``; at a
+  stop string, finish_reason ``"stop"``, ``text`` cut before the string and ``token_ids`` ending with the token
+  that completed it; at ``max_tokens`` or the model's context length, finish_reason ``"length"``.
+
+A vLLM engine (an out-of-tree model holding both stacks, averaging in ``compute_logits``; DESIGN.md §5) is added
+by implementing ``Engine``; the server only talks to that protocol.
+
+Tokenizer: the policy directory's tokenizer (else the reference's) when it has one. A directory without tokenizer
+files puts the engine in token-id mode: prompts must be token ids, ``text`` fields are empty strings and stop
+strings are refused (``has_tokenizer`` is False).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_CONFIG_SHAPE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. run seed, step, prompt index, sample index); stable across processes."""
+    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class GenerationRequest:
+    """``n`` completions of one prompt; sample ``j`` uses the generator seeded with ``derive_seed(seed, j)``."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    n: int = 1
+    seed: int = 0
+
+
+@dataclass
+class GeneratedSequence:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str  # "stop" or "length"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the server drives. Implementations serialise ``generate`` and ``load_policy`` themselves."""
+
+    ref_weight: float
+    policy_step: int
+    vocab_size: int
+    max_model_len: int
+    has_tokenizer: bool
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
+        """For each request, its ``n`` completions in sample order."""
+
+    def load_policy(self, path: str, step: int) -> None:
+        """Replace the policy weights (only those) by the Hugging Face directory ``path``; serve ``step``."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """One string per token for the OpenAI ``logprobs.tokens`` field."""
+
+    def info(self) -> dict: ...
+
+
+def _has_tokenizer(path: str | None) -> bool:
+    return path is not None and any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES)
+
+
+def _eos_ids(model) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else list(value))
+    return ids
+
+
+def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(os.path.join(path, file)))
+    return state
+
+
+@dataclass
+class _Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    text: str | None = None
+
+
+class TorchEngine:
+    """pi_mix from two Hugging Face causal LMs (policy and reference), each with its own ``DynamicCache``.
+
+    Args:
+        policy_path, reference_path: Hugging Face directories (same vocabulary). ``reference_path`` may be None
+            only with ``ref_weight == 0`` (the policy alone, e.g. for a throughput baseline).
+        ref_weight: ``a`` in [0, 1].
+        dtype: the models' dtype (float32 by default); mixing and softmax are always float32.
+        max_batch_size: sequences decoded together (longer request lists are split).
+        policy_step: the step the initial policy weights belong to.
+    """
+
+    def __init__(
+        self,
+        policy_path: str,
+        reference_path: str | None,
+        ref_weight: float,
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int = 256,
+        policy_step: int = 0,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        if not 0.0 <= float(ref_weight) <= 1.0:
+            raise ValueError(f"ref_weight must lie in [0, 1], got {ref_weight}")
+        if reference_path is None and float(ref_weight) != 0.0:
+            raise ValueError("a reference model is required unless ref_weight == 0")
+        self.ref_weight = float(ref_weight)
+        self.dtype = dtype
+        self.max_batch_size = int(max_batch_size)
+        self.policy_path = os.fspath(policy_path)
+        self.reference_path = os.fspath(reference_path) if reference_path is not None else None
+        self.policy_step = int(policy_step)
+        self._lock = threading.Lock()
+
+        def load(path: str):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model.eval().requires_grad_(False)
+            return model
+
+        self.policy = load(self.policy_path)
+        self.reference = load(self.reference_path) if self.reference_path is not None else None
+        self._shape = self._config_shape(self.policy.config.to_dict())
+        if self.reference is not None:
+            ref_shape = self._config_shape(self.reference.config.to_dict())
+            if ref_shape["vocab_size"] != self._shape["vocab_size"]:
+                raise ValueError(
+                    f"policy and reference vocabularies differ ({self._shape['vocab_size']} vs "
+                    f"{ref_shape['vocab_size']}): logits cannot be averaged"
+                )
+        self.vocab_size = int(self._shape["vocab_size"])
+        self.max_model_len = int(getattr(self.policy.config, "max_position_embeddings", 1 << 30))
+        if self.reference is not None:
+            self.max_model_len = min(
+                self.max_model_len, int(getattr(self.reference.config, "max_position_embeddings", 1 << 30))
+            )
+        self.eos_token_ids = _eos_ids(self.policy) | (_eos_ids(self.reference) if self.reference is not None else set())
+
+        self.tokenizer = None
+        for path in (self.policy_path, self.reference_path):
+            if _has_tokenizer(path):
+                from transformers import AutoTokenizer
+
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+                if self.tokenizer.eos_token_id is not None:
+                    self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
+                break
+        self.has_tokenizer = self.tokenizer is not None
+        self.eos_token_ids = {i for i in self.eos_token_ids if 0 <= i < self.vocab_size}
+        pad = getattr(self.policy.config, "pad_token_id", None)
+        self._pad_id = int(pad) if isinstance(pad, int) and 0 <= pad < self.vocab_size else 0
+        # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
+        forward_args = inspect.signature(type(self.policy).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
+
+    # ------------------------------------------------------------------------------------------------ text
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this server has no tokenizer (token-id mode): send prompts as token ids")
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        if self.tokenizer is None:
+            return [str(t) for t in token_ids]
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
+
+    def info(self) -> dict:
+        return {
+            "ref_weight": self.ref_weight,
+            "policy_step": self.policy_step,
+            "policy_path": self.policy_path,
+            "reference_path": self.reference_path,
+            "vocab_size": self.vocab_size,
+            "max_model_len": self.max_model_len,
+            "engine": "torch",
+            "has_tokenizer": self.has_tokenizer,
+        }
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    @staticmethod
+    def _config_shape(config: dict) -> dict:
+        shape = {key: config.get(key) for key in _CONFIG_SHAPE_KEYS}
+        if shape["num_key_value_heads"] is None:
+            shape["num_key_value_heads"] = shape["num_attention_heads"]
+        shape["tie_word_embeddings"] = bool(shape["tie_word_embeddings"])
+        return shape
+
+    def load_policy(self, path: str, step: int) -> None:
+        """Reload only the policy from the Hugging Face safetensors directory ``path`` and serve ``step``.
+
+        Every tensor is read and checked before any is copied, so a bad directory leaves the served weights
+        untouched; the copy happens under the engine lock, between generate calls.
+        """
+        path = os.fspath(path)
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} does not exist")
+        with open(config_file, encoding="utf-8") as f:
+            shape = self._config_shape(json.load(f))
+        if shape != self._shape:
+            diff = {k: (self._shape[k], shape[k]) for k in shape if shape[k] != self._shape[k]}
+            raise ValueError(f"{path} describes another model than the served policy (served, new): {diff}")
+        state = _safetensors_state(path)
+        expected = self.policy.state_dict()
+        tied = self._shape["tie_word_embeddings"]
+        optional = {"lm_head.weight"} if tied else set()
+        missing = sorted(set(expected) - set(state) - optional)
+        unexpected = sorted(k for k in set(state) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+        if missing or unexpected:
+            raise ValueError(f"{path}: missing weights {missing[:8]}, unexpected weights {unexpected[:8]}")
+        for name, tensor in state.items():
+            if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+                want = tuple(expected[name].shape)
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {want}")
+        with self._lock, torch.no_grad():
+            for name, tensor in state.items():
+                if name in expected:
+                    expected[name].copy_(tensor.to(expected[name].dtype))
+            self.policy_path = path
+            self.policy_step = int(step)
+
+    # ------------------------------------------------------------------------------------------ decoding
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
+        sequences: list[list[_Sequence]] = []
+        for request in requests:
+            self._check_request(request)
+            stop_ids = set(request.params.stop_token_ids)
+            if not request.params.ignore_eos:
+                stop_ids |= self.eos_token_ids
+            sequences.append(
+                [
+                    _Sequence(
+                        prompt=list(request.prompt_token_ids),
+                        params=request.params,
+                        generator=torch.Generator().manual_seed(derive_seed(request.seed, j)),
+                        stop_ids=frozenset(stop_ids),
+                    )
+                    for j in range(request.n)
+                ]
+            )
+        flat = [seq for group in sequences for seq in group]
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(flat), self.max_batch_size):
+                self._decode(flat[start : start + self.max_batch_size])
+        return [
+            [GeneratedSequence(s.token_ids, s.logprobs, s.text or "", s.finish_reason or "length") for s in group]
+            for group in sequences
+        ]
+
+    def _check_request(self, request: GenerationRequest) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"unknown token id(s) {bad[:8]} (vocabulary size {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        bad_stop = [t for t in request.params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"unknown stop token id(s) {bad_stop[:8]} (vocabulary size {self.vocab_size})")
+        if request.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this server runs in token-id mode")
+        if request.n < 1:
+            raise ValueError(f"n must be >= 1, got {request.n}")
+
+    def _mixed_logits(self, input_ids, attention_mask, position_ids, caches) -> torch.Tensor:
+        """``m`` of the last position of every row, float32 ``[B, V]``."""
+        kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        z_pol = self.policy(input_ids=input_ids, **{self._cache_kwarg: caches[0]}, **kwargs).logits[:, -1].float()
+        if self.reference is None or self.ref_weight == 0.0:
+            return z_pol[:, : self.vocab_size]
+        z_ref = self.reference(input_ids=input_ids, **{self._cache_kwarg: caches[1]}, **kwargs).logits[:, -1].float()
+        a = self.ref_weight
+        return ((1.0 - a) * z_pol + a * z_ref)[:, : self.vocab_size]
+
+    def _decode(self, seqs: list[_Sequence]) -> None:
+        """Decode ``seqs`` together: one left-padded prefill of their distinct prompts (the n samples of a prompt
+        share it; the caches are then expanded row by row), then one token per live row per step; finished rows
+        leave the batch and the caches."""
+        from transformers import DynamicCache
+
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in seqs]
+        prompts = list(distinct)
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            input_ids[i, width - lengths[i] :] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - lengths[i] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        caches = [DynamicCache(), DynamicCache()]
+        logits = self._mixed_logits(input_ids, mask, positions, caches)
+        rows = torch.tensor(row_of, dtype=torch.long)
+        if len(prompts) < len(seqs):
+            for cache in caches:
+                if cache.get_seq_length() > 0:
+                    cache.batch_select_indices(rows)
+        logits, mask = logits[rows], mask[rows]
+        next_pos = torch.tensor(lengths, dtype=torch.long)[rows]
+        active = list(seqs)
+        temps = torch.tensor([s.params.temperature for s in active], dtype=torch.float32)
+        top_ps = torch.tensor([s.params.top_p for s in active], dtype=torch.float32)
+        while True:
+            tokens, logps = sample_tokens(logits, temps, top_ps, [s.generator for s in active])
+            keep = []
+            for i, s in enumerate(active):
+                self._append(s, int(tokens[i]), float(logps[i]))
+                if s.finish_reason is None:
+                    keep.append(i)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                index = torch.tensor(keep, dtype=torch.long)
+                for cache in caches:
+                    if cache.get_seq_length() > 0:
+                        cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                temps, top_ps = temps[index], top_ps[index]
+                active = [active[i] for i in keep]
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            logits = self._mixed_logits(tokens[:, None], mask, next_pos[:, None], caches)
+            next_pos = next_pos + 1
+
+    def _append(self, s: _Sequence, token: int, logprob: float) -> None:
+        s.token_ids.append(token)
+        s.logprobs.append(logprob)
+        if token in s.stop_ids:
+            s.finish_reason = "stop"
+            s.text = self.decode(s.token_ids[:-1])
+            return
+        if s.params.stop:
+            text = self.decode(s.token_ids)
+            hits = [text.find(stop) for stop in s.params.stop if stop and stop in text]
+            if hits:
+                s.finish_reason = "stop"
+                s.text = text[: min(hits)]
+                return
+        if len(s.token_ids) >= s.params.max_tokens or len(s.prompt) + len(s.token_ids) >= self.max_model_len:
+            s.finish_reason = "length"
+            s.text = self.decode(s.token_ids)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, generators: Sequence[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of mixed logits ``m`` ``[B, V]``, and its log pi_mix (before top-p truncation).
+
+    Row ``i`` draws one float64 uniform from ``generators[i]`` (greedy rows draw none) and inverts the CDF of
+    softmax(m_i / T_i) in vocabulary order, or, when ``top_p_i < 1``, of the renormalised nucleus in descending
+    probability order (ties kept in vocabulary order). Each row's result depends on that row alone.
+    """
+    greedy = temperatures == 0
+    temps = torch.where(greedy, torch.ones_like(temperatures), temperatures)
+    logp = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i in range(logits.shape[0]) if not bool(greedy[i])]
+    if rows:
+        index = torch.tensor(rows, dtype=torch.long)
+        u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in rows])
+        probs = logp[index].double().exp()
+        last = probs.shape[-1] - 1
+        cdf = probs.cumsum(-1)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=last)
+        nucleus = top_ps[index] < 1.0
+        if bool(nucleus.any()):
+            sub = nucleus.nonzero()[:, 0]
+            sorted_p, order = torch.sort(probs[sub], dim=-1, descending=True, stable=True)
+            keep = (sorted_p.cumsum(-1) - sorted_p) < top_ps[index][sub].double()[:, None]
+            keep[:, 0] = True
+            ncdf = (sorted_p * keep).cumsum(-1)
+            at = torch.searchsorted(ncdf, (u[sub] * ncdf[:, -1])[:, None], right=True).clamp(max=last)
+            picked[sub] = order.gather(1, at)[:, 0]
+        tokens[index] = picked
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]

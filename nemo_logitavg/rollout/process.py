@@ -1,0 +1,94 @@
+"""Start and stop rollout servers as child processes (used by the recipes; the launcher uses srun instead)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m nemo_logitavg.rollout.server`` in a child process, with its log in ``log_path``.
+
+    Raises:
+        RuntimeError: the port is already held (named), or the server exits or does not become healthy in time
+            (the message carries the end of its log).
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        reference: str,
+        ref_weight: float,
+        log_path: str,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        extra_args: list[str] | None = None,
+        token: str | None = None,
+    ) -> None:
+        port = free_port(host) if port is None else port
+        if not port_is_free(host, port):
+            raise RuntimeError(f"rollout server: port {host}:{port} is already in use; refusing to start")
+        self.url = f"http://{host}:{port}"
+        self.log_path = log_path
+        self.token = token
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        cmd = [sys.executable, "-m", "nemo_logitavg.rollout.server", "--policy", policy, "--reference", reference,
+               "--ref-weight", str(ref_weight), "--host", host, "--port", str(port), *(extra_args or [])]  # fmt: skip
+        env = dict(os.environ)
+        if token:
+            cmd += ["--token", token]
+        self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        request = urllib.request.Request(self.url + "/health")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rollout server exited with {self.proc.returncode}:\n{self._tail()}")
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"rollout server at {self.url} not healthy after {timeout:.0f} s:\n{self._tail()}")
+
+    def _tail(self, lines: int = 30) -> str:
+        self._log.flush()
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

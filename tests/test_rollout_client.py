@@ -1,0 +1,116 @@
+"""RolloutClient without servers: retries with exponential backoff on 5xx and connection errors, fail-over,
+stale-step refusal, and the final error naming the server(s). Uses httpx.MockTransport and a closed port."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from nemo_logitavg.rollout import client as client_module
+from nemo_logitavg.rollout.client import RolloutClient, RolloutError, RolloutRequestError
+
+
+def completion(n: int, step: int, token: int = 7) -> dict:
+    choice = {"token_ids": [token], "logprobs": {"tokens": ["t"], "token_logprobs": [-1.5]}, "text": "t"}
+    return {
+        "choices": [{**choice, "index": i, "finish_reason": "length"} for i in range(n)],
+        "policy_step": step,
+    }
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    return slept
+
+
+def test_retries_5xx_with_exponential_backoff(sleeps):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        if len(calls) <= 3:
+            return httpx.Response(503, json={"error": {"message": "busy"}})
+        return httpx.Response(200, json=completion(json.loads(request.content)["n"], 0))
+
+    client = RolloutClient("http://127.0.0.1:1/v1", transport=httpx.MockTransport(handler), backoff=0.5)
+    (group,) = client.generate([[1, 2]], n=2, max_tokens=1, seed=0)
+    assert [c.token_ids for c in group] == [[7], [7]] and group[0].logprobs == [-1.5]
+    assert len(calls) == 4 and all(u == "http://127.0.0.1:1/v1/completions" for u in calls)
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_fails_over_then_names_every_server(sleeps):
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.port)
+        if request.url.port == 2:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json=completion(1, 0))
+
+    urls = ["http://127.0.0.1:2", "http://127.0.0.1:3"]
+    client = RolloutClient(urls, transport=httpx.MockTransport(handler), max_workers=1)
+    out = client.generate([[1]] * 4, n=1, max_tokens=1)
+    assert all(g[0].server == urls[1] for g in out)
+    assert seen.count(2) == 1 and sleeps == []  # one refused connection, then the healthy server only
+
+    def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502, text="bad gateway")
+
+    client = RolloutClient(urls, transport=httpx.MockTransport(down), max_attempts=4, backoff=0.1)
+    with pytest.raises(RolloutError, match=r"after 4 attempts on server\(s\) http://127.0.0.1:2, http://127.0.0.1:3"):
+        client.generate([[1]], n=1, max_tokens=1)
+
+
+def test_real_connection_refused_names_the_server(sleeps):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    client = RolloutClient(url, max_attempts=3, backoff=0.01, timeout=5)
+    with pytest.raises(RolloutError, match=url) as info:
+        client.generate([[1]], n=1, max_tokens=1)
+    assert "ConnectError" in str(info.value) and len(sleeps) == 2
+    with pytest.raises(RolloutError, match=url):
+        client.load_weights("/somewhere", 1)
+
+
+def test_4xx_is_not_retried_and_stale_steps_are_refused(sleeps):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if request.url.path == "/v1/load_weights":
+            return httpx.Response(200, json={"policy_step": 4})
+        body = json.loads(request.content)
+        if body["prompt"] == [999]:
+            return httpx.Response(400, json={"error": {"message": "unknown token id(s) [999]"}})
+        return httpx.Response(200, json=completion(1, 2))  # a server stuck on step 2
+
+    client = RolloutClient("http://127.0.0.1:9", transport=httpx.MockTransport(handler), max_attempts=2)
+    with pytest.raises(RolloutRequestError, match="unknown token"):
+        client.generate([[999]], n=1, max_tokens=1)
+    assert calls == ["/v1/completions"]
+    assert client.load_weights("/weights", 4) == {"http://127.0.0.1:9": 4}
+    with pytest.raises(RolloutError, match="older than the pushed step 4"):
+        client.generate([[1]], n=1, max_tokens=1)
+    assert calls.count("/v1/load_weights") == 3  # the push, then a re-push after each stale answer
+    with pytest.warns(UserWarning, match="off-policy"):
+        with pytest.raises(RolloutError):
+            client.generate([[1]], n=1, max_tokens=1, top_p=0.9)
+
+
+def test_check_refuses_other_ref_weight():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"ref_weight": 0.5 if request.url.port == 5 else 0.25, "policy_step": 0})
+
+    client = RolloutClient(["127.0.0.1:5", "127.0.0.1:6"], transport=httpx.MockTransport(handler))
+    with pytest.raises(RolloutError, match=r"http://127.0.0.1:6 serves ref_weight=0.25"):
+        client.check(0.5)
+    client = RolloutClient(["127.0.0.1:5"], transport=httpx.MockTransport(handler))
+    assert client.check(0.5)["http://127.0.0.1:5"]["ref_weight"] == 0.5
