@@ -139,8 +139,8 @@ def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_l
     """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7)."""
     alg = cfg.algorithm
 
-    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict, ref_logprobs: torch.Tensor | None = None):
-        mask = mb["mask"]
+    def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict):
+        mask, ref_logprobs = mb["mask"], mb.get("ref_logprobs")  # log pi_ref: set by the actor when beta > 0
         # token-mean: the step's token count; the sequence modes: this micro-batch's share of the sequences.
         share = 1.0 if alg.agg == "token-mean" else mask.shape[0] / num_sequences
         loss, metrics = policy_loss(
@@ -156,7 +156,7 @@ def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_l
             loss = loss + alg.beta * kl_term
             metrics["kl"] = kl_term.detach()
         tokens = mask.sum().clamp(min=1)
-        metrics["entropy"] = (entropy * mask).sum() / tokens
+        metrics["pi_mix_entropy"] = (entropy * mask).sum() / tokens
         metrics["loss"] = loss.detach().clone()
         return loss, metrics
 
@@ -285,25 +285,31 @@ class GRPOTrainer:
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         mb_size = cfg.rollout.micro_batch_size
 
-        # Old log pi_mix, recomputed by the trainer on the weights that sampled (this rank's DP share).
+        # The step's sequences split into mini-batches (one optimiser step each); each DP rank takes every
+        # DP-th sequence of a mini-batch, in micro-batches.
+        per_mini = count // cfg.algorithm.mini_batches
+        if per_mini % (dp_size * mb_size):
+            raise ValueError(
+                f"a mini-batch of {per_mini} sequences does not split into data_parallel ({dp_size}) x "
+                f"rollout.micro_batch_size ({mb_size}); change rollout.prompts_per_step or algorithm.mini_batches"
+            )
+        minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(cfg.algorithm.mini_batches)]
+        mini_mbs = [micro_batches(batch, seqs[dp_rank::dp_size], mb_size) for seqs in minis]
+        mbs = [mb for group in mini_mbs for mb in group]
+
+        # Old log pi_mix, recomputed by the trainer on the weights that sampled.
         start = time.monotonic()
-        mine = list(range(dp_rank, count, dp_size))
-        mbs = micro_batches(batch, mine, mb_size)
         old = self.actor.forward_backward(mbs, forward_only=True)
         on_last_stage = bool(old)
         for mb, result in zip(mbs, old, strict=False):
             mb["old_logprobs"] = result["logprobs"]
         old_s = time.monotonic() - start
 
-        # epochs x mini-batches of optimiser steps; each mini-batch is an interleaved slice of the sequences.
         start = time.monotonic()
         metrics_acc: dict[str, list[float]] = {}
         grad_norms = []
-        per_mini = count // cfg.algorithm.mini_batches
         for _epoch in range(cfg.algorithm.epochs):
-            for mini in range(cfg.algorithm.mini_batches):
-                seqs = list(range(mini * per_mini, (mini + 1) * per_mini))
-                mb_list = [mb for mb, first in zip(mbs, mine[::mb_size], strict=False) if first in seqs]
+            for seqs, mb_list in zip(minis, mini_mbs, strict=True):
                 num_tokens = float(batch.mask[seqs].sum().clamp(min=1))
                 loss_fn = make_loss_fn(cfg, num_tokens, len(seqs), cfg.rollout.max_tokens)
                 results = self.actor.forward_backward(mb_list, loss_fn)
@@ -345,7 +351,7 @@ class GRPOTrainer:
             "time/weight_sync_s": sync_s,
             "throughput/update_tokens_per_s": float(mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
         }
-        logged = ("loss", "entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
+        logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
         metrics.update({k: v for k, v in scalars.items() if k in logged})
         return metrics
 

@@ -1,0 +1,84 @@
+"""Logit-averaging GRPO on pi_mix, or the KL-GRPO baseline (algorithm.ref_weight=0 algorithm.beta=0.05).
+
+    torchrun --nproc-per-node 2 recipes/grpo.py --config configs/grpo.yaml model.policy=SFT_DIR data.train=F
+
+With no `rollout.urls`, rank 0 starts one rollout server on 127.0.0.1 (stopped at the end). A rerun with the
+same `run.dir` resumes from its newest checkpoint; SIGTERM or SIGUSR1 checkpoints and exits after the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch.distributed as dist
+
+from nemo_logitavg.config import GRPOConfig, load_config
+from nemo_logitavg.data import read_jsonl
+from nemo_logitavg.models import LlamaConfig
+from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+from nemo_logitavg.models.hf_conversion import export_model_hf
+from nemo_logitavg.parallel import init_parallel, teardown
+from nemo_logitavg.rewards import score_math, score_mcq
+from nemo_logitavg.trainer import GRPOTrainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
+    args = parser.parse_args()
+    cfg = load_config(GRPOConfig, args.config, args.overrides).validate()
+    reference_dir = cfg.model.reference or cfg.model.policy
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
+    prompts = [
+        {"prompt_ids": tokenizer(r["prompt"])["input_ids"], "answer": r["answer"]}
+        for r in read_jsonl(cfg.data.train, required=("prompt", "answer"))
+    ]
+    init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.run.seed)
+    model_cfg = LlamaConfig.from_hf(cfg.model.policy)
+    actor = LogitAveragingActor(
+        model_cfg,
+        LlamaConfig.from_hf(reference_dir),
+        ActorConfig(
+            ref_weight=cfg.algorithm.ref_weight, temperature=cfg.algorithm.temperature,
+            reference_logprobs=cfg.algorithm.beta > 0, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+            clip_grad=cfg.optim.clip_grad, lr_warmup_steps=cfg.optim.warmup_steps,
+        ),
+    )  # fmt: skip
+    actor.load_hf(cfg.model.policy, reference_dir)
+
+    server, client = None, None
+    if dist.get_rank() == 0:
+        from nemo_logitavg.rollout.client import RolloutClient
+        from nemo_logitavg.rollout.process import ServerProcess
+
+        urls = list(cfg.rollout.urls)
+        if not urls:
+            log = os.path.join(cfg.run.dir, "rollout_server.log")
+            server = ServerProcess(cfg.model.policy, reference_dir, cfg.algorithm.ref_weight, log).wait_ready()
+            urls = [server.url]
+        client = RolloutClient(urls, token=cfg.rollout.token, timeout=cfg.rollout.timeout)
+        client.check(cfg.algorithm.ref_weight)
+
+    def score(texts: list[str], answers: list[str]) -> list[float]:
+        if cfg.data.reward == "mcq":
+            return score_mcq(texts, answers)
+        return score_math(texts, answers, timeout=cfg.data.reward_timeout)
+
+    def export_policy(out_dir: str) -> None:
+        export_model_hf(actor.gpt_policy, model_cfg, out_dir, source_dir=cfg.model.policy)
+
+    try:
+        GRPOTrainer(cfg, actor, prompts, client, score, export_policy).fit()
+    finally:
+        if server is not None:
+            server.stop()
+        teardown()
+
+
+if __name__ == "__main__":
+    main()
