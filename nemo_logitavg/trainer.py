@@ -209,11 +209,13 @@ class GRPOTrainer:
         score: ``score(completion_texts, answers) -> list[float]`` (rank 0).
         export_policy: ``export_policy(out_dir)`` writes the current policy as a Hugging Face directory (a
             collective; rank 0 writes).
+        eval_prompts: held-out records like ``prompts``, scored greedily every ``run.eval_every`` steps.
     """
 
     def __init__(self, cfg: Any, actor: Any, prompts: Sequence[dict], client: Any, score: Callable,
-                 export_policy: Callable[[str], None]) -> None:  # fmt: skip
+                 export_policy: Callable[[str], None], eval_prompts: Sequence[dict] = ()) -> None:  # fmt: skip
         self.cfg, self.actor, self.prompts = cfg, actor, list(prompts)
+        self.eval_prompts = list(eval_prompts)
         self.client, self.score, self.export_policy = client, score, export_policy
         self.rank = dist.get_rank()
         self.step = 0
@@ -227,6 +229,8 @@ class GRPOTrainer:
     def save(self) -> None:
         from nemo_logitavg.checkpointing import save_checkpoint
 
+        if not self.actor.weights_finite():  # never persist NaN weights over a good checkpoint
+            raise RuntimeError(f"policy weights are not finite at step {self.step}: checkpoint not written")
         save_checkpoint(self.actor, self.ckpt_dir, self.step, {"position": self.position},
                         keep_last=self.cfg.run.keep_last)  # fmt: skip
 
@@ -344,6 +348,7 @@ class GRPOTrainer:
             "mismatch/mean_abs": (mismatch[0] / mask.sum().clamp(min=1)).item(),
             "mismatch/max_abs": mismatch[1].item(),
             "grad_norm": sum(grad_norms) / len(grad_norms),
+            "skipped_steps": float(self.actor.skipped_steps),
             "time/rollout_s": got["rollout_s"],
             "time/reward_s": got["reward_s"],
             "time/old_logprobs_s": old_s,
@@ -354,6 +359,14 @@ class GRPOTrainer:
         logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
         metrics.update({k: v for k, v in scalars.items() if k in logged})
         return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Rank 0: greedy pi_mix accuracy on the held-out prompts, through the servers (the current policy)."""
+        groups = self.client.generate(
+            [r["prompt_ids"] for r in self.eval_prompts], n=1, max_tokens=self.cfg.rollout.max_tokens, temperature=0.0
+        )
+        scores = self.score([g[0].text for g in groups], [r["answer"] for r in self.eval_prompts])
+        return {"eval/accuracy": sum(scores) / len(scores), "eval/problems": float(len(scores))}
 
     def fit(self) -> None:
         """Run (or resume) until ``run.steps``, checkpointing every ``run.checkpoint_every`` and on a signal."""
@@ -369,6 +382,9 @@ class GRPOTrainer:
                 for other in gathered:
                     for key, value in other.items():
                         merged.setdefault(key, value)
+                every = self.cfg.run.eval_every
+                if every and self.eval_prompts and (self.step % every == 0 or self.step == self.cfg.run.steps):
+                    merged.update(self.evaluate())
                 self.log.write(self.step, merged)
             stop = self.stop.agreed()
             if stop or self.step % self.cfg.run.checkpoint_every == 0 or self.step == self.cfg.run.steps:

@@ -34,10 +34,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
-    prompts = [
-        {"prompt_ids": tokenizer(r["prompt"])["input_ids"], "answer": r["answer"]}
-        for r in read_jsonl(cfg.data.train, required=("prompt", "answer"))
-    ]
+
+    def tokenized(path: str) -> list[dict]:
+        records = read_jsonl(path, required=("prompt", "answer"))
+        return [{"prompt_ids": tokenizer(r["prompt"])["input_ids"], "answer": r["answer"]} for r in records]
+
+    prompts = tokenized(cfg.data.train)
+    eval_prompts = tokenized(cfg.data.test) if cfg.data.test else []
     init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.run.seed)
     model_cfg = LlamaConfig.from_hf(cfg.model.policy)
     actor = LogitAveragingActor(
@@ -73,7 +76,7 @@ def main() -> None:
         export_model_hf(actor.gpt_policy, model_cfg, out_dir, source_dir=cfg.model.policy)
 
     try:
-        GRPOTrainer(cfg, actor, prompts, client, score, export_policy).fit()
+        GRPOTrainer(cfg, actor, prompts, client, score, export_policy, eval_prompts).fit()
     finally:
         if server is not None:
             server.stop()

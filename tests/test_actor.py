@@ -202,3 +202,80 @@ def test_mismatched_reference_is_refused():
     b = LlamaConfig(**{**TINY, "vocab_size": 101, "num_hidden_layers": 2})
     with pytest.raises(ValueError, match="vocab_size: policy 100 vs reference 101.*num_hidden_layers"):
         check_same_layout(a, b)
+
+
+def _advantage_worker(policy_dir: str, reference_dir: str) -> dict:
+    from nemo_logitavg.algorithms.grpo import policy_loss
+    from nemo_logitavg.models import LlamaConfig
+    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    init_parallel(tensor_parallel_size=2)
+    cfg = LlamaConfig.from_hf(policy_dir)
+    actor = LogitAveragingActor(cfg, LlamaConfig.from_hf(reference_dir), ActorConfig(ref_weight=0.5, lr=1e-3))
+    actor.load_hf(policy_dir, reference_dir)
+    batch = micro_batches(num=1)[0]
+    mask = torch.zeros_like(batch["targets"], dtype=torch.bool)
+    mask[:, 6:] = True  # the "completion" part of each sequence
+    batch["mask"] = mask
+    before = actor.forward_backward([batch], forward_only=True)[0]["logprobs"]
+    batch["old"] = before
+    advantages = torch.tensor([1.0, -1.0])  # completion 0 rewarded, completion 1 penalised
+
+    def grpo_loss(logprobs, entropy, mb):
+        return policy_loss(logprobs, mb["old"], advantages, mb["mask"])
+
+    actor.forward_backward([batch], grpo_loss)
+    actor.optimizer_step()
+    after = actor.forward_backward([batch], forward_only=True)[0]["logprobs"]
+    teardown()
+    return {"delta": ((after - before) * mask).sum(1)}
+
+
+@pytest.mark.slow
+def test_positive_advantage_raises_log_pi_mix(hf_dirs):
+    delta = run_distributed(_advantage_worker, 2, policy_dir=hf_dirs[0], reference_dir=hf_dirs[1])[0]["delta"]
+    assert delta[0] > 0 > delta[1], delta
+
+
+def _nan_worker(policy_dir: str, reference_dir: str) -> dict:
+    from nemo_logitavg.models import LlamaConfig
+    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    init_parallel(tensor_parallel_size=2)
+    cfg = LlamaConfig.from_hf(policy_dir)
+    actor = LogitAveragingActor(cfg, LlamaConfig.from_hf(reference_dir), ActorConfig(lr=1e-2))
+    actor.load_hf(policy_dir, reference_dir)
+    before = {k: v.clone() for k, v in actor.gpt_policy.state_dict().items() if "extra_state" not in k}
+
+    def nan_loss(logprobs, entropy, mb):
+        return logprobs.sum() * float("nan"), {}
+
+    actor.forward_backward(micro_batches(num=1), nan_loss)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        applied, grad_norm = actor.optimizer_step()
+    unchanged = all(torch.equal(v, actor.gpt_policy.state_dict()[k]) for k, v in before.items())
+    # The next, finite step still works.
+    actor.forward_backward(micro_batches(num=1), weighted_loss)
+    applied_next, _ = actor.optimizer_step()
+    out = {
+        "applied": applied,
+        "skipped": actor.skipped_steps,
+        "warned": any("non-finite policy gradient" in str(w.message) for w in caught),
+        "unchanged": unchanged,
+        "applied_next": applied_next,
+        "finite": actor.weights_finite(),
+    }
+    teardown()
+    return out
+
+
+@pytest.mark.slow
+def test_non_finite_gradient_skips_the_update(hf_dirs):
+    for rank in run_distributed(_nan_worker, 2, policy_dir=hf_dirs[0], reference_dir=hf_dirs[1]):
+        assert not rank["applied"] and rank["skipped"] == 1 and rank["warned"] and rank["unchanged"]
+        assert rank["applied_next"] and rank["finite"]

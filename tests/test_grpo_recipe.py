@@ -40,12 +40,14 @@ algorithm:
   micro_batch_size: 4
 data:
   train: {prompts}
+  test: {prompts}
 optim:
   lr: 0.01
 run:
   dir: {run_dir}
   steps: {steps}
   checkpoint_every: 1
+  eval_every: 2
   seed: 7
 """
     )
@@ -93,6 +95,8 @@ def test_logit_averaging_grpo_runs(models, tmp_path):
             assert key in record, key
         # The trainer's recomputed log pi_mix equals the server's (same weights, same pi_mix).
         assert record["mismatch/max_abs"] < 1e-4
+    assert "eval/accuracy" in metrics[2] and "eval/accuracy" in metrics[4] and "eval/accuracy" not in metrics[3]
+    assert metrics[4]["eval/problems"] == 9
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "4"
     assert any((run_dir / "tensorboard").iterdir())
     assert (run_dir / "policy_sync" / "step_00000004" / "config.json").is_file()

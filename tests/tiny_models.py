@@ -26,15 +26,18 @@ def save_char_tokenizer(path: str) -> int:
     return len(vocab)
 
 
-def make_llama_with_tokenizer(path: str, seed: int, vocab_size: int = 100) -> str:
-    """A random tiny Llama (4 layers, GQA) plus the character tokenizer, as one Hugging Face directory."""
+def make_llama_with_tokenizer(
+    path: str, seed: int, vocab_size: int = 100, hidden_size: int = 64, num_hidden_layers: int = 2
+) -> str:
+    """A random tiny Llama (GQA) plus the character tokenizer, as one Hugging Face directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     size = save_char_tokenizer(path)
     assert size <= vocab_size
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)

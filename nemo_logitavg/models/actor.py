@@ -10,6 +10,7 @@ is in eval mode, has ``requires_grad=False``, runs under ``torch.no_grad()`` and
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,6 +230,7 @@ class LogitAveragingActor:
             [self.policy],
         )
         self.scheduler = _lr_scheduler(self.optimizer, actor_cfg)
+        self.skipped_steps = 0  # updates skipped for a non-finite gradient
         self.reference_dir: str | None = None  # set by load_hf; checkpoints record it (the reference is not saved)
 
     def forward_backward(
@@ -298,11 +300,39 @@ class LogitAveragingActor:
             )
 
     def optimizer_step(self) -> tuple[bool, float]:
-        """Apply the policy update; returns (update applied, gradient norm before clipping)."""
+        """Apply the policy update; returns (update applied, gradient norm before clipping).
+
+        A NaN or Inf anywhere in the policy's gradients (on any rank) skips the update: the gradients are
+        dropped, ``skipped_steps`` counts it and a warning says so, so the weights never become NaN.
+        """
+        import torch.distributed as dist
+
+        finite = all(
+            bool(torch.isfinite(p.main_grad).all()) for p in self.gpt_policy.parameters() if hasattr(p, "main_grad")
+        )
+        flag = torch.tensor([1.0 if finite else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1.0:
+            self.skipped_steps += 1
+            self.policy.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            warnings.warn(
+                f"non-finite policy gradient: update skipped ({self.skipped_steps} skipped so far)", stacklevel=2
+            )
+            return False, float("nan")
         success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(1)
         return bool(success), float(grad_norm) if grad_norm is not None else float("nan")
+
+    def weights_finite(self) -> bool:
+        """True when every policy weight on every rank is finite (a collective)."""
+        import torch.distributed as dist
+
+        ok = all(bool(torch.isfinite(p).all()) for p in self.gpt_policy.parameters())
+        flag = torch.tensor([1.0 if ok else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag.item() == 1.0
 
     def load_hf(self, policy_dir: str, reference_dir: str | None) -> None:
         """Load both models' shards from Hugging Face directories (checked against the configs)."""
