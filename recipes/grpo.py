@@ -14,7 +14,7 @@ import os
 import torch.distributed as dist
 
 from nemo_logitavg.config import GRPOConfig, load_config
-from nemo_logitavg.data import read_jsonl
+from nemo_logitavg.data import encode_prompt, read_jsonl
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
@@ -37,7 +37,7 @@ def main() -> None:
 
     def tokenized(path: str) -> list[dict]:
         records = read_jsonl(path, required=("prompt", "answer"))
-        return [{"prompt_ids": tokenizer(r["prompt"])["input_ids"], "answer": r["answer"]} for r in records]
+        return [{"prompt_ids": encode_prompt(r["prompt"], tokenizer), "answer": r["answer"]} for r in records]
 
     prompts = tokenized(cfg.data.train)
     eval_prompts = tokenized(cfg.data.test) if cfg.data.test else []

@@ -29,6 +29,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """``python -m nemo_logitavg.rollout.server`` in a child process, with its log in ``log_path``.
 
+    ``reference=None`` serves the policy alone (with ``ref_weight`` 0), loading one model instead of two.
+
     Raises:
         RuntimeError: the port is already held (named), or the server exits or does not become healthy in time
             (the message carries the end of its log).
@@ -37,7 +39,7 @@ class ServerProcess:
     def __init__(
         self,
         policy: str,
-        reference: str,
+        reference: str | None,
         ref_weight: float,
         log_path: str,
         host: str = "127.0.0.1",
@@ -52,8 +54,10 @@ class ServerProcess:
         self.log_path = log_path
         self.token = token
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        cmd = [sys.executable, "-m", "nemo_logitavg.rollout.server", "--policy", policy, "--reference", reference,
+        cmd = [sys.executable, "-m", "nemo_logitavg.rollout.server", "--policy", policy,
                "--ref-weight", str(ref_weight), "--host", host, "--port", str(port), *(extra_args or [])]  # fmt: skip
+        if reference is not None:  # None: the policy alone (ref_weight must be 0)
+            cmd += ["--reference", reference]
         env = dict(os.environ)
         if token:
             cmd += ["--token", token]

@@ -1,0 +1,123 @@
+r"""Prompt records and their templates.
+
+A prompt record (one jsonl line of a prepared train or test file)::
+
+    {"id": "math/3f2a...", "source": "math", "prompt": "...", "answer": "\\frac{1}{2}", "reward": "math"}
+
+- ``prompt`` is the user message (the question plus the instruction to put the final answer in ``\boxed{}``),
+  not yet wrapped in any chat template: ``encode_prompt`` applies the tokenizer's chat template at tokenization
+  time, so one prepared file serves base and chat models alike.
+- ``answer`` is bare LaTeX for ``reward == "math"`` (no ``$``, no ``\boxed``) and one letter A-D for
+  ``reward == "mcq"``.
+- An optional ``meta`` object carries what the source had beside (level, type, subject, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+from nemo_logitavg.data.jsonl import read_jsonl
+
+REWARDS = ("math", "mcq")
+REQUIRED_FIELDS = ("id", "source", "prompt", "answer", "reward")
+CHOICE_LETTERS = "ABCD"
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+MCQ_INSTRUCTION = (
+    "Answer with the letter of the correct option. Please reason step by step, and put the letter of your final "
+    "answer within \\boxed{}."
+)
+
+
+def math_prompt(question: str) -> str:
+    r"""The user message of a math problem: the problem, then the ``\boxed{}`` instruction."""
+    return f"{question.strip()}\n\n{MATH_INSTRUCTION}"
+
+
+def mcq_prompt(question: str, choices: Sequence[str]) -> str:
+    """The user message of a multiple-choice question: the question, the options lettered A-D, the instruction."""
+    if not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise ValueError(f"expected 2 to {len(CHOICE_LETTERS)} choices, got {len(choices)}")
+    options = "\n".join(
+        f"{letter}. {str(choice).strip()}" for letter, choice in zip(CHOICE_LETTERS, choices, strict=False)
+    )
+    return f"{question.strip()}\n\n{options}\n\n{MCQ_INSTRUCTION}"
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(prompt: str, tokenizer) -> str:
+    """The text a model sees: the tokenizer's chat template around one user turn (with the generation prompt)
+    when the tokenizer has a template, else the prompt itself (plain text)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def encode_prompt(prompt: str, tokenizer) -> list[int]:
+    """Token ids of ``render_chat(prompt)``. A chat template carries its own special tokens (none are added);
+    plain text gets the tokenizer's usual ones (e.g. BOS)."""
+    text = render_chat(prompt, tokenizer)
+    ids = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+    return [int(t) for t in ids]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+def check_record(record: dict, where: str) -> dict:
+    """Raise ValueError (prefixed with ``where``, e.g. ``file:line``) unless ``record`` is a prompt record."""
+    for key in REQUIRED_FIELDS:
+        value = record.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+    if record["reward"] not in REWARDS:
+        raise ValueError(f"{where}: reward must be one of {REWARDS}, got {record['reward']!r}")
+    if record["reward"] == "mcq" and record["answer"] not in CHOICE_LETTERS:
+        raise ValueError(f"{where}: an mcq answer must be one letter of {CHOICE_LETTERS}, got {record['answer']!r}")
+    if "meta" in record and not isinstance(record["meta"], dict):
+        raise ValueError(f"{where}: field 'meta' must be an object")
+    return record
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict]:
+    """Prompt records of a prepared jsonl file, each checked (errors name ``file:line``); ids must be unique."""
+    path = os.fspath(path)
+    records, seen = [], {}
+    with open(path, encoding="utf-8") as fh:
+        numbers = [n for n, line in enumerate(fh, start=1) if line.strip()]
+    for number, record in zip(numbers, read_jsonl(path), strict=True):
+        check_record(record, f"{path}:{number}")
+        if record["id"] in seen:
+            raise ValueError(f"{path}:{number}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
+        seen[record["id"]] = number
+        records.append(record)
+    return records
+
+
+def write_prompts(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write prompt records as jsonl (parent directories created); returns how many."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            check_record(record, f"{path}: record {count}")
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_prompt(text: str) -> str:
+    """The text duplicates are detected on: lowercased, whitespace collapsed, ends stripped."""
+    return _SPACE.sub(" ", text).strip().lower()
