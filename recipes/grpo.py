@@ -62,7 +62,9 @@ def main() -> None:
         urls = list(cfg.rollout.urls)
         if not urls:
             log = os.path.join(cfg.run.dir, "rollout_server.log")
-            server = ServerProcess(cfg.model.policy, reference_dir, cfg.algorithm.ref_weight, log).wait_ready()
+            # ref_weight 0 (the KL baseline) samples from the policy alone: the server need not load the reference.
+            served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
+            server = ServerProcess(cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log).wait_ready()
             urls = [server.url]
         client = RolloutClient(urls, token=cfg.rollout.token, timeout=cfg.rollout.timeout)
         client.check(cfg.algorithm.ref_weight)
