@@ -131,3 +131,28 @@ def test_killed_run_resumes_to_identical_metrics(models, tmp_path):
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in range(resumed_from + 1, 6):  # at least three steps after the resume
         assert got[step] == expected[step], f"step {step} differs after the resume"
+
+
+def test_sigusr1_checkpoints_and_exits_then_resumes(models, tmp_path):
+    """Slurm's preemption warning (SIGUSR1 to the trainer ranks): save after the current step, exit cleanly."""
+    import psutil
+
+    run_dir = tmp_path / "preempted"
+    config = write_config(tmp_path, run_dir, *models, steps=6)
+    log = tmp_path / "preempted.txt"
+    proc = launch(config, log)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(proc.pid).children() if "grpo.py" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert "received SIGUSR1" in text and "stopped at step" in text
+    stopped = int((run_dir / "checkpoints" / "latest").read_text())
+    assert stopped == max(metrics_by_step(run_dir)) < 6, "the checkpoint is of the last finished step"
+    run_to_end(config, tmp_path / "after.txt")
+    assert sorted(metrics_by_step(run_dir)) == [1, 2, 3, 4, 5, 6]
