@@ -107,6 +107,7 @@ class RunSection:
     checkpoint_every: int = 10
     keep_last: int = 2
     eval_every: int = 0
+    wandb_project: str | None = None  # also log to Weights & Biases (WANDB_MODE=offline for no network)
 
 
 @dataclass

@@ -164,9 +164,11 @@ def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_l
 
 
 class MetricsLog:
-    """Per-step scalars to ``metrics.jsonl`` and TensorBoard (rank 0), plus a console progress line."""
+    """Per-step scalars to ``metrics.jsonl``, TensorBoard and (when configured) W&B, plus a console progress line."""
 
-    def __init__(self, run_dir: str, total_steps: int) -> None:
+    def __init__(
+        self, run_dir: str, total_steps: int, wandb_project: str | None = None, config: dict | None = None
+    ) -> None:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.total = total_steps
@@ -178,6 +180,28 @@ class MetricsLog:
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         except ImportError:  # tensorboard not installed: the JSONL still has everything
             self.tb = None
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("run.wandb_project is set but wandb is not installed: pip install wandb") from None
+            # One W&B run per run directory, continued when the job resumes (WANDB_MODE=offline works too).
+            id_file = os.path.join(run_dir, "wandb_run_id")
+            if os.path.exists(id_file):
+                with open(id_file, encoding="utf-8") as fh:
+                    run_id = fh.read().strip()
+            else:
+                run_id = hashlib.sha256(os.path.abspath(run_dir).encode() + os.urandom(8)).hexdigest()[:12]
+                with open(id_file, "w", encoding="utf-8") as fh:
+                    fh.write(run_id)
+            self.wandb = wandb.init(project=wandb_project, dir=run_dir, id=run_id, resume="allow", config=config)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.first_step is None:
@@ -188,6 +212,8 @@ class MetricsLog:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, value, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
         done = step - self.first_step + 1
         eta = (time.monotonic() - self.started) / done * (self.total - step)
         print(
@@ -222,7 +248,12 @@ class GRPOTrainer:
         self.position = 0  # index of the next prompt
         self.ckpt_dir = os.path.join(cfg.run.dir, "checkpoints")
         self.sync_dir = os.path.join(cfg.run.dir, "policy_sync")
-        self.log = MetricsLog(cfg.run.dir, cfg.run.steps) if self.rank == 0 else None
+        self.log = None
+        if self.rank == 0:
+            from dataclasses import asdict, is_dataclass
+
+            config = asdict(cfg) if is_dataclass(cfg) else None
+            self.log = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.run.wandb_project, config)
         self.stop = StopRequested()
 
     # --------------------------------------------------------------------------------------------- state
@@ -392,4 +423,6 @@ class GRPOTrainer:
             if stop:
                 if self.rank == 0:
                     print(f"[grpo] stopped at step {self.step} on request; rerun to resume", flush=True)
-                return
+                break
+        if self.log is not None:
+            self.log.close()

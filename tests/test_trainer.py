@@ -96,3 +96,26 @@ def test_config_batch_split_is_checked():
     cfg.rollout.prompts_per_step, cfg.algorithm.group_size, cfg.rollout.micro_batch_size = 3, 3, 2
     with pytest.raises(ValueError, match="micro_batch_size"):
         cfg.validate()
+
+
+def test_metrics_log_writes_jsonl_tensorboard_and_wandb_offline(tmp_path, monkeypatch, capsys):
+    import json
+
+    pytest.importorskip("wandb", reason="W&B logging is optional; install wandb to check it")
+    from nemo_logitavg.trainer import MetricsLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLog(str(tmp_path), total_steps=2, wandb_project="nla-test", config={"seed": 1})
+    log.write(1, {"reward/mean": 0.25, "loss": 0.5})
+    log.write(2, {"reward/mean": 0.5, "loss": 0.25})
+    log.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and lines[1]["reward/mean"] == 0.5
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert "[grpo] step 2/2" in capsys.readouterr().out
+    # A resumed job continues the same W&B run.
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    MetricsLog(str(tmp_path), total_steps=3, wandb_project="nla-test").close()
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
