@@ -483,3 +483,42 @@ def load_checkpoint(
 
 def _describe(layout: dict) -> str:
     return "TP={tensor_parallel_size} PP={pipeline_parallel_size} DP={data_parallel_size}".format(**layout)
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a checkpoint root written by ``save_checkpoint`` (or one of its ``step_*`` directories)."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, LATEST_FILE)) or os.path.isfile(os.path.join(path, MANIFEST_FILE))
+
+
+def export_checkpoint_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike, step: int | None = None) -> str:
+    """Write the policy of a training checkpoint as a plain Hugging Face directory; returns the step directory.
+
+    Call under ``init_parallel`` (one process is enough: the weights reshard to this layout). The model shape,
+    tokenizer and config come from the reference directory the checkpoint names (policy and reference share
+    one layout).
+
+    Raises:
+        CheckpointError: the checkpoint names no reference directory, or it no longer exists.
+    """
+    from nemo_logitavg.models import LlamaConfig
+    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.models.hf_conversion import export_model_hf
+
+    ckpt = os.fspath(ckpt)
+    if os.path.isfile(os.path.join(ckpt, MANIFEST_FILE)):  # a step directory: its parent is the root
+        step = read_manifest(ckpt)["step"] if step is None else step
+        ckpt = os.path.dirname(os.path.abspath(ckpt))
+    path = find_checkpoint(ckpt, step)
+    reference_dir = read_manifest(path).get("reference_dir")
+    if not reference_dir or not os.path.isdir(reference_dir):
+        raise CheckpointError(
+            f"{path}: needs the reference directory it names ({reference_dir!r}) for the model's shape and tokenizer"
+        )
+    cfg = LlamaConfig.from_hf(reference_dir)
+    actor = LogitAveragingActor(cfg, None, ActorConfig())
+    load_checkpoint(
+        actor, ckpt, read_manifest(path)["step"], load_optimizer=False, load_rng=False, load_reference=False
+    )
+    export_model_hf(actor.gpt_policy, cfg, out_dir, source_dir=reference_dir)
+    return path
