@@ -87,9 +87,17 @@ def write_bundle(
         config["reference_path"] = os.path.abspath(reference_dir)
     with open(os.path.join(out, "policy", "config.json"), encoding="utf-8") as fh:
         policy_config = json.load(fh)
-    for key in ("vocab_size", "model_type"):
-        if key in policy_config:
-            config[key] = policy_config[key]
+    if "vocab_size" in policy_config:
+        config["vocab_size"] = policy_config["vocab_size"]
+    # transformers loads the bundle as pi_mix with trust_remote_code: the modeling file travels with it.
+    from nemo_logitavg.release import modeling_logit_averaged
+
+    shutil.copy(modeling_logit_averaged.__file__, os.path.join(out, "modeling_logit_averaged.py"))
+    config["model_type"] = "logit_averaged"
+    config["auto_map"] = {
+        "AutoConfig": "modeling_logit_averaged.LogitAveragedConfig",
+        "AutoModelForCausalLM": "modeling_logit_averaged.LogitAveragedForCausalLM",
+    }
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
     return out
