@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared logic of every sbatch script in launcher/: source it, then call nla_setup and nla_srun.
 #   source "${SLURM_SUBMIT_DIR}/launcher/common.sh"
 #
@@ -47,4 +48,34 @@ nla_srun() {
                    --container-workdir="${PWD}")
     fi
     srun --kill-on-bad-exit=1 --output="${NLA_LOG_DIR}/rank%t.log" "${container[@]}" "$@"
+}
+
+# Preemption: `#SBATCH --signal=B:USR1@SECONDS` warns the batch shell; it passes USR1 to the job's steps (the
+# trainer checkpoints after its current step and exits 0), then requeues the job, which resumes from the
+# checkpoint with SLURM_RESTART_COUNT incremented. The step runs in the background so the trap fires at once.
+NLA_PREEMPTED=0
+nla_on_usr1() {
+    NLA_PREEMPTED=1
+    echo "[launcher] preemption notice: asking the trainer to checkpoint and stop"
+    scancel --signal=USR1 "${SLURM_JOB_ID}"
+}
+
+nla_run_step() {
+    trap nla_on_usr1 USR1
+    nla_srun "$@" &
+    local pid=$! rc
+    while true; do
+        wait "${pid}"
+        rc=$?
+        # wait returns > 128 when a trapped signal interrupted it while the step still runs
+        if (( rc > 128 )) && kill -0 "${pid}" 2>/dev/null; then
+            continue
+        fi
+        break
+    done
+    if (( NLA_PREEMPTED )) && (( rc == 0 )); then
+        echo "[launcher] checkpoint written; requeueing job ${SLURM_JOB_ID}"
+        scontrol requeue "${SLURM_JOB_ID}"
+    fi
+    return "${rc}"
 }

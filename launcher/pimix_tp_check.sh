@@ -8,6 +8,7 @@
 #SBATCH --time=00:15:00
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
+# shellcheck source=launcher/common.sh
 source "${SLURM_SUBMIT_DIR}/launcher/common.sh"
 nla_setup
 nla_srun python recipes/pimix_tp_check.py "$@"

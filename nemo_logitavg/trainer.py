@@ -117,20 +117,35 @@ def micro_batches(batch: StepBatch, indices: Sequence[int], size: int) -> list[d
 
 
 class StopRequested:
-    """SIGTERM / SIGUSR1 (Slurm preemption) set a flag; the loop checkpoints at the end of the step and exits."""
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint at the end of the step and exit.
+
+    The signals are blocked in this thread, not only handled: helper processes started later (reward workers,
+    checkpoint writers) inherit the blocked mask, so Slurm signalling every process of the step cannot kill
+    them mid-save. Pending signals are collected at the end of each step; threads that do not block them reach
+    the handler instead. Create it before anything starts threads or processes (recipes do so first thing).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         print(f"[grpo] received {signal.Signals(signum).name}: checkpointing after this step", flush=True)
         self.requested = True
 
+    def poll(self) -> bool:
+        for sig in set(self.SIGNALS) & signal.sigpending():
+            signal.sigtimedwait([sig], 0)  # consume it
+            self._handle(sig, None)
+        return self.requested
+
     def agreed(self) -> bool:
         """True on every rank if any rank was signalled (a collective)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.poll() else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -236,10 +251,12 @@ class GRPOTrainer:
         export_policy: ``export_policy(out_dir)`` writes the current policy as a Hugging Face directory (a
             collective; rank 0 writes).
         eval_prompts: held-out records like ``prompts``, scored greedily every ``run.eval_every`` steps.
+        stop: the signal watcher, created by the recipe before any thread or child process starts.
     """
 
     def __init__(self, cfg: Any, actor: Any, prompts: Sequence[dict], client: Any, score: Callable,
-                 export_policy: Callable[[str], None], eval_prompts: Sequence[dict] = ()) -> None:  # fmt: skip
+                 export_policy: Callable[[str], None], eval_prompts: Sequence[dict] = (),
+                 stop: StopRequested | None = None) -> None:  # fmt: skip
         self.cfg, self.actor, self.prompts = cfg, actor, list(prompts)
         self.eval_prompts = list(eval_prompts)
         self.client, self.score, self.export_policy = client, score, export_policy
@@ -254,7 +271,7 @@ class GRPOTrainer:
 
             config = asdict(cfg) if is_dataclass(cfg) else None
             self.log = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.run.wandb_project, config)
-        self.stop = StopRequested()
+        self.stop = stop or StopRequested()
 
     # --------------------------------------------------------------------------------------------- state
     def save(self) -> None:

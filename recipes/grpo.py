@@ -20,10 +20,11 @@ from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
 from nemo_logitavg.parallel import init_parallel, teardown
 from nemo_logitavg.rewards import score_math, score_mcq
-from nemo_logitavg.trainer import GRPOTrainer
+from nemo_logitavg.trainer import GRPOTrainer, StopRequested
 
 
 def main() -> None:
+    stop = StopRequested()  # first: threads and processes started later inherit its blocked signals
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
@@ -78,7 +79,7 @@ def main() -> None:
         export_model_hf(actor.gpt_policy, model_cfg, out_dir, source_dir=cfg.model.policy)
 
     try:
-        GRPOTrainer(cfg, actor, prompts, client, score, export_policy, eval_prompts).fit()
+        GRPOTrainer(cfg, actor, prompts, client, score, export_policy, eval_prompts, stop).fit()
     finally:
         if server is not None:
             server.stop()

@@ -37,3 +37,48 @@ def test_pimix_tp_check_runs_under_sbatch(tmp_path):
         logs = sorted(p.name for p in (work / "outputs" / "logs" / f"pimix-tp-check-{job_id}").iterdir())
         assert logs == ["rank0.log", "rank1.log"]
         assert (work / "outputs" / "pimix_check" / "tp2.pt").is_file()
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_grpo_tiny_job_completes_and_survives_preemption(tmp_path):
+    """sbatch launcher/grpo_logitavg_tiny.sh to completion; then USR1 to the batch shell mid-run: the trainer
+    checkpoints, the job requeues itself (SLURM_RESTART_COUNT=1), resumes, and finishes every step."""
+    import json
+    import time
+
+    from tests.tiny_models import make_llama_with_tokenizer
+
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "outputs", "runs", "__pycache__", "*.egg-info"))
+    policy = make_llama_with_tokenizer(str(tmp_path / "sft"), seed=5)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))  # fmt: skip
+    common = [f"model.policy={policy}", f"data.train={data}", "rollout.max_tokens=6"]
+    with LocalSlurm() as slurm:
+        job = slurm.sbatch("launcher/grpo_logitavg_tiny.sh", *common, "run.dir=runs/full", "run.steps=3", cwd=work)
+        state = slurm.wait(job, timeout=400)
+        log = (work / f"slurm-grpo-logitavg-tiny-{job}.out").read_text()
+        assert state["JobState"] == "COMPLETED", log[-4000:]
+        assert _count_lines(work / "runs/full/metrics.jsonl") == 3
+        assert (work / "runs/full/checkpoints/latest").read_text().strip() == "3"
+
+        metrics = work / "runs/preempt/metrics.jsonl"
+        job = slurm.sbatch("launcher/grpo_logitavg_tiny.sh", *common, "run.dir=runs/preempt", "run.steps=6", cwd=work)
+        deadline = time.monotonic() + 300
+        while _count_lines(metrics) < 2:
+            assert time.monotonic() < deadline and slurm.job_state(job).get("JobState") in ("PENDING", "RUNNING")
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm.env, check=True)
+        state = slurm.wait(job, timeout=600)
+        log = (work / f"slurm-grpo-logitavg-tiny-{job}.out").read_text()
+        assert state["JobState"] == "COMPLETED", log[-4000:]
+        assert state.get("Restarts") == "1", state
+        assert "preemption notice" in log and "requeueing job" in log and "restart 1" in log
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6], steps
+        rank0 = (work / f"outputs/logs/grpo-logitavg-tiny-{job}/rank0.log").read_text()
+        assert "stopped at step" in rank0 and "resumed from" in rank0

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+
+def _ignore_usr1() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -62,7 +67,9 @@ class ServerProcess:
         if token:
             cmd += ["--token", token]
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # The trainer owns preemption: Slurm's USR1 reaches every process of the step, and the server must
+        # keep serving while the trainer finishes its step and checkpoints.
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_ignore_usr1)
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
