@@ -62,3 +62,17 @@ def test_shipped_check_config_loads():
     spec.loader.exec_module(module)
     cfg = load_config(module.CheckConfig, root / "configs" / "pimix_check.yaml")
     assert cfg.model.num_key_value_heads == 2 and 0.0 <= cfg.ref_weight <= 1.0
+
+
+def test_shipped_training_configs_load_and_validate():
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig, SFTConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    sft = load_config(SFTConfig, root / "sft.yaml", ["model=m", "data=d.jsonl", "out=o"])
+    assert sft.sequences_per_step % sft.micro_batch_size == 0
+    grpo = load_config(GRPOConfig, root / "grpo_logitavg_tiny.yaml", ["model.policy=p", "data.train=t"]).validate()
+    assert grpo.model.tensor_parallel == 2 and grpo.algorithm.ref_weight == 0.5
+    with pytest.raises(ValueError, match="required key"):
+        load_config(GRPOConfig, root / "grpo_logitavg_tiny.yaml")
