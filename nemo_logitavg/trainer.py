@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -294,12 +295,17 @@ class GRPOTrainer:
             print(f"[grpo] resumed from {loaded.path} (step {self.step})", flush=True)
         return True
 
-    def push_policy(self) -> None:
-        """Write the current policy once and make every server serve it as ``self.step``."""
+    def push_policy(self, keep: int = 2) -> None:
+        """Write the current policy once and make every server serve it as ``self.step``.
+
+        Only the newest ``keep`` written policies stay on disk (a server restarting mid-push still finds one).
+        """
         path = os.path.join(self.sync_dir, f"step_{self.step:08d}")
         self.export_policy(path)
         if self.rank == 0:
             self.client.load_weights(path, self.step)
+            for old in sorted(d for d in os.listdir(self.sync_dir) if d.startswith("step_"))[:-keep]:
+                shutil.rmtree(os.path.join(self.sync_dir, old), ignore_errors=True)
         dist.barrier()
 
     # ---------------------------------------------------------------------------------------------- step

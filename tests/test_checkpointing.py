@@ -24,7 +24,8 @@ from nemo_logitavg.checkpointing import (
     step_dir_name,
 )
 from tests.distributed import _free_port, run_distributed
-from tests.test_actor import make_hf_llama, micro_batches, weighted_loss
+from tests.test_actor import micro_batches, weighted_loss
+from tests.tiny_models import make_hf_llama
 
 LR, WARMUP = 1e-2, 3  # a warm-up makes the LR schedule part of what must be restored
 SAVED_STEP = 2

@@ -101,6 +101,7 @@ def test_logit_averaging_grpo_runs(models, tmp_path):
     assert any((run_dir / "tensorboard").iterdir())
     synced = run_dir / "policy_sync" / "step_00000004"
     assert (synced / "config.json").is_file()
+    assert sorted(p.name for p in (run_dir / "policy_sync").iterdir()) == ["step_00000003", "step_00000004"]
 
     # Release: the training checkpoint of step 4 exports to the same weights the servers were given.
     from safetensors.torch import load_file

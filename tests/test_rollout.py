@@ -6,10 +6,6 @@ locally with ``tokenizers`` where text matters.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-
 import pytest
 import torch
 
@@ -288,24 +284,3 @@ def test_policy_alone_engine(model_dirs):
     expected = torch.log_softmax(hf_logits(model_dirs["policy"], ids)[1:-1], -1)
     expected = expected.gather(1, torch.tensor(out[0].token_ids)[:, None])[:, 0]
     assert (torch.tensor(out[0].logprobs) - expected).abs().max() < 1e-4
-
-
-def test_write_policy_for_servers(model_dirs, tmp_path):
-    from safetensors.torch import load_file
-
-    from nemo_logitavg.rollout.weight_sync import STEP_FILE, write_policy_for_servers
-
-    out = tmp_path / "sync"
-    first = write_policy_for_servers(model_dirs["policy2"], out, 1)
-    assert os.path.basename(first) == "policy_step_00000001"
-    assert json.load(open(os.path.join(first, STEP_FILE)))["step"] == 1
-    state = load_file(os.path.join(model_dirs["policy"], "model.safetensors"))
-    second = write_policy_for_servers(state, out, 2, source_dir=model_dirs["policy"])
-    third = write_policy_for_servers(state, out, 3, source_dir=model_dirs["policy"], keep=2)
-    assert sorted(os.listdir(out)) == ["policy_step_00000002", "policy_step_00000003"]  # no temporaries left
-    assert os.path.isfile(os.path.join(second, "tokenizer.json"))  # source assets travel with the weights
-    engine = TorchEngine(model_dirs["policy2"], model_dirs["reference"], 0.5)
-    engine.load_policy(third, 3)
-    reloaded = engine.policy.state_dict()
-    assert all(torch.equal(reloaded[k], v) for k, v in state.items())
-    assert math.isclose(engine.ref_weight, 0.5)

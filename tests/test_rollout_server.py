@@ -17,7 +17,6 @@ import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.client import RolloutClient, RolloutError, RolloutRequestError
-from nemo_logitavg.rollout.weight_sync import write_policy_for_servers
 from tests.test_rollout import hf_logits, make_tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,8 +174,7 @@ def test_weight_reload_and_check(server, dirs):
     client.check(REF_WEIGHT)
     with pytest.raises(RolloutError, match="ref_weight"):
         client.check(0.3)
-    path = write_policy_for_servers(dirs["policy2"], os.path.join(dirs["root"], "sync"), 5)
-    assert client.load_weights(path, 5) == {server.url: 5}
+    assert client.load_weights(dirs["policy2"], 5) == {server.url: 5}
     prompts = [[5, 17, 33], [8]]
     groups = client.generate(prompts, n=2, max_tokens=10, temperature=1.0, seed=3)
     for prompt, group in zip(prompts, groups, strict=True):
@@ -196,8 +194,7 @@ def test_failover_to_another_server_and_back(dirs, tmp_path):
     try:
         a.wait(), b.wait()
         client = RolloutClient([a.url, b.url], token=TOKEN, timeout=60, backoff=0.1, cooldown=1.0, max_attempts=6)
-        path = write_policy_for_servers(dirs["policy2"], tmp_path / "sync", 3)
-        client.load_weights(path, 3)
+        client.load_weights(dirs["policy2"], 3)
         prompts = [[5 + i, 7, 9] for i in range(12)]
         kwargs = dict(n=4, max_tokens=48, seed=11, ignore_eos=True)
         baseline = client.generate(prompts, **kwargs)

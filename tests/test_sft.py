@@ -7,7 +7,7 @@ import torch
 
 from nemo_logitavg.sft import pack_sft
 from tests.distributed import run_distributed
-from tests.test_actor import make_hf_llama
+from tests.tiny_models import make_hf_llama
 
 
 def test_pack_sft_masks_the_response():

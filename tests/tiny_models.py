@@ -42,3 +42,22 @@ def make_llama_with_tokenizer(
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+TINY = dict(
+    vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+)  # fmt: skip
+
+
+def make_hf_llama(path, seed: int, tie: bool = False) -> str:
+    """A randomly initialised tiny Llama saved with transformers (float32, safetensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie))
+    with torch.no_grad():  # transformers' default init is tiny; spread the logits so pi_mix is not uniform
+        for param in model.parameters():
+            param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.8, 1.2)
+    model.save_pretrained(path)
+    return str(path)

@@ -1,6 +1,6 @@
 """Datasets: jsonl readers with validation that names the file and line, benchmark loaders and prompt templates."""
 
-from nemo_logitavg.data.jsonl import read_jsonl
+from nemo_logitavg.data.jsonl import iter_jsonl, read_jsonl
 from nemo_logitavg.data.loaders import (
     DATASETS,
     LoadStats,
@@ -10,7 +10,6 @@ from nemo_logitavg.data.loaders import (
     gsm8k_answer,
     gsm8k_record,
     hash_fraction,
-    iter_jsonl,
     load_jsonl_dataset,
     math_record,
     mmlu_record,

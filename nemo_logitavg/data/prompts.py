@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from nemo_logitavg.data.jsonl import read_jsonl
+from nemo_logitavg.data.jsonl import iter_jsonl
 
 REWARDS = ("math", "mcq")
 REQUIRED_FIELDS = ("id", "source", "prompt", "answer", "reward")
@@ -89,16 +89,15 @@ def check_record(record: dict, where: str) -> dict:
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
     """Prompt records of a prepared jsonl file, each checked (errors name ``file:line``); ids must be unique."""
-    path = os.fspath(path)
     records, seen = [], {}
-    with open(path, encoding="utf-8") as fh:
-        numbers = [n for n, line in enumerate(fh, start=1) if line.strip()]
-    for number, record in zip(numbers, read_jsonl(path), strict=True):
-        check_record(record, f"{path}:{number}")
+    for where, record in iter_jsonl(path):
+        check_record(record, where)
         if record["id"] in seen:
-            raise ValueError(f"{path}:{number}: duplicate id {record['id']!r} (first on line {seen[record['id']]})")
-        seen[record["id"]] = number
+            raise ValueError(f"{where}: duplicate id {record['id']!r} (first at {seen[record['id']]})")
+        seen[record["id"]] = where
         records.append(record)
+    if not records:
+        raise ValueError(f"{os.fspath(path)}: no records")
     return records
 
 

@@ -2,7 +2,7 @@
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
     client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs from the trainer's
-    client.load_weights(path, step)                    # after each update (see weight_sync.write_policy_for_servers)
+    client.load_weights(path, step)                    # after each update (GRPOTrainer.push_policy)
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
