@@ -170,8 +170,10 @@ class SFTConfig:
     sequences_per_step: int = 32
     micro_batch_size: int = 8
     lr: float = 1e-4
+    min_lr: float | None = None  # set: cosine decay from lr to min_lr over the run's steps
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     warmup_steps: int = 0
     seed: int = 1234
     log: str | None = None  # metrics jsonl (default: <out>.metrics.jsonl)
+    checkpoint_every: int = 0  # > 0: checkpoint into <out>.checkpoints every N steps; a rerun resumes there

@@ -59,13 +59,19 @@ def train_sft(
     micro_batch_size: int,
     log_path: str | None = None,
     seed: int = 0,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
 ) -> list[float]:
-    """Run ``steps`` optimiser steps over shuffled ``records`` (epochs wrap); returns each step's loss.
+    """Run ``steps`` optimiser steps over shuffled ``records`` (epochs wrap); returns the losses of the steps run.
 
     ``sequences_per_step`` counts all data-parallel ranks; each DP rank takes every DP-th sequence. Progress
-    goes to the console and, on rank 0, one JSON line per step to ``log_path``.
+    goes to the console and, on rank 0, one JSON line per step to ``log_path``. With ``checkpoint_dir``, the
+    run checkpoints every ``checkpoint_every`` steps and resumes from the newest checkpoint there (the data
+    order is fixed by ``seed``, so a resumed run sees the batches an unbroken one would).
     """
     from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.checkpointing import latest_step, load_checkpoint, save_checkpoint
 
     if sequences_per_step % micro_batch_size:
         raise ValueError(
@@ -73,8 +79,13 @@ def train_sft(
         )
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    first = 0
+    if checkpoint_dir and latest_step(checkpoint_dir) is not None:
+        first = load_checkpoint(actor, checkpoint_dir).step
+        if dist.get_rank() == 0:
+            print(f"[sft] resumed from {checkpoint_dir} at step {first}", flush=True)
     losses, started = [], time.monotonic()
-    for step in range(steps):
+    for step in range(first, steps):
         picked = [records[order[(step * sequences_per_step + i) % len(order)]] for i in range(sequences_per_step)]
         batch = pack_sft(picked)
         num_tokens = float(batch["mask"].sum().clamp(min=1))
@@ -90,11 +101,13 @@ def train_sft(
         dist.all_reduce(loss)
         losses.append(loss.item() / max(1, ps.get_tensor_model_parallel_world_size()))
         if dist.get_rank() == 0:
-            eta = (time.monotonic() - started) / (step + 1) * (steps - step - 1)
+            eta = (time.monotonic() - started) / (step + 1 - first) * (steps - step - 1)
             print(f"[sft] step {step + 1}/{steps}  loss {losses[-1]:.4f}  grad-norm {grad_norm:.3f}  "
                   f"ETA {eta / 60:.1f} min", flush=True)  # fmt: skip
             if log_path:
                 os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
                 with open(log_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps({"step": step + 1, "loss": losses[-1], "grad_norm": grad_norm}) + "\n")
+        if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save_checkpoint(actor, checkpoint_dir, step + 1, keep_last=1)
     return losses

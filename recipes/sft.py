@@ -3,7 +3,8 @@
     torchrun --nproc-per-node 2 recipes/sft.py --config configs/sft.yaml model=DIR data=train.jsonl out=DIR
 
 `data` is jsonl with one {"prompt": ..., "response": ...} per line; the response (plus EOS) is learned, the
-prompt is context. The result is a plain Hugging Face directory.
+prompt is context. The result is a plain Hugging Face directory. With `checkpoint_every=N` the run checkpoints
+into OUT.checkpoints and a rerun of the same command resumes from there.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import os
 
 from nemo_logitavg.config import SFTConfig, load_config
-from nemo_logitavg.data import read_jsonl
+from nemo_logitavg.data import encode_prompt, read_jsonl
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
@@ -31,19 +32,27 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    # The prompt is encoded exactly as GRPO and evaluation encode it; the response carries no BOS.
     records = [
-        {"prompt_ids": tokenizer(r["prompt"])["input_ids"], "response_ids": tokenizer(r["response"])["input_ids"] + eos}
+        {
+            "prompt_ids": encode_prompt(r["prompt"], tokenizer),
+            "response_ids": tokenizer(r["response"], add_special_tokens=False)["input_ids"] + eos,
+        }
         for r in read_jsonl(cfg.data, required=("prompt", "response"))
     ]
     init_parallel(cfg.tensor_parallel, cfg.pipeline_parallel, seed=cfg.seed)
     model_cfg = LlamaConfig.from_hf(cfg.model)
     actor = LogitAveragingActor(
         model_cfg, None, ActorConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, clip_grad=cfg.clip_grad,
-                                     lr_warmup_steps=cfg.warmup_steps)
+                                     lr_warmup_steps=cfg.warmup_steps, min_lr=cfg.min_lr or 0.0,
+                                     lr_decay_steps=cfg.steps if cfg.min_lr is not None else 0)
     )  # fmt: skip
     actor.load_hf(cfg.model, None)
+    out = os.path.normpath(cfg.out)
     train_sft(actor, records, cfg.steps, cfg.sequences_per_step, cfg.micro_batch_size,
-              log_path=cfg.log or os.path.normpath(cfg.out) + ".metrics.jsonl", seed=cfg.seed)  # fmt: skip
+              log_path=cfg.log or out + ".metrics.jsonl", seed=cfg.seed,
+              checkpoint_dir=out + ".checkpoints" if cfg.checkpoint_every else None,
+              checkpoint_every=cfg.checkpoint_every)  # fmt: skip
     export_model_hf(actor.gpt_policy, model_cfg, cfg.out, source_dir=cfg.model)
     teardown()
 

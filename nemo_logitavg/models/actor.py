@@ -37,6 +37,8 @@ class ActorConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
     lr_warmup_steps: int = 0  # update k (from 0) uses lr * min(1, k / lr_warmup_steps): megatron's linear warm-up
+    lr_decay_steps: int = 0  # > 0: cosine decay from lr to min_lr, ending at this update (SFT from scratch)
+    min_lr: float = 0.0
 
 
 def check_same_layout(policy: LlamaConfig, reference: LlamaConfig) -> None:
@@ -53,7 +55,8 @@ def check_same_layout(policy: LlamaConfig, reference: LlamaConfig) -> None:
 
 
 def _lr_scheduler(optimizer: Any, cfg: ActorConfig) -> Any:
-    """Megatron's LR / weight-decay schedule: linear warm-up over ``lr_warmup_steps``, then constant ``lr``.
+    """Megatron's LR / weight-decay schedule: linear warm-up over ``lr_warmup_steps``, then constant ``lr``, or
+    with ``lr_decay_steps`` a cosine decay to ``min_lr``.
 
     It also applies megatron's per-group weight-decay multipliers (no decay on norms and biases).
     """
@@ -63,10 +66,10 @@ def _lr_scheduler(optimizer: Any, cfg: ActorConfig) -> Any:
         optimizer,
         init_lr=0.0,
         max_lr=cfg.lr,
-        min_lr=cfg.lr,
+        min_lr=cfg.min_lr if cfg.lr_decay_steps else cfg.lr,
         lr_warmup_steps=cfg.lr_warmup_steps,
-        lr_decay_steps=cfg.lr_warmup_steps + 1,
-        lr_decay_style="constant",
+        lr_decay_steps=max(cfg.lr_decay_steps, cfg.lr_warmup_steps + 1),
+        lr_decay_style="cosine" if cfg.lr_decay_steps else "constant",
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=1,
@@ -219,6 +222,7 @@ class LogitAveragingActor:
             OptimizerConfig(
                 optimizer="adam",
                 lr=actor_cfg.lr,
+                min_lr=actor_cfg.min_lr if actor_cfg.lr_decay_steps else actor_cfg.lr,
                 weight_decay=actor_cfg.weight_decay,
                 adam_beta1=actor_cfg.adam_beta1,
                 adam_beta2=actor_cfg.adam_beta2,

@@ -1,0 +1,457 @@
+"""The main job, phase by phase: generated problems -> tokenizer and Llama from scratch -> SFT -> logit-averaging
+GRPO and KL-GRPO on the same budget -> evaluation over several seeds -> report.
+
+``recipes/pipeline.py`` runs the phases in order. Each phase writes its result atomically and is skipped when a
+rerun finds it; SFT and GRPO run as ``torchrun`` children of the existing recipes, which resume from their own
+newest checkpoints, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from nemo_logitavg.config import GRPOConfig, SFTConfig, load_config
+from nemo_logitavg.models.scratch import ScratchModelConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ProblemsSection:
+    count: int = 8000  # generated before duplicates are removed
+    kinds: list[str] = field(default_factory=lambda: ["addition", "subtraction", "multiplication", "algebra"])
+    test_fraction: float = 0.1  # held out by a hash of the problem text
+    test_size: int = 300  # at most this many held-out problems are evaluated
+    curve_size: int = 100  # held-out problems scored greedily during GRPO (accuracy against step)
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (sampled mode)
+    sampled_k: int = 4  # completions per problem and seed at temperature 1; greedy (the headline) runs once
+    max_tokens: int = 64
+    math_timeout: float = 5.0
+
+
+@dataclass
+class PipelineConfig:
+    """``configs/tiny_cpu.yaml``. ``sft`` and ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are
+    filled in by the pipeline); ``methods`` maps a method name to its GRPO overrides."""
+
+    dir: str = "runs/tiny_cpu"
+    nproc: int = 2  # torchrun processes for SFT and GRPO (= model.tensor_parallel x pipeline x data parallel)
+    problems: ProblemsSection = field(default_factory=ProblemsSection)
+    model: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+    model_seed: int = 0
+    sft: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)
+    baseline: str = "sft"  # the model every method is compared with (paired bootstrap)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+@dataclass
+class Plan:
+    """Where everything of a run lives, and the phase configs built from the pipeline config."""
+
+    cfg: PipelineConfig
+    root: str
+    sft: SFTConfig
+    methods: dict[str, GRPOConfig]
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+
+def _typed(schema: type, values: dict, where: str) -> Any:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{where}{'.' + key if key else ''}: {message}") from None
+
+
+def plan(config_path: str, overrides: list[str] | None = None) -> Plan:
+    """Load and check the pipeline config and every phase config it implies, before any work starts.
+
+    Raises:
+        ValueError: naming the file and key at fault.
+    """
+    cfg = load_config(PipelineConfig, config_path, overrides)
+    if not cfg.methods:
+        raise ValueError(f"{config_path}: methods: name at least one GRPO method (e.g. logit_avg, kl)")
+    if cfg.baseline in cfg.methods:
+        raise ValueError(f"{config_path}: baseline {cfg.baseline!r} must be 'sft', not a GRPO method")
+    if cfg.nproc < 1 or cfg.problems.test_size < 1 or not cfg.eval.seeds:
+        raise ValueError(f"{config_path}: nproc, problems.test_size and eval.seeds must be positive / non-empty")
+    root = os.path.abspath(cfg.dir)
+    data, models = os.path.join(root, "data"), os.path.join(root, "models")
+    fixed_sft = {"model": os.path.join(models, "init"), "data": os.path.join(data, "sft.jsonl"),
+                 "out": os.path.join(models, "sft")}  # fmt: skip
+    sft = _typed(SFTConfig, {**cfg.sft, **fixed_sft}, f"{config_path}: sft")
+    methods = {}
+    for name, method in cfg.methods.items():
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"{config_path}: methods.{name}: use letters, digits and '_' in method names")
+        values = OmegaConf.merge(OmegaConf.create(cfg.grpo), OmegaConf.create(method or {}))
+        values = OmegaConf.merge(values, {
+            "model": {"policy": fixed_sft["out"]},
+            "data": {"train": os.path.join(data, "train.jsonl"), "test": os.path.join(data, "curve.jsonl")},
+            "run": {"dir": os.path.join(root, "grpo", name)},
+        })  # fmt: skip
+        grpo = _typed(GRPOConfig, OmegaConf.to_container(values), f"{config_path}: methods.{name}")
+        try:
+            methods[name] = grpo.validate()
+        except ValueError as exc:
+            raise ValueError(f"{config_path}: methods.{name} (grpo merged with its overrides): {exc}") from None
+    return Plan(cfg, root, sft, methods)
+
+
+# ----------------------------------------------------------------------------------------------------- phases
+
+
+def log(message: str) -> None:
+    print(f"[pipeline] {message}", flush=True)
+
+
+def _dump(obj: Any, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(OmegaConf.to_yaml(OmegaConf.structured(obj)))
+
+
+def check_run_dir(p: Plan, config_path: str) -> None:
+    """Write the resolved config into the run directory, or refuse to continue a run made with another one."""
+    os.makedirs(p.root, exist_ok=True)
+    resolved = OmegaConf.to_yaml(OmegaConf.structured(p.cfg))
+    saved = p.path("config.yaml")
+    if os.path.exists(saved):
+        with open(saved, encoding="utf-8") as fh:
+            if fh.read() != resolved:
+                raise ValueError(
+                    f"{p.root} holds a run made with a different config (see {saved}); rerun with that config to "
+                    f"resume it, or choose another dir= (from {config_path})"
+                )
+        return
+    with open(saved, "w", encoding="utf-8") as fh:
+        fh.write(resolved)
+
+
+def make_data(p: Plan) -> None:
+    """Problems -> prompt records (MATH loader), duplicates removed, hash split; SFT pairs from the train split."""
+    from nemo_logitavg.data import dedupe, split_by_hash, write_prompts
+    from nemo_logitavg.data.loaders import math_record
+    from nemo_logitavg.data.synthetic import make_problems
+
+    pc = p.cfg.problems
+    problems = make_problems(pc.count, pc.seed, tuple(pc.kinds))
+    records, solutions = [], {}
+    for i, raw in enumerate(problems):
+        record = math_record(raw, f"generated problem {i}", source="arith")
+        records.append(record)
+        solutions.setdefault(record["id"], raw["solution"])
+    train, test = split_by_hash(dedupe(records), pc.test_fraction, salt=str(pc.seed))
+    test = test[: pc.test_size]
+    if not train or not test:
+        raise ValueError(f"problems: {len(train)} train / {len(test)} test problems; raise problems.count")
+    tmp = p.path("data.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_prompts(train, os.path.join(tmp, "train.jsonl"))
+    write_prompts(test, os.path.join(tmp, "test.jsonl"))
+    write_prompts(test[: pc.curve_size], os.path.join(tmp, "curve.jsonl"))
+    with open(os.path.join(tmp, "sft.jsonl"), "w", encoding="utf-8") as fh:
+        for record in train:
+            fh.write(json.dumps({"prompt": record["prompt"], "response": solutions[record["id"]]}) + "\n")
+    os.replace(tmp, p.path("data"))
+    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)})")
+
+
+def make_init_model(p: Plan) -> None:
+    """A sentencepiece tokenizer trained on the SFT texts and a random Llama, as one Hugging Face directory."""
+    from nemo_logitavg.data import read_jsonl
+    from nemo_logitavg.models.scratch import init_llama, train_tokenizer
+
+    tmp = p.path("models", "init.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    pairs = read_jsonl(p.path("data", "sft.jsonl"))
+    train_tokenizer((r["prompt"] + "\n" + r["response"] for r in pairs), tmp, p.cfg.model.vocab_size)
+    init_llama(tmp, p.cfg.model, p.cfg.model_seed)
+    os.replace(tmp, p.path("models", "init"))
+    m = p.cfg.model
+    log(f"model: Llama {m.num_hidden_layers} layers x {m.hidden_size} hidden, vocab {m.vocab_size} (sentencepiece)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the pipeline dies, so a killed job leaves no orphan trainer (GRPO checkpoints
+    on SIGTERM). Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def torchrun(p: Plan, recipe: str, config_file: str, log_file: str) -> None:
+    """Run a recipe under torchrun on this machine (rendezvous on 127.0.0.1), its output to the console and
+    ``log_file``; raise naming the log when it fails."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.cfg.nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        str(RECIPES / recipe), "--config", config_file,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log_file, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if line.startswith(("[sft]", "[grpo]")) or "Error" in line:
+                print(line, end="", flush=True)
+        code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"{recipe} failed with exit code {code}; its output is in {log_file}")
+
+
+def run_sft(p: Plan) -> None:
+    config_file = p.path("configs", "sft.yaml")
+    _dump(p.sft, config_file)
+    torchrun(p, "sft.py", config_file, p.path("logs", "sft.log"))
+
+
+def grpo_done(p: Plan, name: str) -> bool:
+    from nemo_logitavg.checkpointing import latest_step
+
+    cfg = p.methods[name]
+    return latest_step(os.path.join(cfg.run.dir, "checkpoints")) == cfg.run.steps
+
+
+def final_policy(p: Plan, name: str) -> str:
+    """The policy a finished GRPO run served last: its final weight push, a Hugging Face directory."""
+    cfg = p.methods[name]
+    return os.path.join(cfg.run.dir, "policy_sync", f"step_{cfg.run.steps:08d}")
+
+
+def run_grpo(p: Plan, name: str) -> None:
+    config_file = p.path("configs", f"grpo_{name}.yaml")
+    _dump(p.methods[name], config_file)
+    torchrun(p, "grpo.py", config_file, p.path("logs", f"grpo_{name}.log"))
+    if not grpo_done(p, name):  # the recipe stops early (exit 0) on SIGTERM/SIGUSR1
+        raise RuntimeError(f"GRPO {name} stopped before step {p.methods[name].run.steps}; rerun to resume")
+
+
+def eval_targets(p: Plan) -> dict[str, str]:
+    """Model name -> what is evaluated: the SFT model, and per method the deployed model (a pi_mix bundle when
+    ref_weight > 0, else the policy)."""
+    from nemo_logitavg.evaluation import write_bundle
+
+    targets = {p.cfg.baseline: p.sft.out}
+    for name, cfg in p.methods.items():
+        if cfg.algorithm.ref_weight > 0:
+            bundle = p.path("models", f"{name}_bundle")
+            if not os.path.exists(bundle):
+                write_bundle(final_policy(p, name), p.sft.out, cfg.algorithm.ref_weight, bundle + ".tmp")
+                os.replace(bundle + ".tmp", bundle)
+            targets[name] = bundle
+        else:
+            targets[name] = final_policy(p, name)
+    return targets
+
+
+def evaluate(p: Plan, name: str, path: str) -> None:
+    from nemo_logitavg import evaluation
+    from nemo_logitavg.data import read_prompts
+
+    e = p.cfg.eval
+    records = read_prompts(p.path("data", "test.jsonl"))
+    modes = [evaluation.GREEDY]
+    if e.sampled_k > 0:
+        modes.append(evaluation.SamplingMode("sampled", e.sampled_k, 1.0))
+    out = p.path("eval", name)
+    # One torch thread: a tiny model's matmuls gain nothing from a second core that the grader also wants.
+    runs = evaluation.evaluate_model(path, name, records, modes, list(e.seeds), e.max_tokens,
+                                     p.path("eval", "work"), math_timeout=e.math_timeout,
+                                     server_args=["--threads", "1"])  # fmt: skip
+    evaluation.write_reports(out + ".tmp", runs)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(out + ".tmp", out)
+
+
+@dataclass
+class Phase:
+    name: str
+    done: Callable[[], bool]
+    run: Callable[[], None]
+
+
+def phases(p: Plan) -> list[Phase]:
+    exists = os.path.exists
+    out = [
+        Phase("data", lambda: exists(p.path("data")), lambda: make_data(p)),
+        Phase("init model", lambda: exists(p.path("models", "init")), lambda: make_init_model(p)),
+        Phase("sft", lambda: exists(p.sft.out), lambda: run_sft(p)),
+    ]
+    for name in p.methods:
+        out.append(Phase(f"grpo {name}", lambda n=name: grpo_done(p, n), lambda n=name: run_grpo(p, n)))
+    names = [p.cfg.baseline, *p.methods]
+    for name in names:
+        done = os.path.join(p.root, "eval", name, "results.json")
+        out.append(Phase(f"eval {name}", lambda d=done: exists(d), lambda n=name: evaluate(p, n, eval_targets(p)[n])))
+    out.append(Phase("report", lambda: False, lambda: write_report(p)))
+    return out
+
+
+def run(config_path: str, overrides: list[str] | None = None) -> str:
+    """Run (or resume) every phase; returns the report directory."""
+    p = plan(config_path, overrides)
+    check_run_dir(p, config_path)
+    for sub in ("models", "configs", "logs", "eval"):
+        os.makedirs(p.path(sub), exist_ok=True)
+    todo = phases(p)
+    timings = _read_timings(p)
+    started = time.monotonic()
+    for i, phase in enumerate(todo, 1):
+        if phase.done():
+            log(f"phase {i}/{len(todo)} {phase.name}: done earlier, skipped")
+            continue
+        log(f"phase {i}/{len(todo)} {phase.name} (elapsed {(time.monotonic() - started) / 60:.1f} min)")
+        t0 = time.monotonic()
+        phase.run()
+        timings[phase.name] = timings.get(phase.name, 0.0) + time.monotonic() - t0
+        with open(p.path("timings.json"), "w", encoding="utf-8") as fh:
+            json.dump(timings, fh, indent=1)
+    log(f"finished in {(time.monotonic() - started) / 60:.1f} min; report: {p.path('report', 'report.md')}")
+    return p.path("report")
+
+
+def _read_timings(p: Plan) -> dict[str, float]:
+    try:
+        with open(p.path("timings.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def write_report(p: Plan) -> None:
+    """report/: report.md (tables, plots, config), results.{md,csv,json}, comparison.*, reward/accuracy PNGs."""
+    from nemo_logitavg import evaluation
+
+    out = p.path("report")
+    os.makedirs(out, exist_ok=True)
+    names = [p.cfg.baseline, *p.methods]
+    runs = []
+    for name in names:
+        runs += evaluation.runs_from_json(p.path("eval", name, "results.json"))
+    payload = evaluation.write_reports(out, runs, p.cfg.baseline)
+    curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
+    plots = plot_curves(curves, out)
+    for name in ("config.yaml", "timings.json"):
+        shutil.copy(p.path(name), os.path.join(out, name))
+    shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(report_markdown(p, payload, plots, _read_timings(p)))
+
+
+def _read_metrics(path: str) -> list[dict]:
+    """Per-step metrics of a GRPO run; a resumed run's repeated steps keep their last line."""
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                by_step[int(row["step"])] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_curves(curves: dict[str, list[dict]], out: str) -> list[str]:
+    """PNG plots of training reward and held-out greedy accuracy against step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for key, title, filename in (
+        ("reward/mean", "training reward (mean over the step's samples)", "reward.png"),
+        ("eval/accuracy", "held-out greedy accuracy (curve subset)", "accuracy.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rows in curves.items():
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, filename), dpi=100)
+        plt.close(fig)
+        files.append(filename)
+    return files
+
+
+def report_markdown(p: Plan, payload: dict, plots: list[str], timings: dict[str, float]) -> str:
+    from nemo_logitavg.evaluation import markdown_table
+
+    agg = payload["aggregate"]
+    columns = ["model", "mode", "num_seeds", "num_problems", "k", "accuracy_mean", "accuracy_std", "ci_low",
+               "ci_high", "has_boxed", "boxed_latex_valid", "ended_by_eos", "mean_length"]  # fmt: skip
+    columns = [c for c in columns if not agg or c in agg[0]]
+    cmp_columns = ["model", "mode", "accuracy", "baseline_accuracy", "diff", "diff_ci_low", "diff_ci_high", "verdict"]
+    lines = [
+        "# Main job: logit-averaging GRPO vs KL-GRPO from one SFT model\n",
+        f"Held-out problems: {agg[0]['num_problems'] if agg else 0}; greedy is the headline (once), sampled runs "
+        f"k={p.cfg.eval.sampled_k} at temperature 1 for each of the seeds {list(p.cfg.eval.seeds)}. Logit-averaging "
+        "models are evaluated as deployed: pi_mix (the bundle of policy, SFT reference and ref_weight).\n",
+        "## Accuracy (95% bootstrap CI over problems), format compliance, response length\n",
+        markdown_table(agg, columns),
+        f"\n## Against {p.cfg.baseline} (paired bootstrap over problems, 95% CI of the accuracy difference)\n",
+        markdown_table(payload["comparison"], cmp_columns),
+        "\n## Training curves\n",
+        *[f"![{name}]({name})\n" for name in plots],
+        "\n## Methods\n",
+        markdown_table([
+            {"method": name, "ref_weight": c.algorithm.ref_weight, "beta": c.algorithm.beta, "steps": c.run.steps,
+             "prompts_per_step": c.rollout.prompts_per_step, "group_size": c.algorithm.group_size,
+             "lr": c.optim.lr}
+            for name, c in p.methods.items()
+        ]),  # fmt: skip
+        "\n## Time per phase (seconds, summed over reruns)\n",
+        markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
+        "\n## Exact config\n",
+        "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
+        "report.\n\n```yaml\n" + OmegaConf.to_yaml(OmegaConf.structured(p.cfg)) + "```\n",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["PipelineConfig", "Plan", "plan", "run"]
