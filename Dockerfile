@@ -12,7 +12,7 @@ COPY launcher ./launcher
 # --no-deps: never replace the container's torch, megatron-core, Transformer Engine, apex or vLLM.
 # Then install only what the container may lack, and fail the build if anything is still missing.
 RUN pip install --no-cache-dir --no-deps -e . \
- && pip install --no-cache-dir omegaconf sentencepiece psutil pyyaml \
- && python -c "import torch, megatron.core, omegaconf, sentencepiece, nemo_logitavg.ops; print('megatron-core', megatron.core.__version__)"
+ && pip install --no-cache-dir omegaconf sentencepiece psutil pyyaml "math-verify>=0.9,<0.10" \
+ && python -c "import torch, megatron.core, omegaconf, sentencepiece, math_verify, nemo_logitavg.ops; print('megatron-core', megatron.core.__version__)"
 
 ENV PYTHONUNBUFFERED=1

@@ -3,9 +3,12 @@
 #   source "${SLURM_SUBMIT_DIR}/launcher/common.sh"
 #
 # Settings (environment, all optional):
-#   NLA_CONTAINER_IMAGE   run each task in this container through pyxis/enroot (unset: run on the host)
-#   NLA_CONTAINER_MOUNTS  --container-mounts for it (default: the submit directory at the same path)
+#   NLA_CONTAINER_IMAGE   run each task in this container through pyxis/enroot; unset or "none": on the host.
+#                         The GPU launchers default it to ./nemo-logitavg.sqsh (the Dockerfile's image)
+#   NLA_CONTAINER_MOUNTS  --container-mounts for it (default: the submit directory at the same path); add the
+#                         directories of the models and data, e.g. /lustre/models:/lustre/models
 #   NLA_LOG_DIR           where per-rank logs go (default: outputs/logs/<job name>-<job id>)
+#   NLA_SERVER_TIMEOUT    seconds the rollout servers get to become healthy (default 3600)
 
 nla_die() { echo "[launcher] error: $*" >&2; exit 1; }
 
@@ -34,20 +37,36 @@ nla_setup() {
     nla_nccl_env
     NLA_LOG_DIR="${NLA_LOG_DIR:-outputs/logs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}"
     mkdir -p "${NLA_LOG_DIR}"
-    export NLA_LOG_DIR PYTHONUNBUFFERED=1
+    # This checkout wins over the copy installed in the container image, so edits need no rebuild.
+    export NLA_LOG_DIR PYTHONUNBUFFERED=1 PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"
     echo "[launcher] job ${SLURM_JOB_ID} on ${SLURM_JOB_NUM_NODES} node(s): ${SLURM_JOB_NODELIST};" \
          "rendezvous ${MASTER_ADDR}:${MASTER_PORT}; restart ${SLURM_RESTART_COUNT:-0}; logs ${NLA_LOG_DIR}"
 }
 
-# srun with one log file per rank, inside the container when NLA_CONTAINER_IMAGE is set.
-nla_srun() {
-    local container=()
-    if [[ -n "${NLA_CONTAINER_IMAGE:-}" ]]; then
-        container=(--container-image="${NLA_CONTAINER_IMAGE}"
-                   --container-mounts="${NLA_CONTAINER_MOUNTS:-${PWD}:${PWD}}"
-                   --container-workdir="${PWD}")
+# The pyxis flags of a step (none without a container), in the array NLA_CONTAINER_FLAGS.
+nla_container_flags() {
+    NLA_CONTAINER_FLAGS=()
+    if [[ -n "${NLA_CONTAINER_IMAGE:-}" && "${NLA_CONTAINER_IMAGE}" != none ]]; then
+        NLA_CONTAINER_FLAGS=(--container-image="${NLA_CONTAINER_IMAGE}"
+                             --container-mounts="${NLA_CONTAINER_MOUNTS:-${PWD}:${PWD}}"
+                             --container-workdir="${PWD}")
     fi
-    srun --kill-on-bad-exit=1 --output="${NLA_LOG_DIR}/rank%t.log" "${container[@]}" "$@"
+}
+
+# GPU launchers run in the NGC-based image of the Dockerfile unless told otherwise.
+nla_use_container() {
+    export NLA_CONTAINER_IMAGE="${NLA_CONTAINER_IMAGE:-${PWD}/nemo-logitavg.sqsh}"
+    if [[ "${NLA_CONTAINER_IMAGE}" == *.sqsh && ! -f "${NLA_CONTAINER_IMAGE}" ]]; then
+        nla_die "no container image ${NLA_CONTAINER_IMAGE}: build it (docker build -t nemo-logitavg . &&" \
+                "enroot import -o nemo-logitavg.sqsh dockerd://nemo-logitavg), set NLA_CONTAINER_IMAGE to an" \
+                "image, or NLA_CONTAINER_IMAGE=none to run on the host"
+    fi
+}
+
+# srun with one log file per rank, inside the container when NLA_CONTAINER_IMAGE is set (and not "none").
+nla_srun() {
+    nla_container_flags
+    srun --kill-on-bad-exit=1 --output="${NLA_LOG_DIR}/rank%t.log" "${NLA_CONTAINER_FLAGS[@]}" "$@"
 }
 
 # Preemption: `#SBATCH --signal=B:USR1@SECONDS` warns the batch shell; it passes USR1 to the job's steps (the
@@ -78,4 +97,120 @@ nla_run_step() {
         scontrol requeue "${SLURM_JOB_ID}"
     fi
     return "${rc}"
+}
+
+# ------------------------------------------------------------------------------------------ GPU jobs
+# A GPU job is one allocation: the first cluster.trainer_nodes hosts train (Megatron, one rank a GPU), the next
+# cluster.rollout_nodes serve rollouts (cluster.gpus_per_node / cluster.rollout_tp servers a node).
+
+# The planner (recipes/plan.py --shell; its arguments are this function's) checks that the layout fits in
+# memory, prints the plan into the job log and describes the run as NLA_* variables; a refusal ends the job.
+nla_plan() {
+    local assignments
+    nla_container_flags
+    assignments="$(srun --nodes=1 --ntasks=1 "${NLA_CONTAINER_FLAGS[@]}" python recipes/plan.py --shell "$@")" \
+        || nla_die "the capacity planner refused this run (its reason is above); nothing was started"
+    eval "${assignments}"
+    if (( NLA_SWEEP_RUNS > 0 )) && [[ "${SLURM_ARRAY_TASK_COUNT:-}" != "${NLA_SWEEP_RUNS}" ]]; then
+        echo "[launcher] warning: the sweep has ${NLA_SWEEP_RUNS} runs but this array has" \
+             "${SLURM_ARRAY_TASK_COUNT:-no} tasks (sbatch --array=0-$((NLA_SWEEP_RUNS - 1)))" >&2
+    fi
+}
+
+# Trainer and rollout hosts of this allocation, from scontrol show hostnames.
+nla_split_nodes() {
+    local hosts want
+    mapfile -t hosts < <(scontrol show hostnames "${SLURM_JOB_NODELIST}")
+    want=$((NLA_TRAINER_NODES + NLA_ROLLOUT_NODES))
+    (( ${#hosts[@]} == want )) || nla_die "${NLA_CONFIG} needs ${NLA_TRAINER_NODES} trainer + ${NLA_ROLLOUT_NODES}" \
+        "rollout nodes = ${want}, this job has ${#hosts[@]} (sbatch --nodes=${want})"
+    NLA_TRAINER_HOSTS=("${hosts[@]:0:NLA_TRAINER_NODES}")
+    NLA_ROLLOUT_HOSTS=("${hosts[@]:NLA_TRAINER_NODES}")
+    export MASTER_ADDR="${hosts[0]}"  # torch.distributed rendezvous on the first trainer node
+    echo "[launcher] trainers: ${NLA_TRAINER_HOSTS[*]}; rollout servers: ${NLA_ROLLOUT_HOSTS[*]}"
+}
+
+# Runs inside the step of one rollout node: its servers, each on its own slice of the node's GPUs and its own
+# port; the arguments are extra server flags. One server ending ends the step, so the launcher notices.
+nla_serve_node() {
+    trap '' USR1  # preemption is the trainer's: the servers keep serving while it checkpoints (inherited)
+    local gpus k devices node="${SLURMD_NODENAME:-$(hostname)}" reference=() engine=() pids=()
+    IFS=, read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NLA_GPUS_PER_NODE - 1)))}"
+    [[ -n "${NLA_REFERENCE}" ]] && reference=(--reference "${NLA_REFERENCE}")  # empty: the policy alone
+    engine=(--engine "${NLA_ROLLOUT_ENGINE}")
+    if [[ "${NLA_ROLLOUT_ENGINE}" == vllm ]]; then  # vLLM's own settings reach the server through its YAML
+        printf 'vllm:\n  tensor_parallel_size: %s\n  max_model_len: %s\n' "${NLA_ROLLOUT_TP}" "${NLA_MAX_CONTEXT}" \
+            > "${NLA_LOG_DIR}/server-${node}.yaml"
+        engine+=(--config "${NLA_LOG_DIR}/server-${node}.yaml")
+    fi
+    for ((k = 0; k < NLA_SERVERS_PER_NODE; k++)); do
+        devices="$(IFS=,; echo "${gpus[*]:k * NLA_ROLLOUT_TP:NLA_ROLLOUT_TP}")"
+        CUDA_VISIBLE_DEVICES="${devices}" python -m nemo_logitavg.rollout.server --policy "${NLA_POLICY}" \
+            "${reference[@]}" --ref-weight "${NLA_REF_WEIGHT}" --host 0.0.0.0 --port $((NLA_ROLLOUT_PORT + k)) \
+            --max-batch-size "${NLA_ROLLOUT_MAX_SEQS}" "${engine[@]}" "$@" \
+            > "${NLA_LOG_DIR}/server-${node}-${k}.log" 2>&1 &
+        pids+=("$!")
+    done
+    wait -n
+    local rc=$?
+    kill "${pids[@]}" 2>/dev/null
+    return "${rc}"
+}
+
+# One srun step a rollout node, then wait until every server answers /health. Sets NLA_ROLLOUT_URLS.
+nla_start_servers() {
+    local node k urls=()
+    # Servers and trainer share a per-job token, read from the environment (never on a command line).
+    NEMO_LOGITAVG_ROLLOUT_TOKEN="${NEMO_LOGITAVG_ROLLOUT_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+    export NEMO_LOGITAVG_ROLLOUT_TOKEN
+    nla_container_flags
+    NLA_SERVER_PIDS=()
+    for node in "${NLA_ROLLOUT_HOSTS[@]}"; do
+        srun --nodes=1 --ntasks=1 --nodelist="${node}" --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+            --output="${NLA_LOG_DIR}/rollout-${node}.log" "${NLA_CONTAINER_FLAGS[@]}" \
+            bash -c 'source launcher/common.sh && nla_serve_node "$@"' nla_serve_node "${NLA_SERVER_ARGS[@]}" &
+        NLA_SERVER_PIDS+=("$!")
+        for ((k = 0; k < NLA_SERVERS_PER_NODE; k++)); do
+            urls+=("http://${node}:$((NLA_ROLLOUT_PORT + k))")
+        done
+    done
+    trap nla_stop_servers EXIT
+    NLA_ROLLOUT_URLS="$(IFS=,; echo "${urls[*]}")"
+    local url deadline=$((SECONDS + ${NLA_SERVER_TIMEOUT:-3600}))
+    for url in "${urls[@]}"; do
+        until curl -sf -o /dev/null -K - "${url}/health" \
+                <<< "header = \"Authorization: Bearer ${NEMO_LOGITAVG_ROLLOUT_TOKEN}\""; do
+            for k in "${NLA_SERVER_PIDS[@]}"; do
+                kill -0 "${k}" 2>/dev/null || nla_die "a rollout server step ended; see ${NLA_LOG_DIR}/rollout-*.log" \
+                    "and server-*.log"
+            done
+            (( SECONDS < deadline )) || nla_die "${url} not healthy after ${NLA_SERVER_TIMEOUT:-3600} s"
+            sleep 5
+        done
+    done
+    echo "[launcher] ${#urls[@]} rollout server(s) ready: ${NLA_ROLLOUT_URLS}"
+}
+
+nla_stop_servers() {
+    if (( ${#NLA_SERVER_PIDS[@]} )); then
+        kill "${NLA_SERVER_PIDS[@]}" 2>/dev/null  # srun passes the TERM on to the servers
+    fi
+    NLA_SERVER_PIDS=()
+}
+
+# The whole GPU GRPO job; the arguments go to the planner: --config FILE or --sweep FILE --index I, then
+# key=value overrides. Plan, split the nodes, start the servers, then train (preemptible, see nla_run_step).
+nla_grpo() {
+    nla_use_container
+    nla_plan "$@"
+    nla_split_nodes
+    nla_start_servers
+    local trainers cpus=$(( ${SLURM_CPUS_ON_NODE:-1} / NLA_GPUS_PER_NODE ))
+    trainers="$(IFS=,; echo "${NLA_TRAINER_HOSTS[*]}")"
+    # The token stays an OmegaConf interpolation on the command line, resolved from the environment.
+    # shellcheck disable=SC2016
+    nla_run_step --nodes="${NLA_TRAINER_NODES}" --nodelist="${trainers}" \
+        --ntasks-per-node="${NLA_GPUS_PER_NODE}" --cpus-per-task=$(( cpus > 0 ? cpus : 1 )) \
+        python recipes/grpo.py --config "${NLA_CONFIG}" "${NLA_OVERRIDES[@]}" \
+        "rollout.urls=[${NLA_ROLLOUT_URLS}]" 'rollout.token=${oc.env:NEMO_LOGITAVG_ROLLOUT_TOKEN}'
 }

@@ -37,6 +37,21 @@ def load_config(schema: type[T], path: str | Path, overrides: list[str] | None =
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def config_as_dict(schema: type, path: str | Path, overrides: list[str] | None = None) -> dict:
+    """``path`` with ``overrides``, checked against ``schema`` like ``load_config``, as plain containers for reports
+    (the model card): required values not given stay ``"???"`` and interpolations stay unresolved (no secret from
+    the environment is copied out)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as exc:
+        raise ValueError(f"{path}: {_describe(exc)}") from None
+    return OmegaConf.to_container(merged, resolve=False, throw_on_missing=False)  # type: ignore[return-value]
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
@@ -111,6 +126,27 @@ class RunSection:
 
 
 @dataclass
+class ClusterSection:
+    """The Slurm layout of a GPU run, read by launcher/common.sh through ``recipes/plan.py --shell``. One
+    allocation: the first ``trainer_nodes`` hosts train, the next ``rollout_nodes`` serve rollouts."""
+
+    gpus_per_node: int = 8
+    trainer_nodes: int = 1  # Megatron ranks: trainer_nodes x gpus_per_node = TP x PP x DP
+    rollout_nodes: int = 1
+    rollout_tp: int = 8  # GPUs per rollout server; a server stays within one node
+    rollout_max_seqs: int = 128  # sequences a server keeps in its KV cache at once (planned against memory)
+    max_context: int = 4096  # prompt + response tokens a sequence may reach (activations, KV cache)
+    rollout_port: int = 8000  # a node's k-th server listens on rollout_port + k
+    rollout_engine: str = "vllm"  # vllm (GPUs; given rollout_tp and max_context) | torch
+    server_args: list[str] = field(default_factory=list)  # further flags of nemo_logitavg.rollout.server
+    gpu_memory_gib: float = 80.0  # H100 80GB
+
+    @property
+    def servers_per_node(self) -> int:
+        return self.gpus_per_node // self.rollout_tp
+
+
+@dataclass
 class GRPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
@@ -118,6 +154,7 @@ class GRPOConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    cluster: ClusterSection | None = None  # None: one machine (torchrun, or the tiny launcher)
 
     def validate(self) -> GRPOConfig:
         """Check ranges and names; raise ValueError naming the key."""
@@ -150,13 +187,84 @@ class GRPOConfig:
                 f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split into "
                 f"algorithm.mini_batches ({a.mini_batches}) x rollout.micro_batch_size ({r.micro_batch_size})"
             )
+        if self.cluster is not None:
+            self._validate_cluster()
         return self
+
+    def _validate_cluster(self) -> None:
+        c, m = self.cluster, self.model
+        checks = [
+            (c.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1"),
+            (c.trainer_nodes >= 1, "cluster.trainer_nodes", "must be >= 1"),
+            (c.rollout_nodes >= 1, "cluster.rollout_nodes", "must be >= 1 (rollout servers get nodes of their own)"),
+            (c.rollout_tp >= 1 and c.gpus_per_node % c.rollout_tp == 0, "cluster.rollout_tp",
+             f"must divide cluster.gpus_per_node ({c.gpus_per_node}): a server stays within one node"),
+            (c.rollout_max_seqs >= 1, "cluster.rollout_max_seqs", "must be >= 1"),
+            (c.max_context > self.rollout.max_tokens, "cluster.max_context",
+             f"must exceed rollout.max_tokens ({self.rollout.max_tokens}): it holds the prompt too"),
+            (1 <= c.rollout_port <= 65535 - c.gpus_per_node, "cluster.rollout_port", "must be a port number"),
+            (c.rollout_engine in ("vllm", "torch"), "cluster.rollout_engine", "must be vllm or torch"),
+        ]  # fmt: skip
+        for ok, key, why in checks:
+            if not ok:
+                raise ValueError(f"config key {key} {why}, got {_get(self, key)!r}")
+        gpus, model_parallel = c.trainer_nodes * c.gpus_per_node, m.tensor_parallel * m.pipeline_parallel
+        if gpus % model_parallel:
+            raise ValueError(
+                f"config: cluster.trainer_nodes x cluster.gpus_per_node = {gpus} trainer GPUs must be a multiple of "
+                f"model.tensor_parallel x model.pipeline_parallel = {model_parallel}"
+            )
+        dp = gpus // model_parallel
+        per_mini = self.rollout.prompts_per_step * self.algorithm.group_size // self.algorithm.mini_batches
+        if per_mini % (dp * self.rollout.micro_batch_size):
+            raise ValueError(
+                f"config: a mini-batch of {per_mini} sequences must split into data parallel ({dp}, from the "
+                f"cluster section) x rollout.micro_batch_size ({self.rollout.micro_batch_size})"
+            )
 
 
 def _get(obj: object, dotted: str) -> object:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+@dataclass
+class SweepConfig:
+    """A grid of GRPO runs over ``ref_weights`` x ``seeds``, everything else from ``base`` (group size, reward and
+    budget held fixed, as the ablation needs). Run ``i`` of the grid (a Slurm array index) is ref_weight-major."""
+
+    base: str = MISSING  # the GRPO config of every run (a path relative to the repository root)
+    ref_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    run_dir: str = "runs/sweep"  # run i writes run_dir/a{ref_weight}_seed{seed}
+    overrides: list[str] = field(default_factory=list)  # key=value applied to every run
+
+    def __len__(self) -> int:
+        return len(self.ref_weights) * len(self.seeds)
+
+    def run_overrides(self, index: int) -> list[str]:
+        """The ``key=value`` overrides of run ``index`` (0 <= index < len(self))."""
+        if not 0 <= index < len(self):
+            raise ValueError(f"sweep index {index} is outside the grid of {len(self)} runs (0..{len(self) - 1})")
+        a, seed = self.ref_weights[index // len(self.seeds)], self.seeds[index % len(self.seeds)]
+        point = [f"algorithm.ref_weight={a}", f"run.seed={seed}", f"run.dir={self.run_dir}/a{a}_seed{seed}"]
+        return [*self.overrides, *point]
+
+    def load_run(self, index: int, overrides: list[str] | None = None, root: str | Path = ".") -> GRPOConfig:
+        """Run ``index``'s GRPO config (``base`` read relative to ``root``), with ``overrides`` last, validated."""
+        every = self.run_overrides(index) + list(overrides or [])
+        return load_config(GRPOConfig, Path(root) / self.base, every).validate()
+
+    def validate(self) -> SweepConfig:
+        if not self.ref_weights or not self.seeds:
+            raise ValueError("sweep: ref_weights and seeds must both be non-empty")
+        if len(set(self.ref_weights)) != len(self.ref_weights) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"sweep: repeated ref_weights {self.ref_weights} or seeds {self.seeds}")
+        bad = [a for a in self.ref_weights if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"sweep: ref_weights must lie in [0, 1], got {bad}")
+        return self
 
 
 @dataclass

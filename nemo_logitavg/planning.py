@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from nemo_logitavg.config import GRPOConfig
 from nemo_logitavg.models.builder import LlamaConfig, padded_vocab_size
 
 GIB = 1 << 30
@@ -122,6 +123,7 @@ class RolloutLayout:
     max_context: int  # tokens a sequence (prompt + response) may reach
     kv_bytes: int = 2  # bf16 KV cache
     weight_bytes: int = 2  # bf16 weights
+    stacks: int = 2  # models a server holds: 2 for pi_mix, 1 when ref_weight is 0 (the policy alone)
 
     @property
     def gpus(self) -> int:
@@ -160,6 +162,7 @@ class SidePlan:
     gpus: int
     lines: tuple[Line, ...]
     advice: dict[str, str] = field(default_factory=dict)  # line name -> how to shrink it
+    note: str = ""  # printed under the table (e.g. the other end of the pipeline)
 
     @property
     def total(self) -> float:
@@ -333,6 +336,12 @@ def _training_stage(cfg: LlamaConfig, t: TrainingLayout, stage: int) -> list[Lin
     return lines
 
 
+def _last_stage_note(lines: list[Line]) -> str:
+    """The last stage holds the output layer and runs the pi_mix loss: show it when it is not the worst."""
+    parts = ", ".join(f"{line.name} {gib(line.bytes)}" for line in lines)
+    return f"Last stage (output layer, pi_mix loss): {gib(sum(line.bytes for line in lines))} GiB = {parts} GiB."
+
+
 def plan(cfg: LlamaConfig, training: TrainingLayout, rollout: RolloutLayout, gpu: GPUSpec | None = None) -> Plan:
     """Memory per GPU of ``training`` (its worst pipeline stage) and of ``rollout`` for model ``cfg``.
 
@@ -357,37 +366,35 @@ def plan(cfg: LlamaConfig, training: TrainingLayout, rollout: RolloutLayout, gpu
             "activations": f"{recompute_hint}lower the micro-batch size or sequence length, or raise tensor parallel",
             "log-prob buffers": "lower the micro-batch size or raise tensor parallel",
         },
+        _last_stage_note(stages[-1]) if worst != training.pp - 1 else "",
     )
 
     r = rollout
     params = parameter_count(cfg)
-    weights = 2 * r.weight_bytes * params / r.tp
+    weights = r.stacks * r.weight_bytes * params / r.tp
     kv_heads = max(1, cfg.num_key_value_heads // r.tp)  # below one head a rank, heads are replicated
-    per_token = 2 * cfg.num_hidden_layers * 2 * kv_heads * head_dim(cfg) * r.kv_bytes
+    per_token = r.stacks * cfg.num_hidden_layers * 2 * kv_heads * head_dim(cfg) * r.kv_bytes
     tokens = r.max_seqs * r.max_context
     kv = per_token * tokens
     room = max(0.0, gpu.available - weights)
     max_seqs = int(room // (per_token * r.max_context))
+    # ref_weight 0 (the KL baseline) serves the policy alone: one stack, one KV cache.
+    w_name, kv_name = ("policy + reference weights", "KV cache (both stacks)") if r.stacks == 2 else (
+        "policy weights", "KV cache")  # fmt: skip
+    models = f"{r.stacks} model{'s' * (r.stacks > 1)}"
+    kv_f = (f"{models} x {cfg.num_hidden_layers} layers x 2 (K,V) x {kv_heads} kv heads/TP x "
+            f"{head_dim(cfg)} x {r.kv_bytes} B x {r.max_seqs} seqs x {r.max_context} tokens")  # fmt: skip
     rollout_side = SidePlan(
         "rollout GPU",
         f"server TP{r.tp}, {r.servers} servers",
         r.gpus,
         (
-            Line(
-                "policy + reference weights",
-                f"2 models x {r.weight_bytes} B x {_n(params)} params / TP={r.tp}",
-                weights,
-            ),
-            Line(
-                "KV cache (both stacks)",
-                f"2 models x {cfg.num_hidden_layers} layers x 2 (K,V) x {kv_heads} kv heads/TP x {head_dim(cfg)} "
-                f"x {r.kv_bytes} B x {r.max_seqs} seqs x {r.max_context} tokens",
-                kv,
-            ),
-        ),  # fmt: skip
+            Line(w_name, f"{models} x {r.weight_bytes} B x {_n(params)} params / TP={r.tp}", weights),
+            Line(kv_name, kv_f, kv),
+        ),
         {
-            "policy + reference weights": "raise rollout tensor parallel",
-            "KV cache (both stacks)": f"lower rollout seqs to <= {max_seqs} at context {r.max_context}, lower the "
+            w_name: "raise rollout tensor parallel",
+            kv_name: f"lower rollout seqs to <= {max_seqs} at context {r.max_context}, lower the "
             "context, or raise rollout tensor parallel",
         },
     )
@@ -419,4 +426,28 @@ def format_plan(result: Plan) -> str:
                 "| component | formula | GiB |", "|---|---|---:|"]  # fmt: skip
         out += [f"| {line.name} | {line.formula} | {gib(line.bytes)} |" for line in side.lines]
         out.append(f"| **total** | | **{gib(side.total)}** |")
+        if side.note:
+            out += ["", side.note]
     return "\n".join(out)
+
+
+def plan_config(cfg: GRPOConfig) -> Plan:
+    """The plan of a GRPO config with a ``cluster`` section: training at model.tensor_parallel x
+    model.pipeline_parallel over the trainer nodes, micro-batches of ``rollout.micro_batch_size`` sequences of
+    ``cluster.max_context`` tokens (no activation recomputation: the actor does not use it); rollout servers of
+    ``cluster.rollout_tp`` GPUs holding both stacks (the policy alone when ref_weight is 0). ``model.policy`` is a
+    Hugging Face directory or a preset name (``llama3-70b``) when the weights are not at hand.
+
+    Raises:
+        ValueError: the config has no cluster section, or the model cannot take the layout.
+    """
+    c, m = cfg.cluster, cfg.model
+    if c is None:
+        raise ValueError("the config has no cluster section: nothing to plan (give --model and a layout instead)")
+    gpus = c.trainer_nodes * c.gpus_per_node
+    dp = gpus // (m.tensor_parallel * m.pipeline_parallel)
+    training = TrainingLayout(m.tensor_parallel, m.pipeline_parallel, dp, cfg.rollout.micro_batch_size, c.max_context)
+    stacks = 2 if cfg.algorithm.ref_weight > 0 else 1
+    rollout = RolloutLayout(c.rollout_tp, c.rollout_nodes * c.servers_per_node, c.rollout_max_seqs, c.max_context,
+                            stacks=stacks)  # fmt: skip
+    return plan(resolve_model(m.policy), training, rollout, GPUSpec(c.gpu_memory_gib))

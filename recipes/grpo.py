@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
 import torch.distributed as dist
 
 from nemo_logitavg.config import GRPOConfig, load_config
@@ -49,6 +50,7 @@ def main() -> None:
         LlamaConfig.from_hf(reference_dir),
         ActorConfig(
             ref_weight=cfg.algorithm.ref_weight, temperature=cfg.algorithm.temperature,
+            params_dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
             reference_logprobs=cfg.algorithm.beta > 0, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
             clip_grad=cfg.optim.clip_grad, lr_warmup_steps=cfg.optim.warmup_steps,
         ),

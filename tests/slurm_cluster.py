@@ -36,10 +36,25 @@ def _free_port() -> int:
 
 
 class LocalSlurm:
-    def __init__(self, cpus: int | None = None) -> None:
+    """``LocalSlurm()``: one real node (slurmctld + slurmd) that runs jobs. ``LocalSlurm(nodes=16, gpus=8)``: a
+    controller that declares H100-like nodes (``Gres=gpu:8``, all at 127.0.0.1, no slurmd: marked IDLE) for
+    ``sbatch --test-only``, which the controller answers alone."""
+
+    def __init__(self, cpus: int | None = None, nodes: int = 0, gpus: int = 8, max_time: str = "2-00:00:00") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="nla-slurm-", dir="/tmp"))  # short: unix socket path limit
         self.cpus = cpus or os.cpu_count() or 1
+        self.nodes, self.gpus, self.max_time = nodes, gpus, max_time
         self.env = dict(os.environ, SLURM_CONF=str(self.dir / "slurm.conf"))
+
+    def _node_lines(self) -> str:
+        if not self.nodes:
+            return (f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=8000 State=UNKNOWN\n"
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP\n")  # fmt: skip
+        names = f"gpu[01-{self.nodes:02d}]"
+        (self.dir / "gres.conf").write_text(f"NodeName={names} Name=gpu Count={self.gpus}\n")
+        return (f"GresTypes=gpu\nNodeName={names} NodeAddr=127.0.0.1 CPUs=64 Boards=1 SocketsPerBoard=2 "
+                f"CoresPerSocket=32 ThreadsPerCore=1 RealMemory=1000000 Gres=gpu:{self.gpus} State=IDLE\n"
+                f"PartitionName=gpu Nodes={names} Default=YES MaxTime={self.max_time} State=UP\n")  # fmt: skip
 
     def __enter__(self) -> LocalSlurm:
         d = self.dir
@@ -79,13 +94,12 @@ JobCompType=jobcomp/filetxt
 JobCompLoc={d}/log/jobcomp.txt
 ReturnToService=2
 MpiDefault=none
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=8000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
-"""
+{self._node_lines()}"""
         )
         conf = str(d / "slurm.conf")
         subprocess.run(["slurmctld", "-f", conf], check=True, env=self.env)
-        subprocess.run(["slurmd", "-f", conf], check=True, env=self.env)
+        if not self.nodes:
+            subprocess.run(["slurmd", "-f", conf], check=True, env=self.env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=self.env).stdout
@@ -100,6 +114,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             ["sbatch", "--parsable", *args], capture_output=True, text=True, env=self.env, cwd=cwd, check=True
         ).stdout
         return int(out.strip().split(";")[0])
+
+    def test_only(self, *args: str, cwd: str | Path) -> subprocess.CompletedProcess:
+        """``sbatch --test-only ARGS``: the controller's answer (it prints it on stderr), nothing submitted."""
+        return subprocess.run(["sbatch", "--test-only", *args], capture_output=True, text=True, env=self.env, cwd=cwd)
 
     def job_state(self, job_id: int) -> dict[str, str]:
         out = subprocess.run(

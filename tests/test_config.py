@@ -76,3 +76,59 @@ def test_shipped_training_configs_load_and_validate():
     assert grpo.model.tensor_parallel == 2 and grpo.algorithm.ref_weight == 0.5
     with pytest.raises(ValueError, match="required key"):
         load_config(GRPOConfig, root / "grpo_logitavg_tiny.yaml")
+
+
+@pytest.mark.parametrize("name", ["grpo_logitavg_8b", "grpo_logitavg_70b", "grpo_kl_8b", "grpo_kl_70b"])
+def test_shipped_cluster_configs_load_and_validate(name):
+    """The 8B/70B configs and their KL baselines: same budget, only ref_weight and beta differ."""
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    cfg = load_config(GRPOConfig, root / f"{name}.yaml", ["model.policy=p"]).validate()
+    assert cfg.cluster is not None and cfg.model.dtype == "bfloat16"
+    twin = load_config(GRPOConfig, root / f"{name.replace('kl', 'logitavg')}.yaml", ["model.policy=p"])
+    if "kl" in name:
+        assert (cfg.algorithm.ref_weight, cfg.algorithm.beta) == (0.0, 0.05)
+        cfg.algorithm.ref_weight, cfg.algorithm.beta, cfg.run.dir = twin.algorithm.ref_weight, 0.0, twin.run.dir
+        assert cfg == twin
+    with pytest.raises(ValueError, match="required key.*model.policy"):
+        load_config(GRPOConfig, root / f"{name}.yaml")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("cluster.rollout_tp=3", "cluster.rollout_tp must divide cluster.gpus_per_node"),
+        ("cluster.trainer_nodes=0", "cluster.trainer_nodes must be >= 1"),
+        ("cluster.max_context=3072", "cluster.max_context must exceed rollout.max_tokens"),
+        ("model.pipeline_parallel=3", "64 trainer GPUs must be a multiple of"),
+        ("rollout.micro_batch_size=3", "must split"),
+    ],
+)
+def test_cluster_section_errors_name_the_key(override, message):
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_70b.yaml"
+    with pytest.raises(ValueError, match=message):
+        load_config(GRPOConfig, path, ["model.policy=p", override]).validate()
+
+
+def test_shipped_sweep_config():
+    from pathlib import Path
+
+    from nemo_logitavg.config import SweepConfig
+
+    root = Path(__file__).resolve().parent.parent
+    sweep = load_config(SweepConfig, root / "configs" / "sweep_ref_weight_8b.yaml").validate()
+    assert len(sweep) == 12  # launcher/sweep_ref_weight.sh's --array=0-11
+    points = {(run.algorithm.ref_weight, run.run.seed, run.run.dir) for run in
+              (sweep.load_run(i, ["model.policy=p"], root=root) for i in range(len(sweep)))}  # fmt: skip
+    assert len(points) == 12 and (0.25, 3, "runs/sweep_ref_weight_8b/a0.25_seed3") in points
+    base = load_config(SweepConfig, root / "configs" / "sweep_ref_weight_8b.yaml").load_run(0, ["model.policy=p"], root)
+    assert base.algorithm.group_size == 8 and base.algorithm.beta == 0.0  # held fixed across the grid
+    with pytest.raises(ValueError, match="outside the grid of 12"):
+        sweep.run_overrides(12)

@@ -82,3 +82,37 @@ def test_grpo_tiny_job_completes_and_survives_preemption(tmp_path):
         assert sorted(set(steps)) == [1, 2, 3, 4, 5, 6], steps
         rank0 = (work / f"outputs/logs/grpo-logitavg-tiny-{job}/rank0.log").read_text()
         assert "stopped at step" in rank0 and "resumed from" in rank0
+
+
+GPU_SCRIPTS = {  # script -> the nodes its #SBATCH header asks for
+    "grpo_logitavg_70b.sh": 12,
+    "grpo_kl_70b.sh": 12,
+    "grpo_logitavg_8b.sh": 2,
+    "grpo_kl_8b.sh": 2,
+    "sweep_ref_weight.sh": 2,
+    "evaluate.sh": 1,
+}
+
+
+def test_gpu_scripts_pass_sbatch_test_only_on_h100_like_nodes():
+    """A controller declaring 16 nodes with gres/gpu:8 accepts every GPU script's header as written, and
+    refuses what the cluster cannot hold (more nodes than it has, more GPUs than a node has)."""
+    import re
+
+    assert sorted(GPU_SCRIPTS) == sorted(
+        p.name
+        for p in (ROOT / "launcher").glob("*.sh")
+        if p.name not in ("common.sh", "grpo_logitavg_tiny.sh", "pimix_tp_check.sh")
+    )
+    with LocalSlurm(nodes=16, gpus=8) as slurm:
+        for script, nodes in GPU_SCRIPTS.items():
+            answer = slurm.test_only(f"launcher/{script}", "model.policy=SFT_HF", cwd=ROOT)
+            assert answer.returncode == 0, (script, answer.stderr)
+            start = re.search(r"to start at \S+ using (\d+) processors on nodes (\S+)", answer.stderr)
+            assert start, (script, answer.stderr)
+            expected = "gpu01" if nodes == 1 else f"gpu[01-{nodes:02d}]"
+            assert start.group(2) == expected, (script, answer.stderr)
+        for extra in (["--nodes=20"], ["--gres=gpu:9"]):
+            answer = slurm.test_only(*extra, "launcher/grpo_logitavg_70b.sh", cwd=ROOT)
+            assert answer.returncode != 0, (extra, answer.stderr)
+            assert "Requested node configuration is not available" in answer.stderr, (extra, answer.stderr)

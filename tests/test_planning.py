@@ -174,3 +174,18 @@ def test_recipe_reads_a_hf_directory(tmp_path: Path) -> None:
     out = run_recipe("--model", str(tmp_path), "--seq", "64", "--gpu-gib", "1", "--reserve-gib", "0.5")
     assert out.returncode == 0, out.stderr
     assert "GPUs: 1 training + 1 rollout" in out.stdout
+
+
+def test_plan_of_the_shipped_70b_configs() -> None:
+    """The cluster section gives the layout: 8 trainer nodes at TP8 x PP4 -> DP2; four TP8 servers holding both
+    stacks (the README's figures), one stack for the KL baseline (ref_weight 0)."""
+    from nemo_logitavg.config import GRPOConfig, load_config
+    from nemo_logitavg.planning import plan_config
+
+    cfg = load_config(GRPOConfig, ROOT / "configs" / "grpo_logitavg_70b.yaml", ["model.policy=llama3-70b"])
+    result = check(plan_config(cfg.validate()))
+    assert "TP8 x PP4 x DP2" in result.training.where and result.training.gpus == 64 and result.rollout.gpus == 32
+    assert (round(result.training.total / GIB, 1), round(result.rollout.total / GIB, 1)) == (57.6, 72.9)
+    assert "log-prob buffers 0.4" in result.training.note  # the last stage, where the pi_mix loss runs
+    kl = load_config(GRPOConfig, ROOT / "configs" / "grpo_kl_70b.yaml", ["model.policy=llama3-70b"])
+    assert plan_config(kl).rollout.total == pytest.approx(result.rollout.total / 2)
