@@ -1,7 +1,9 @@
 """The rollout stage: inference servers that sample from pi_mix, the engines behind them, and a client.
 
 - ``engine``: the ``Engine`` protocol a server drives, and ``TorchEngine`` (two Hugging Face Llama models, each
-  with its own KV cache, batched decoding, sampling from pi_mix). A vLLM engine implements the same protocol.
+  with its own KV cache, batched decoding, sampling from pi_mix). ``vllm_engine.VLLMEngine`` implements the same
+  protocol with vLLM (``vllm_model``: both stacks in one out-of-tree vLLM model; ``vllm_plugin``: its
+  ``vllm.general_plugins`` registration, which also makes release bundles servable by vLLM).
 - ``server``: the OpenAI-style HTTP server (``python -m nemo_logitavg.rollout.server``).
 - ``client``: ``RolloutClient``, what the trainer calls (concurrency, retries, fail-over, step checks).
 - ``process``: start and stop a server as a child process (recipes).
@@ -14,7 +16,7 @@ Imports are lazy so that ``import nemo_logitavg.rollout.client`` does not load t
 
 from __future__ import annotations
 
-__all__ = ["Engine", "TorchEngine", "RolloutClient", "RolloutError"]
+__all__ = ["Engine", "TorchEngine", "VLLMEngine", "RolloutClient", "RolloutError"]
 
 
 def __getattr__(name: str):
@@ -22,6 +24,10 @@ def __getattr__(name: str):
         from nemo_logitavg.rollout import engine
 
         return getattr(engine, name)
+    if name == "VLLMEngine":  # imports vLLM only when an engine is built
+        from nemo_logitavg.rollout import vllm_engine
+
+        return vllm_engine.VLLMEngine
     if name in ("RolloutClient", "RolloutError"):
         from nemo_logitavg.rollout import client
 

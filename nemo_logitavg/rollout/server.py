@@ -25,7 +25,10 @@ unknown token ids, limits exceeded) and 500 for engine failures; the server keep
 
 A ``--config`` YAML may hold the same settings under their long names with underscores (``policy``,
 ``reference``, ``ref_weight``, ``host``, ``port``, ``token``, ``max_n``, ``max_tokens``, ``max_prompts``,
-``max_batch_size``, ``threads``, ``engine``, ``policy_step``); flags win over the file. The token may also come
+``max_batch_size``, ``threads``, ``engine``, ``policy_step``, ``vllm``); flags win over the file. ``engine`` is
+``torch`` (default: ``TorchEngine``, CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build);
+``vllm`` is a mapping of further ``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``,
+``gpu_memory_utilization``, ``dtype``, ``enforce_eager``, ``max_model_len``, ...). The token may also come
 from the environment variable ``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server
 refuses to start on a port that is held. Only the ``__main__`` block parses arguments.
 """
@@ -354,7 +357,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-batch-size", type=int, help="sequences decoded together (default 256)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
-    parser.add_argument("--engine", help="engine name (default torch; the only one implemented)")
+    parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
 
@@ -371,7 +374,7 @@ if __name__ == "__main__":
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
         "policy", "reference", "ref_weight", "host", "port", "token", "max_n", "max_tokens", "max_prompts",
-        "max_batch_size", "threads", "policy_step", "engine",
+        "max_batch_size", "threads", "policy_step", "engine", "vllm",
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -379,8 +382,14 @@ if __name__ == "__main__":
     for required in ("policy", "ref_weight"):
         if settings.get(required) is None:
             parser.error(f"--{required.replace('_', '-')} is required (flag or config)")
-    if settings.get("engine", "torch") != "torch":
-        parser.error(f"engine {settings['engine']!r} is not available here; this build implements 'torch'")
+    engine_name = settings.get("engine") or "torch"
+    if engine_name not in ("torch", "vllm"):
+        parser.error(f"engine {engine_name!r} is unknown: choose 'torch' or 'vllm'")
+    vllm_args = settings.get("vllm") or {}
+    if not isinstance(vllm_args, dict):
+        parser.error("the vllm setting must be a mapping of vllm.LLM arguments")
+    if vllm_args and engine_name != "vllm":
+        parser.error("vllm settings were given but the engine is not vllm (set engine: vllm)")
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
 
@@ -389,18 +398,39 @@ if __name__ == "__main__":
     held = bind_socket(host, port)  # fail fast, before loading models, when the port is taken
     held.close()
 
-    from nemo_logitavg.rollout.engine import TorchEngine
+    if engine_name == "vllm":
+        from nemo_logitavg.rollout.vllm_engine import VLLMEngine
 
-    torch_engine = TorchEngine(
-        settings["policy"],
-        settings.get("reference"),
-        float(settings["ref_weight"]),
-        max_batch_size=int(settings.get("max_batch_size", 256)),
-        policy_step=int(settings.get("policy_step", 0)),
-    )
+        served_engine = VLLMEngine(
+            settings["policy"],
+            settings.get("reference"),
+            float(settings["ref_weight"]),
+            max_batch_size=int(settings.get("max_batch_size", 256)),
+            policy_step=int(settings.get("policy_step", 0)),
+            engine_args=dict(vllm_args),
+        )
+    else:
+        from nemo_logitavg.rollout.engine import TorchEngine
+
+        served_engine = TorchEngine(
+            settings["policy"],
+            settings.get("reference"),
+            float(settings["ref_weight"]),
+            max_batch_size=int(settings.get("max_batch_size", 256)),
+            policy_step=int(settings.get("policy_step", 0)),
+        )
     server_limits = ServerLimits(
         max_n=int(settings.get("max_n", 64)),
         max_tokens=int(settings.get("max_tokens", 4096)),
         max_prompts=int(settings.get("max_prompts", 512)),
     )
-    serve(torch_engine, host, port, settings.get("token"), server_limits, log_level=args.log_level)
+    if hasattr(served_engine, "close"):  # the vLLM engine has processes of its own to stop on the way out
+        import signal
+
+        # uvicorn re-raises SIGTERM after its graceful shutdown; as an exception it lets the finally below run.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        serve(served_engine, host, port, settings.get("token"), server_limits, log_level=args.log_level)
+    finally:
+        if hasattr(served_engine, "close"):
+            served_engine.close()
