@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -37,6 +38,9 @@ class ProblemsSection:
     test_fraction: float = 0.1  # held out by a hash of the problem text
     test_size: int = 300  # at most this many held-out problems are evaluated
     curve_size: int = 100  # held-out problems scored greedily during GRPO (accuracy against step)
+    # SFT demonstrations are not all correct: this fraction of the algebra solutions stops before dividing and
+    # boxes a*x (a careless teacher). GRPO's reward can correct what imitation learned; 0 gives clean data.
+    teacher_error_rate: float = 0.0
     seed: int = 0
 
 
@@ -161,10 +165,12 @@ def make_data(p: Plan) -> None:
     pc = p.cfg.problems
     problems = make_problems(pc.count, pc.seed, tuple(pc.kinds))
     records, solutions = [], {}
+    teacher = random.Random(pc.seed + 1)
     for i, raw in enumerate(problems):
         record = math_record(raw, f"generated problem {i}", source="arith")
         records.append(record)
-        solutions.setdefault(record["id"], raw["solution"])
+        flawed = "flawed_solution" in raw and teacher.random() < pc.teacher_error_rate
+        solutions.setdefault(record["id"], raw["flawed_solution"] if flawed else raw["solution"])
     train, test = split_by_hash(dedupe(records), pc.test_fraction, salt=str(pc.seed))
     test = test[: pc.test_size]
     if not train or not test:
@@ -179,7 +185,9 @@ def make_data(p: Plan) -> None:
         for record in train:
             fh.write(json.dumps({"prompt": record["prompt"], "response": solutions[record["id"]]}) + "\n")
     os.replace(tmp, p.path("data"))
-    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)})")
+    flawed = sum(1 for r in train if not solutions[r["id"]].endswith(f"\\boxed{{{r['answer']}}}$."))
+    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)}); "
+        f"{flawed} SFT solutions flawed by the teacher")  # fmt: skip
 
 
 def make_init_model(p: Plan) -> None:

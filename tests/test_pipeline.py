@@ -131,7 +131,14 @@ def test_data_phase_splits_held_out_problems(tmp_path):
     assert len(test) == 40 and len(sft) == len(train) > 300
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert [s["prompt"] for s in sft] == [r["prompt"] for r in train]
-    assert all(s["response"].endswith(f"\\boxed{{{r['answer']}}}$.") for s, r in zip(sft, train, strict=True))
+    # Every solution ends in \boxed{}; the careless teacher's (algebra only, at the configured rate) box a*x.
+    correct = [s["response"].endswith(f"\\boxed{{{r['answer']}}}$.") for s, r in zip(sft, train, strict=True)]
+    assert all(s["response"].endswith("}$.") and "\\boxed{" in s["response"] for s in sft)
+    flawed = [s for s, ok in zip(sft, correct, strict=True) if not ok]
+    algebra = [s for s in sft if s["prompt"].startswith("Solve for")]
+    assert all(s in algebra and "Divide" not in s["response"] for s in flawed)
+    rate = p.cfg.problems.teacher_error_rate
+    assert abs(len(flawed) / len(algebra) - rate) < 0.12 and (rate == 0) == (not flawed)
     assert read_prompts(p.path("data", "curve.jsonl")) == test[: p.cfg.problems.curve_size]
 
 

@@ -16,7 +16,7 @@ ITEMS = ("apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "
 
 def _add(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     return {
         "problem": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
         "solution": f"{name} has $ {a} + {b} = {a + b} $ {item}. The answer is $\\boxed{{{a + b}}}$.",
@@ -26,7 +26,7 @@ def _add(rng: random.Random) -> dict:
 
 def _subtract(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    b, c = rng.randint(1, 20), rng.randint(1, 20)
+    b, c = rng.randint(1, 9), rng.randint(1, 9)
     a = b + c
     return {
         "problem": f"{name} has {a} {item} and gives away {b}. How many {item} are left?",
@@ -46,11 +46,14 @@ def _multiply(rng: random.Random) -> dict:
 
 
 def _linear(rng: random.Random) -> dict:
-    a, x, b = rng.randint(2, 5), rng.randint(1, 9), rng.randint(1, 20)
+    a, x, b, v = rng.randint(2, 3), rng.randint(1, 9), rng.randint(1, 9), rng.choice("xynkm")
     c = a * x + b
     return {
-        "problem": f"Solve for $x$: $ {a}x + {b} = {c} $.",
-        "solution": f"Subtract {b}: $ {a}x = {c - b} $. Divide by {a}: $ x = {x} $. The answer is $\\boxed{{{x}}}$.",
+        "problem": f"Solve for ${v}$: $ {a}{v} + {b} = {c} $.",
+        "solution": f"Subtract {b}: $ {a}{v} = {c - b} $. Divide by {a}: $ {v} = {x} $. "
+        f"The answer is $\\boxed{{{x}}}$.",
+        # A careless teacher's version: it stops before dividing and boxes a*x (see make_problems).
+        "flawed_solution": f"Subtract {b}: $ {a}{v} = {c - b} $. The answer is $\\boxed{{{c - b}}}$.",
         "type": "Algebra",
     }
 
@@ -80,7 +83,9 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
 def make_problems(count: int, seed: int, kinds: tuple[str, ...] = tuple(GENERATORS)) -> list[dict]:
     """``count`` MATH-format problems drawn round-robin from ``kinds`` (names of ``GENERATORS``), fixed by ``seed``.
 
-    Problems may repeat; ``data.dedupe`` removes repeats before the train/test split.
+    Problems may repeat; ``data.dedupe`` removes repeats before the train/test split. Algebra problems also carry
+    a ``flawed_solution``: what a careless teacher writes (it forgets the last step), for SFT data that are not
+    all correct, as demonstrations in practice are not.
     """
     unknown = [k for k in kinds if k not in GENERATORS]
     if unknown or not kinds:
