@@ -151,6 +151,28 @@ def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+class TokenizerText:
+    """Text <-> token ids through ``self.tokenizer`` (None: token-id mode), shared by the engines."""
+
+    tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this server has no tokenizer (token-id mode): send prompts as token ids")
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        if self.tokenizer is None:
+            return [str(t) for t in token_ids]
+        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
+
+
+
 @dataclass
 class _Sequence:
     prompt: list[int]
@@ -163,7 +185,7 @@ class _Sequence:
     text: str | None = None
 
 
-class TorchEngine:
+class TorchEngine(TokenizerText):
     """pi_mix from two Hugging Face causal LMs (policy and reference), each with its own ``DynamicCache``.
 
     Args:
@@ -237,23 +259,6 @@ class TorchEngine:
         # transformers 5.x renamed the forward's ``past_key_values`` to ``cache`` (the old name is deprecated).
         forward_args = inspect.signature(type(self.policy).forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
-
-    # ------------------------------------------------------------------------------------------------ text
-
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this server has no tokenizer (token-id mode): send prompts as token ids")
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        if self.tokenizer is None:
-            return [str(t) for t in token_ids]
-        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
 
     def info(self) -> dict:
         return {

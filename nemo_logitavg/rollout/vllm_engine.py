@@ -39,6 +39,7 @@ from typing import Any
 from nemo_logitavg.rollout.engine import (
     GeneratedSequence,
     GenerationRequest,
+    TokenizerText,
     TorchEngine,
     _has_tokenizer,
     derive_seed,
@@ -107,7 +108,7 @@ def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, 
     return out
 
 
-class VLLMEngine:
+class VLLMEngine(TokenizerText):
     """pi_mix from a policy and a reference Hugging Face directory, served by ``vllm.LLM``.
 
     Args:
@@ -233,23 +234,6 @@ class VLLMEngine:
         import vllm
 
         self.vllm_version = getattr(vllm, "__version__", "unknown")
-
-    # ------------------------------------------------------------------------------------------------ text
-
-    def encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this server has no tokenizer (token-id mode): send prompts as token ids")
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
-        if self.tokenizer is None:
-            return [str(t) for t in token_ids]
-        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
 
     def info(self) -> dict:
         return {
