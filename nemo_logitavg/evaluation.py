@@ -300,9 +300,10 @@ def summarize(rows: Sequence[dict], num_resamples: int = 10_000, seed: int = 0) 
 
 
 def generate(
-    client, tokenizer, records: Sequence[dict], mode: SamplingMode, max_tokens: int, seed: int, batch: int = 64
+    client, tokenizer, records: Sequence[dict], mode: SamplingMode, max_tokens: int, seed: int, batch: int = 256
 ) -> list[list]:
-    """Completions of every record's prompt (k each) through a ``RolloutClient``, in record order."""
+    """Completions of every record's prompt (k each) through a ``RolloutClient``, in record order, ``batch``
+    prompts a request (the torch engine decodes a request's sequences together: fewer, wider steps)."""
     out: list[list] = []
     for start in range(0, len(records), batch):
         part = records[start : start + batch]
