@@ -453,7 +453,7 @@ def report_markdown(p: Plan, payload: dict, plots: list[str], timings: dict[str,
              "lr": c.optim.lr}
             for name, c in p.methods.items()
         ]),  # fmt: skip
-        "\n## Time per phase (seconds, summed over reruns)\n",
+        "\n## Time per phase (seconds; a phase that was interrupted counts the run that completed it)\n",
         markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
         "\n## Exact config\n",
         "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
