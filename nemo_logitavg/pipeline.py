@@ -272,25 +272,24 @@ def run_grpo(p: Plan, name: str) -> None:
         raise RuntimeError(f"GRPO {name} stopped before step {p.methods[name].run.steps}; rerun to resume")
 
 
-def eval_targets(p: Plan) -> dict[str, str]:
-    """Model name -> what is evaluated: the SFT model, and per method the deployed model (a pi_mix bundle when
-    ref_weight > 0, else the policy)."""
+def eval_target(p: Plan, name: str) -> str:
+    """What model ``name`` is evaluated as: the SFT directory for the baseline; for a method, the deployed model
+    (a pi_mix bundle of its final policy and the SFT reference when ref_weight > 0, else the policy)."""
     from nemo_logitavg.evaluation import write_bundle
 
-    targets = {p.cfg.baseline: p.sft.out}
-    for name, cfg in p.methods.items():
-        if cfg.algorithm.ref_weight > 0:
-            bundle = p.path("models", f"{name}_bundle")
-            if not os.path.exists(bundle):
-                write_bundle(final_policy(p, name), p.sft.out, cfg.algorithm.ref_weight, bundle + ".tmp")
-                os.replace(bundle + ".tmp", bundle)
-            targets[name] = bundle
-        else:
-            targets[name] = final_policy(p, name)
-    return targets
+    if name == p.cfg.baseline:
+        return p.sft.out
+    cfg = p.methods[name]
+    if cfg.algorithm.ref_weight == 0:
+        return final_policy(p, name)
+    bundle = p.path("models", f"{name}_bundle")
+    if not os.path.exists(bundle):
+        write_bundle(final_policy(p, name), p.sft.out, cfg.algorithm.ref_weight, bundle + ".tmp")
+        os.replace(bundle + ".tmp", bundle)
+    return bundle
 
 
-def evaluate(p: Plan, name: str, path: str) -> None:
+def evaluate(p: Plan, name: str) -> None:
     from nemo_logitavg import evaluation
     from nemo_logitavg.data import read_prompts
 
@@ -301,7 +300,7 @@ def evaluate(p: Plan, name: str, path: str) -> None:
         modes.append(evaluation.SamplingMode("sampled", e.sampled_k, 1.0))
     out = p.path("eval", name)
     # One torch thread: a tiny model's matmuls gain nothing from a second core that the grader also wants.
-    runs = evaluation.evaluate_model(path, name, records, modes, list(e.seeds), e.max_tokens,
+    runs = evaluation.evaluate_model(eval_target(p, name), name, records, modes, list(e.seeds), e.max_tokens,
                                      p.path("eval", "work"), math_timeout=e.math_timeout,
                                      server_args=["--threads", "1"])  # fmt: skip
     evaluation.write_reports(out + ".tmp", runs)
@@ -328,7 +327,7 @@ def phases(p: Plan) -> list[Phase]:
     names = [p.cfg.baseline, *p.methods]
     for name in names:
         done = os.path.join(p.root, "eval", name, "results.json")
-        out.append(Phase(f"eval {name}", lambda d=done: exists(d), lambda n=name: evaluate(p, n, eval_targets(p)[n])))
+        out.append(Phase(f"eval {name}", lambda d=done: exists(d), lambda n=name: evaluate(p, n)))
     out.append(Phase("report", lambda: False, lambda: write_report(p)))
     return out
 

@@ -11,6 +11,7 @@ import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.engine import GenerationRequest, SamplingParams, TorchEngine, derive_seed, sample_tokens
+from tests.tiny_models import chi_square_pvalue, hf_logits, make_spread_llama
 
 VOCAB = 48  # small, so that a chi-square test over the whole vocabulary has power
 TINY = dict(
@@ -20,17 +21,9 @@ TINY = dict(
 
 
 def make_tiny_llama(path, seed: int, tokenizer: bool = False, **overrides) -> str:
-    """A random tiny Llama (float32 safetensors) in ``path``; spread weights so that pi_mix is far from uniform."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.25) if param.dim() > 1 else param.uniform_(0.8, 1.2)
-    model.save_pretrained(path)
+    make_spread_llama(path, seed, {**TINY, **overrides})
     if tokenizer:
-        make_tokenizer(path, model.config.vocab_size)
+        make_tokenizer(path, overrides.get("vocab_size", VOCAB))
     return str(path)
 
 
@@ -75,29 +68,6 @@ def engine_for(model_dirs, ref_weight: float) -> TorchEngine:
     if key not in _engines:
         _engines[key] = TorchEngine(model_dirs["policy"], model_dirs["reference"], ref_weight)
     return _engines[key]
-
-
-def hf_logits(path: str, ids: list[int]) -> torch.Tensor:
-    """Full-sequence logits ``[L, V]`` from a freshly loaded transformers model (independent of the engine)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].float()
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square goodness of fit; categories with expected count < 5 are pooled into one bin."""
-    n = counts.sum().double()
-    expected = probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    dof = len(exp) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
 
 
 # Sample size. For a true distribution p and the tested q with total-variation distance d, the chi-square

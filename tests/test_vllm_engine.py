@@ -27,7 +27,7 @@ import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.engine import GenerationRequest, SamplingParams, TorchEngine
-from tests.tiny_models import save_char_tokenizer
+from tests.tiny_models import chi_square_pvalue, hf_logits, make_spread_llama, save_char_tokenizer
 
 try:
     import vllm  # noqa: F401
@@ -51,15 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_llama(path, seed: int, tokenizer: bool = False, **overrides) -> str:
-    """A random tiny Llama (float32 safetensors), weights spread so that pi_mix is far from uniform."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.25) if param.dim() > 1 else param.uniform_(0.8, 1.2)
-    model.save_pretrained(path)
+    make_spread_llama(path, seed, {**TINY, **overrides})
     if tokenizer:
         save_char_tokenizer(str(path))
     return str(path)
@@ -122,19 +114,6 @@ def engines(model_dirs):
     pool = _Engines(model_dirs)
     yield pool
     pool.close()
-
-
-_logit_cache: dict = {}
-
-
-def hf_logits(path: str, ids: list[int]) -> torch.Tensor:
-    """Full-sequence logits ``[L, V]`` from transformers (independent of both engines)."""
-    from transformers import AutoModelForCausalLM
-
-    if path not in _logit_cache:
-        _logit_cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return _logit_cache[path](input_ids=torch.tensor([ids])).logits[0].float()
 
 
 def teacher_forced(policy: str, reference: str, prompt, tokens, ref_weight, temperature) -> torch.Tensor:
@@ -320,20 +299,6 @@ def test_policy_alone_uses_vllms_own_model_and_reloads(engines, model_dirs):
             assert (torch.tensor(c.logprobs) - expected).abs().max() < 1e-4
     finally:
         engine.close()
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square goodness of fit; categories with expected count < 5 are pooled into one bin."""
-    n = counts.sum().double()
-    expected = probs.double() * n
-    small = expected < 5
-    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    dof = len(exp) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
 
 
 # 50_000 samples detect a total-variation error of 2% with power ~0.98 at alpha = 1e-3 (see test_rollout.py).

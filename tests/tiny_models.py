@@ -52,12 +52,45 @@ TINY = dict(
 
 def make_hf_llama(path, seed: int, tie: bool = False) -> str:
     """A randomly initialised tiny Llama saved with transformers (float32, safetensors)."""
+    return make_spread_llama(path, seed, {**TINY, "tie_word_embeddings": tie}, std=0.2)
+
+
+def make_spread_llama(path, seed: int, shape: dict, std: float = 0.25) -> str:
+    """A random Llama of ``shape`` (LlamaConfig keys), weights ~ N(0, std) and norms ~ U(0.8, 1.2) so that its
+    next-token distribution is far from uniform (transformers' own init gives near-uniform logits)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie))
-    with torch.no_grad():  # transformers' default init is tiny; spread the logits so pi_mix is not uniform
+    model = LlamaForCausalLM(LlamaConfig(**shape))
+    with torch.no_grad():
         for param in model.parameters():
-            param.normal_(0.0, 0.2) if param.dim() > 1 else param.uniform_(0.8, 1.2)
+            param.normal_(0.0, std) if param.dim() > 1 else param.uniform_(0.8, 1.2)
     model.save_pretrained(path)
     return str(path)
+
+
+_hf_models: dict = {}
+
+
+def hf_logits(path: str, ids: list[int]) -> torch.Tensor:
+    """Full-sequence logits ``[L, V]`` float32 from transformers (independent of the engines); models cached."""
+    from transformers import AutoModelForCausalLM
+
+    if path not in _hf_models:
+        _hf_models[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return _hf_models[path](input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square goodness of fit; categories with expected count < 5 are pooled into one bin."""
+    n = counts.sum().double()
+    expected = probs.double() * n
+    small = expected < 5
+    obs = torch.cat([counts[~small].double(), counts[small].double().sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(exp) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))

@@ -151,10 +151,30 @@ def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-class TokenizerText:
-    """Text <-> token ids through ``self.tokenizer`` (None: token-id mode), shared by the engines."""
+class EngineCommon:
+    """What both engines share: text <-> token ids through ``self.tokenizer`` (None: token-id mode) and the
+    checks of a request against ``self.vocab_size`` / ``self.max_model_len``."""
 
     tokenizer = None
+    vocab_size: int
+    max_model_len: int
+
+    def _check_request(self, request: GenerationRequest) -> None:
+        ids = request.prompt_token_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"unknown token id(s) {bad[:8]} (vocabulary size {self.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        bad_stop = [t for t in request.params.stop_token_ids if not 0 <= t < self.vocab_size]
+        if bad_stop:
+            raise ValueError(f"unknown stop token id(s) {bad_stop[:8]} (vocabulary size {self.vocab_size})")
+        if request.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this server runs in token-id mode")
+        if request.n < 1:
+            raise ValueError(f"n must be >= 1, got {request.n}")
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -185,7 +205,7 @@ class _Sequence:
     text: str | None = None
 
 
-class TorchEngine(TokenizerText):
+class TorchEngine(EngineCommon):
     """pi_mix from two Hugging Face causal LMs (policy and reference), each with its own ``DynamicCache``.
 
     Args:
@@ -344,23 +364,6 @@ class TorchEngine(TokenizerText):
             [GeneratedSequence(s.token_ids, s.logprobs, s.text or "", s.finish_reason or "length") for s in group]
             for group in sequences
         ]
-
-    def _check_request(self, request: GenerationRequest) -> None:
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"unknown token id(s) {bad[:8]} (vocabulary size {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
-        bad_stop = [t for t in request.params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stop:
-            raise ValueError(f"unknown stop token id(s) {bad_stop[:8]} (vocabulary size {self.vocab_size})")
-        if request.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this server runs in token-id mode")
-        if request.n < 1:
-            raise ValueError(f"n must be >= 1, got {request.n}")
 
     def _mixed_logits(self, input_ids, attention_mask, position_ids, caches) -> torch.Tensor:
         """``m`` of the last position of every row, float32 ``[B, V]``."""

@@ -37,9 +37,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from nemo_logitavg.rollout.engine import (
+    EngineCommon,
     GeneratedSequence,
     GenerationRequest,
-    TokenizerText,
     TorchEngine,
     _has_tokenizer,
     derive_seed,
@@ -108,7 +108,7 @@ def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, 
     return out
 
 
-class VLLMEngine(TokenizerText):
+class VLLMEngine(EngineCommon):
     """pi_mix from a policy and a reference Hugging Face directory, served by ``vllm.LLM``.
 
     Args:
@@ -290,23 +290,6 @@ class VLLMEngine(TokenizerText):
             self.policy_step = int(step)
 
     # ------------------------------------------------------------------------------------------ decoding
-
-    def _check_request(self, request: GenerationRequest) -> None:
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"unknown token id(s) {bad[:8]} (vocabulary size {self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
-        bad_stop = [t for t in request.params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stop:
-            raise ValueError(f"unknown stop token id(s) {bad_stop[:8]} (vocabulary size {self.vocab_size})")
-        if request.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this server runs in token-id mode")
-        if request.n < 1:
-            raise ValueError(f"n must be >= 1, got {request.n}")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
         from vllm import SamplingParams as VllmSamplingParams
