@@ -446,12 +446,20 @@ def report_markdown(p: Plan, payload: dict, plots: list[str], timings: dict[str,
         "\n## Training curves\n",
         *[f"![{name}]({name})\n" for name in plots],
         "\n## Methods\n",
-        markdown_table([
-            {"method": name, "ref_weight": c.algorithm.ref_weight, "beta": c.algorithm.beta, "steps": c.run.steps,
-             "prompts_per_step": c.rollout.prompts_per_step, "group_size": c.algorithm.group_size,
-             "lr": c.optim.lr}
-            for name, c in p.methods.items()
-        ]),  # fmt: skip
+        markdown_table(
+            [
+                {
+                    "method": name,
+                    "ref_weight": c.algorithm.ref_weight,
+                    "beta": c.algorithm.beta,
+                    "steps": c.run.steps,
+                    "prompts_per_step": c.rollout.prompts_per_step,
+                    "group_size": c.algorithm.group_size,
+                    "lr": c.optim.lr,
+                }
+                for name, c in p.methods.items()
+            ]
+        ),  # fmt: skip
         "\n## Time per phase (seconds; a phase that was interrupted counts the run that completed it)\n",
         markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
         "\n## Exact config\n",

@@ -11,14 +11,15 @@ import pytest
 
 from nemo_logitavg.rollout import client as client_module
 from nemo_logitavg.rollout.client import RolloutClient, RolloutError, RolloutRequestError
+from nemo_logitavg.rollout.engine import derive_seed
 
 
-def completion(n: int, step: int, token: int = 7) -> dict:
+def completion(request: httpx.Request, step: int, token: int = 7) -> dict:
+    """A response to ``request`` with one choice per prompt and sample, each the single token ``token``."""
+    body = json.loads(request.content)
     choice = {"token_ids": [token], "logprobs": {"tokens": ["t"], "token_logprobs": [-1.5]}, "text": "t"}
-    return {
-        "choices": [{**choice, "index": i, "finish_reason": "length"} for i in range(n)],
-        "policy_step": step,
-    }
+    count = len(body["prompt"]) * body["n"]
+    return {"choices": [{**choice, "index": i, "finish_reason": "length"} for i in range(count)], "policy_step": step}
 
 
 @pytest.fixture
@@ -35,13 +36,43 @@ def test_retries_5xx_with_exponential_backoff(sleeps):
         calls.append(str(request.url))
         if len(calls) <= 3:
             return httpx.Response(503, json={"error": {"message": "busy"}})
-        return httpx.Response(200, json=completion(json.loads(request.content)["n"], 0))
+        return httpx.Response(200, json=completion(request, 0))
 
     client = RolloutClient("http://127.0.0.1:1/v1", transport=httpx.MockTransport(handler), backoff=0.5)
     (group,) = client.generate([[1, 2]], n=2, max_tokens=1, seed=0)
     assert [c.token_ids for c in group] == [[7], [7]] and group[0].logprobs == [-1.5]
     assert len(calls) == 4 and all(u == "http://127.0.0.1:1/v1/completions" for u in calls)
     assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_prompts_are_chunked_with_one_seed_each():
+    bodies: dict[int, list[dict]] = {3: [], 4: []}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies[request.url.port].append(body)
+        reply = completion(request, 0)
+        for k, prompt in enumerate(body["prompt"]):  # answer each prompt with its own first token
+            for j in range(body["n"]):
+                reply["choices"][k * body["n"] + j]["token_ids"] = [prompt[0]]
+        return httpx.Response(200, json=reply)
+
+    urls = ["http://127.0.0.1:3", "http://127.0.0.1:4"]
+    client = RolloutClient(urls, transport=httpx.MockTransport(handler), prompts_per_request=3)
+    prompts = [[100 + i, 1] for i in range(10)]
+    groups = client.generate(prompts, n=2, max_tokens=1, seed=42)
+    assert [[c.token_ids for c in g] for g in groups] == [[[100 + i]] * 2 for i in range(10)]
+    sent = sorted((b for port in bodies for b in bodies[port]), key=lambda b: b["prompt"][0][0])
+    assert [len(b["prompt"]) for b in sent] == [3, 3, 3, 1]  # at most prompts_per_request, in order
+    assert [s for b in sent for s in b["seeds"]] == [derive_seed(42, i) for i in range(10)]
+    assert all("seed" not in b for b in sent) and bodies[3] and bodies[4]  # both servers used
+    # Few prompts: one chunk per server.
+    bodies[3].clear(), bodies[4].clear()
+    client.generate(prompts[:4], n=1, max_tokens=1)
+    assert [len(b["prompt"]) for port in bodies for b in bodies[port]] == [2, 2]
+    assert all("seeds" not in b for port in bodies for b in bodies[port])  # no seed: the servers draw one
+    with pytest.raises(ValueError, match="prompts_per_request"):
+        RolloutClient(urls, prompts_per_request=0)
 
 
 def test_fails_over_then_names_every_server(sleeps):
@@ -51,7 +82,7 @@ def test_fails_over_then_names_every_server(sleeps):
         seen.append(request.url.port)
         if request.url.port == 2:
             raise httpx.ConnectError("connection refused", request=request)
-        return httpx.Response(200, json=completion(1, 0))
+        return httpx.Response(200, json=completion(request, 0))
 
     urls = ["http://127.0.0.1:2", "http://127.0.0.1:3"]
     client = RolloutClient(urls, transport=httpx.MockTransport(handler), max_workers=1)
@@ -88,9 +119,9 @@ def test_4xx_is_not_retried_and_stale_steps_are_refused(sleeps):
         if request.url.path == "/v1/load_weights":
             return httpx.Response(200, json={"policy_step": 4})
         body = json.loads(request.content)
-        if body["prompt"] == [999]:
+        if body["prompt"] == [[999]]:
             return httpx.Response(400, json={"error": {"message": "unknown token id(s) [999]"}})
-        return httpx.Response(200, json=completion(1, 2))  # a server stuck on step 2
+        return httpx.Response(200, json=completion(request, 2))  # a server stuck on step 2
 
     client = RolloutClient("http://127.0.0.1:9", transport=httpx.MockTransport(handler), max_attempts=2)
     with pytest.raises(RolloutRequestError, match="unknown token"):

@@ -144,6 +144,8 @@ def test_malformed_requests_and_auth(server):
         "negative temperature": {**good, "temperature": -1},
         "streaming": {**good, "stream": True},
         "no prompt": {"max_tokens": 3},
+        "seeds of another length": {"prompt": [[5], [6]], "seeds": [1]},
+        "seed and seeds": {"prompt": [[5]], "seed": 1, "seeds": [1]},
     }
     for name, body in bad_bodies.items():
         r = httpx.post(url, json=body, headers=AUTH)
@@ -189,11 +191,30 @@ def test_weight_reload_and_check(server, dirs):
 
 
 @pytest.mark.slow
+def test_client_chunks_give_what_one_request_gives(server):
+    """However the client cuts a call into requests, prompt i gets seed derive_seed(s, i): the completions are
+    those of one request carrying every prompt with seed s."""
+    prompts = [[5 + i, 17, 33][: 1 + i % 3] for i in range(7)]
+    kwargs = dict(n=3, max_tokens=12, temperature=1.0)
+    body = {"prompt": prompts, "seed": 21, "ignore_eos": True, **kwargs}
+    whole = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60).json()["choices"]
+    expected = [[whole[i * 3 + j]["token_ids"] for j in range(3)] for i in range(len(prompts))]
+    for per_request in (1, 2, 64):
+        with RolloutClient([server.url], token=TOKEN, timeout=60, prompts_per_request=per_request) as client:
+            groups = client.generate(prompts, seed=21, ignore_eos=True, **kwargs)
+        assert [[c.token_ids for c in g] for g in groups] == expected, per_request
+    assert len({tuple(t) for g in expected for t in g}) > len(prompts)  # the samples do differ
+
+
+@pytest.mark.slow
 def test_failover_to_another_server_and_back(dirs, tmp_path):
     a, b = Server(dirs, str(tmp_path)), Server(dirs, str(tmp_path))
     try:
         a.wait(), b.wait()
-        client = RolloutClient([a.url, b.url], token=TOKEN, timeout=60, backoff=0.1, cooldown=1.0, max_attempts=6)
+        # One prompt a request: many small requests, so some are still in flight when A is killed.
+        client = RolloutClient(
+            [a.url, b.url], token=TOKEN, timeout=60, backoff=0.1, cooldown=1.0, max_attempts=6, prompts_per_request=1
+        )
         client.load_weights(dirs["policy2"], 3)
         prompts = [[5 + i, 7, 9] for i in range(12)]
         kwargs = dict(n=4, max_tokens=48, seed=11, ignore_eos=True)

@@ -6,10 +6,13 @@
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
-- Each prompt is one request (its ``n`` samples decode together on one server); prompts are spread round-robin
-  over the servers and sent concurrently from a thread pool. Prompt ``i`` of a call with seed ``s`` is sent
-  with seed ``derive_seed(s, i)``, so results depend neither on how many servers there are nor on which one
-  answers (bit-identical on one server; equal up to float32 noise across servers).
+- The prompts of a call are cut into consecutive chunks, one request each (a chunk's prompts and their ``n``
+  samples decode together as one batch on one server): ``ceil(len(prompts) / len(urls))`` prompts a chunk, at
+  most ``prompts_per_request``, so every server gets work. Chunks go round-robin over the servers, concurrently
+  from a thread pool. Prompt ``i`` of a call with seed ``s`` carries its own seed ``derive_seed(s, i)`` (the
+  request's ``seeds`` field), so results depend neither on the chunking, nor on how many servers there are, nor
+  on which one answers: the same as one request of all prompts with seed ``s`` (bit-identical on one server;
+  equal up to float32 noise across servers).
 - A connection error, a timeout or a 5xx moves the request to another server (the one that failed longest
   ago; servers that failed within ``cooldown`` seconds are tried last) and, once every server has failed,
   waits with exponential backoff (``backoff * 2**k``, capped by ``max_backoff``) before trying again, up to
@@ -81,6 +84,7 @@ class RolloutClient:
     backoff, max_backoff: the exponential backoff once every server has failed (seconds).
     cooldown: seconds a failed server is tried after the others.
     max_workers: concurrent requests (default 4 per server).
+    prompts_per_request: the most prompts one request carries (the server's ``max_prompts`` must allow it).
     transport: an httpx transport (tests).
     """
 
@@ -95,6 +99,7 @@ class RolloutClient:
         max_backoff: float = 30.0,
         cooldown: float = 10.0,
         max_workers: int | None = None,
+        prompts_per_request: int = 64,
         model: str = "pi_mix",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
@@ -105,6 +110,9 @@ class RolloutClient:
             raise ValueError(f"duplicate server URLs in {self.urls}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if prompts_per_request < 1:
+            raise ValueError(f"prompts_per_request must be >= 1, got {prompts_per_request}")
+        self.prompts_per_request = int(prompts_per_request)
         self.timeout = float(timeout)
         self.max_attempts = int(max_attempts)
         self.backoff = float(backoff)
@@ -246,31 +254,36 @@ class RolloutClient:
                 "truncation, so the GRPO importance ratios are off-policy",
                 stacklevel=2,
             )
+        size = min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls)))
+        chunks = [range(lo, min(lo + size, len(prompts))) for lo in range(0, len(prompts), size)]
         with self._lock:
             first = self._next
-            self._next += len(prompts)
+            self._next += len(chunks)
 
-        def one(i: int) -> list[Completion]:
+        def one(c: int) -> list[list[Completion]]:
+            chunk = chunks[c]
             body = {
                 "model": self.model,
-                "prompt": prompts[i],
+                "prompt": [prompts[i] for i in chunk],
                 "n": n,
                 "max_tokens": max_tokens,
                 "temperature": temperature,
                 "top_p": top_p,
-                "seed": derive_seed(seed, i) if seed is not None else None,
                 "logprobs": 1,
                 "ignore_eos": ignore_eos,
             }
+            if seed is not None:
+                body["seeds"] = [derive_seed(seed, i) for i in chunk]
             if stop_token_ids:
                 body["stop_token_ids"] = list(stop_token_ids)
-            url, payload = self._request("POST", "/v1/completions", body, start=first + i, check_step=True)
-            return self._parse(url, payload, n)
+            url, payload = self._request("POST", "/v1/completions", body, start=first + c, check_step=True)
+            return self._parse(url, payload, len(chunk), n)
 
-        return list(self._pool.map(one, range(len(prompts))))
+        return [group for groups in self._pool.map(one, range(len(chunks))) for group in groups]
 
     @staticmethod
-    def _parse(url: str, payload: dict, n: int) -> list[Completion]:
+    def _parse(url: str, payload: dict, prompts: int, n: int) -> list[list[Completion]]:
+        """The ``n`` completions of each of ``prompts`` prompts from a response (choice ``index = prompt * n + j``)."""
         try:
             choices = sorted(payload["choices"], key=lambda c: c["index"])
             out = [
@@ -286,9 +299,11 @@ class RolloutClient:
             ]
         except (KeyError, TypeError, ValueError) as exc:
             raise RolloutError(f"{url} sent a malformed completions response ({exc!r})") from exc
-        if len(out) != n or any(len(c.token_ids) != len(c.logprobs) for c in out):
-            raise RolloutError(f"{url} sent {len(out)} choices (asked {n}) or token ids without one log-prob each")
-        return out
+        if len(out) != prompts * n or any(len(c.token_ids) != len(c.logprobs) for c in out):
+            raise RolloutError(
+                f"{url} sent {len(out)} choices (asked {prompts} prompts x {n}) or token ids without one log-prob each"
+            )
+        return [out[k * n : (k + 1) * n] for k in range(prompts)]
 
     def load_weights(self, path: str, step: int) -> dict[str, int]:
         """Make every server serve the policy in ``path`` (a directory they can read) as ``step``.

@@ -192,7 +192,6 @@ class EngineCommon:
         return [str(t) for t in self.tokenizer.convert_ids_to_tokens(list(token_ids))]
 
 
-
 @dataclass
 class _Sequence:
     prompt: list[int]

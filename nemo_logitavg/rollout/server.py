@@ -15,6 +15,9 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   ``usage``, ``policy_step`` (the weights that produced it) and ``ref_weight``.
   Seeds: prompt ``i`` of a request with seed ``s`` decodes with seed ``derive_seed(s, i)``, sample ``j`` of it with
   its own generator (see ``engine``), so completions do not depend on batching; no seed draws a random one.
+  The extension ``seeds`` (one integer per prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]``
+  itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
+  gets what one request with seed ``s`` would give.
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``).
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K}``: reload the policy half from a Hugging Face safetensors
   directory between requests (requests and reloads are serialised by one lock, so no request sees half-loaded
@@ -76,6 +79,7 @@ class CompletionRequest(BaseModel):
     temperature: StrictFloat | StrictInt | None = 1.0
     top_p: StrictFloat | StrictInt | None = 1.0
     seed: StrictInt | None = None
+    seeds: list[StrictInt] | None = None  # extension: one seed per prompt (see the module docstring)
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     logprobs: StrictInt | None = None
@@ -182,9 +186,9 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        prompts, params, n, seed = _parse_completion(body, engine, limits)
+        prompts, params, n, seeds = _parse_completion(body, engine, limits)
         requests = [
-            GenerationRequest(prompt, params, n=n, seed=derive_seed(seed, i)) for i, prompt in enumerate(prompts)
+            GenerationRequest(prompt, params, n=n, seed=seed) for prompt, seed in zip(prompts, seeds, strict=True)
         ]
 
         def run():
@@ -298,8 +302,16 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
     )
-    seed = body.seed if body.seed is not None else secrets.randbits(63)
-    return prompts, params, body.n, seed
+    if body.seeds is None:
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        seeds = [derive_seed(seed, i) for i in range(len(prompts))]
+    elif body.seed is not None:
+        raise BadRequest("give either seed or seeds (one per prompt), not both")
+    elif len(body.seeds) != len(prompts):
+        raise BadRequest(f"seeds has {len(body.seeds)} entries for {len(prompts)} prompts: give one per prompt")
+    else:
+        seeds = list(body.seeds)
+    return prompts, params, body.n, seeds
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
