@@ -38,8 +38,9 @@ class ProblemsSection:
     test_fraction: float = 0.1  # held out by a hash of the problem text
     test_size: int = 300  # at most this many held-out problems are evaluated
     curve_size: int = 100  # held-out problems scored greedily during GRPO (accuracy against step)
-    # SFT demonstrations are not all correct: this fraction of the algebra solutions stops before dividing and
-    # boxes a*x (a careless teacher). GRPO's reward can correct what imitation learned; 0 gives clean data.
+    # SFT demonstrations are not all correct: this fraction of the algebra solutions (x + b = c) comes from a
+    # careless teacher who moves b across without changing its sign (x = c + b). GRPO's reward can correct what
+    # imitation learned; 0 gives clean data.
     teacher_error_rate: float = 0.0
     seed: int = 0
 

@@ -376,7 +376,7 @@ class GRPOTrainer:
                 for result in results:
                     for key, value in result.items():
                         if key not in ("logprobs", "entropy", "ref_logprobs"):
-                            metrics_acc.setdefault(key, []).append(float(value))
+                            metrics_acc.setdefault(key, []).append(float(torch.as_tensor(value).detach()))
         update_s = time.monotonic() - start
         self.step += 1
         self.position += cfg.rollout.prompts_per_step

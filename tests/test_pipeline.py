@@ -43,6 +43,11 @@ def test_arithmetic_in_solutions_is_correct():
         left, right = p["solution"].split("$")[1].split("=")[:2]
         if p["type"] in ("Addition", "Subtraction", "Multiplication"):
             assert eval(left.replace("\\times", "*")) == int(right)  # noqa: S307 - generated digits and operators
+        if p["type"] == "Algebra":  # x + b = c solved as x = c - b; the teacher's flaw: x = c + b
+            equation, work = p["problem"].split("$")[3], p["solution"].split("$")[1]
+            (b, c), (diff, x) = map(int, equation.split("+")[1].split("=")), work.split("=")[1:]
+            assert eval(diff) == int(x) == c - b  # noqa: S307
+            assert f"= {c} + {b} = {c + b} $" in p["flawed_solution"] and "- " not in p["flawed_solution"]
 
 
 def test_unknown_problem_kind_is_refused():
@@ -131,12 +136,12 @@ def test_data_phase_splits_held_out_problems(tmp_path):
     assert len(test) == 40 and len(sft) == len(train) > 300
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert [s["prompt"] for s in sft] == [r["prompt"] for r in train]
-    # Every solution ends in \boxed{}; the careless teacher's (algebra only, at the configured rate) box a*x.
+    # Every solution ends in \boxed{}; the careless teacher's (algebra only, at the configured rate) add b.
     correct = [s["response"].endswith(f"\\boxed{{{r['answer']}}}$.") for s, r in zip(sft, train, strict=True)]
     assert all(s["response"].endswith("}$.") and "\\boxed{" in s["response"] for s in sft)
     flawed = [s for s, ok in zip(sft, correct, strict=True) if not ok]
     algebra = [s for s in sft if s["prompt"].startswith("Solve for")]
-    assert all(s in algebra and "Divide" not in s["response"] for s in flawed)
+    assert all(s in algebra and " + " in s["response"] and " - " not in s["response"] for s in flawed)
     rate = p.cfg.problems.teacher_error_rate
     assert abs(len(flawed) / len(algebra) - rate) < 0.12 and (rate == 0) == (not flawed)
     assert read_prompts(p.path("data", "curve.jsonl")) == test[: p.cfg.problems.curve_size]

@@ -45,15 +45,19 @@ def _multiply(rng: random.Random) -> dict:
     }
 
 
+VARIABLES = "abcdkmnpqrstuwxy"
+
+
 def _linear(rng: random.Random) -> dict:
-    a, x, b, v = rng.randint(2, 3), rng.randint(1, 9), rng.randint(1, 9), rng.choice("xynkm")
-    c = a * x + b
+    # x + b = c: its solution c - b = x is a fact of the subtraction problems (both operands 1-9).
+    x, b, v = rng.randint(1, 9), rng.randint(1, 9), rng.choice(VARIABLES)
+    c = x + b
+    move = f"Move {b} to the other side: $ {v} = {c}"
     return {
-        "problem": f"Solve for ${v}$: $ {a}{v} + {b} = {c} $.",
-        "solution": f"Subtract {b}: $ {a}{v} = {c - b} $. Divide by {a}: $ {v} = {x} $. "
-        f"The answer is $\\boxed{{{x}}}$.",
-        # A careless teacher's version: it stops before dividing and boxes a*x (see make_problems).
-        "flawed_solution": f"Subtract {b}: $ {a}{v} = {c - b} $. The answer is $\\boxed{{{c - b}}}$.",
+        "problem": f"Solve for ${v}$: $ {v} + {b} = {c} $.",
+        "solution": f"{move} - {b} = {x} $. The answer is $\\boxed{{{x}}}$.",
+        # A careless teacher's version: the sign error of moving a term without negating it (see make_problems).
+        "flawed_solution": f"{move} + {b} = {c + b} $. The answer is $\\boxed{{{c + b}}}$.",
         "type": "Algebra",
     }
 
@@ -84,8 +88,8 @@ def make_problems(count: int, seed: int, kinds: tuple[str, ...] = tuple(GENERATO
     """``count`` MATH-format problems drawn round-robin from ``kinds`` (names of ``GENERATORS``), fixed by ``seed``.
 
     Problems may repeat; ``data.dedupe`` removes repeats before the train/test split. Algebra problems also carry
-    a ``flawed_solution``: what a careless teacher writes (it forgets the last step), for SFT data that are not
-    all correct, as demonstrations in practice are not.
+    a ``flawed_solution``: what a careless teacher writes (a sign error), for SFT data that are not all
+    correct, as demonstrations in practice are not.
     """
     unknown = [k for k in kinds if k not in GENERATORS]
     if unknown or not kinds:
