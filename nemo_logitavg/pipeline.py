@@ -380,11 +380,34 @@ def write_report(p: Plan) -> None:
     payload = evaluation.write_reports(out, runs, p.cfg.baseline)
     curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
     plots = plot_curves(curves, out)
+    by_type = accuracy_by_type(p, names)
+    with open(os.path.join(out, "accuracy_by_type.json"), "w", encoding="utf-8") as fh:
+        json.dump(by_type, fh, indent=1)
     for name in ("config.yaml", "timings.json"):
         shutil.copy(p.path(name), os.path.join(out, name))
     shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report_markdown(p, payload, plots, _read_timings(p)))
+        fh.write(report_markdown(p, payload, plots, by_type, _read_timings(p)))
+
+
+def accuracy_by_type(p: Plan, names: list[str]) -> list[dict]:
+    """Accuracy per problem type (``meta.type`` of the held-out records; the key says how many problems) of every
+    evaluated model and mode: one row per (model, mode), sampled runs averaged over their seeds. Shows where
+    training changed the model."""
+    from nemo_logitavg.data import read_jsonl
+
+    kind = {r["id"]: r["meta"]["type"] for r in read_jsonl(p.path("data", "test.jsonl"))}
+    count = {t: list(kind.values()).count(t) for t in set(kind.values())}
+    rows = []
+    for name in names:
+        scores: dict[str, dict[str, list[float]]] = {}
+        for sample in read_jsonl(p.path("eval", name, "samples.jsonl")):
+            scores.setdefault(sample["mode"], {}).setdefault(kind[sample["id"]], []).append(sample["score"])
+        for mode, per_type in scores.items():
+            row: dict = {"model": name, "mode": mode}
+            row.update({f"{t} ({count[t]})": sum(v) / len(v) for t, v in sorted(per_type.items())})
+            rows.append(row)
+    return rows
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -427,7 +450,9 @@ def plot_curves(curves: dict[str, list[dict]], out: str) -> list[str]:
     return files
 
 
-def report_markdown(p: Plan, payload: dict, plots: list[str], timings: dict[str, float]) -> str:
+def report_markdown(
+    p: Plan, payload: dict, plots: list[str], by_type: list[dict], timings: dict[str, float]
+) -> str:
     from nemo_logitavg.evaluation import markdown_table
 
     agg = payload["aggregate"]
@@ -444,6 +469,8 @@ def report_markdown(p: Plan, payload: dict, plots: list[str], timings: dict[str,
         markdown_table(agg, columns),
         f"\n## Against {p.cfg.baseline} (paired bootstrap over problems, 95% CI of the accuracy difference)\n",
         markdown_table(payload["comparison"], cmp_columns),
+        "\n## Accuracy by problem type (where training changed the model)\n",
+        markdown_table(by_type),
         "\n## Training curves\n",
         *[f"![{name}]({name})\n" for name in plots],
         "\n## Methods\n",

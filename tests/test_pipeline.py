@@ -206,6 +206,13 @@ def test_pipeline_end_to_end_killed_mid_grpo_then_resumed(tmp_path):
         assert models[(name, "greedy")]["num_problems"] == 24
         assert models[(name, "sampled")]["num_seeds"] == 3
     assert {row["model"] for row in payload["comparison"]} == {"sft", "logit_avg", "kl"}
+    # Accuracy by problem type: its per-type figures, weighted by the type counts, give the overall accuracy.
+    assert "Accuracy by problem type" in text
+    for row in json.loads((report / "accuracy_by_type.json").read_text()):
+        counts = {key: int(key.rsplit("(", 1)[1].rstrip(")")) for key in row if key not in ("model", "mode")}
+        assert sum(counts.values()) == 24
+        overall = sum(row[key] * n for key, n in counts.items()) / 24
+        assert abs(overall - models[(row["model"], row["mode"])]["accuracy_mean"]) < 1e-9
     # The logit-averaging model is evaluated as deployed: a pi_mix bundle with the SFT model as reference.
     bundle = json.loads((run_dir / "models" / "logit_avg_bundle" / "config.json").read_text())
     assert bundle["ref_weight"] == 0.5
