@@ -1,6 +1,6 @@
 """Memory and step time of the logit-averaging actor against the policy alone.
 
-    python tests/benchmarks/bench_actor.py [--tp 1 2] [--steps 6]
+    python -m tests.benchmarks.bench_actor [--tp 1 2] [--steps 6]
 
 For each model size and TP, two fresh process groups build (a) the actor (trainable policy + frozen reference)
 and (b) the policy alone (`reference_cfg=None`), each with megatron's DDP and Adam, then time `steps` training

