@@ -379,7 +379,7 @@ def write_report(p: Plan) -> None:
         runs += evaluation.runs_from_json(p.path("eval", name, "results.json"))
     payload = evaluation.write_reports(out, runs, p.cfg.baseline)
     curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
-    plots = plot_curves(curves, out)
+    plots = plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
     by_type = accuracy_by_type(p, names)
     with open(os.path.join(out, "accuracy_by_type.json"), "w", encoding="utf-8") as fh:
         json.dump(by_type, fh, indent=1)
@@ -421,8 +421,23 @@ def _read_metrics(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_curves(curves: dict[str, list[dict]], out: str) -> list[str]:
-    """PNG plots of training reward and held-out greedy accuracy against step, one line per method."""
+def _baseline_curve_accuracy(p: Plan) -> float | None:
+    """The baseline's greedy accuracy on the curve subset, from its evaluation: step 0 of every method's accuracy
+    curve (before any update, each method serves the SFT model: pi_mix of two equal models, or the policy)."""
+    from nemo_logitavg.data import read_jsonl
+
+    curve = {r["id"] for r in read_jsonl(p.path("data", "curve.jsonl"))}
+    scores = [
+        s["score"]
+        for s in read_jsonl(p.path("eval", p.cfg.baseline, "samples.jsonl"))
+        if s["mode"] == "greedy" and s["id"] in curve
+    ]
+    return sum(scores) / len(scores) if scores else None
+
+
+def plot_curves(curves: dict[str, list[dict]], out: str, start_accuracy: float | None = None) -> list[str]:
+    """PNG plots of training reward and held-out greedy accuracy against step, one line per method; the accuracy
+    lines start at ``start_accuracy`` (step 0) when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,11 +446,13 @@ def plot_curves(curves: dict[str, list[dict]], out: str) -> list[str]:
     files = []
     for key, title, filename in (
         ("reward/mean", "training reward (mean over the step's samples)", "reward.png"),
-        ("eval/accuracy", "held-out greedy accuracy (curve subset)", "accuracy.png"),
+        ("eval/accuracy", "held-out greedy accuracy (curve subset; step 0: the SFT model)", "accuracy.png"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in curves.items():
             points = [(r["step"], r[key]) for r in rows if key in r]
+            if key == "eval/accuracy" and start_accuracy is not None:
+                points.insert(0, (0, start_accuracy))
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
         ax.set_xlabel("GRPO step")
