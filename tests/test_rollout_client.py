@@ -71,6 +71,7 @@ def test_prompts_are_chunked_with_one_seed_each():
     client.generate(prompts[:4], n=1, max_tokens=1)
     assert [len(b["prompt"]) for port in bodies for b in bodies[port]] == [2, 2]
     assert all("seeds" not in b for port in bodies for b in bodies[port])  # no seed: the servers draw one
+    assert client.generate([], n=1, max_tokens=1) == []
     with pytest.raises(ValueError, match="prompts_per_request"):
         RolloutClient(urls, prompts_per_request=0)
 

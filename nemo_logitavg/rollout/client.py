@@ -254,7 +254,7 @@ class RolloutClient:
                 "truncation, so the GRPO importance ratios are off-policy",
                 stacklevel=2,
             )
-        size = min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls)))
+        size = max(1, min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls))))
         chunks = [range(lo, min(lo + size, len(prompts))) for lo in range(0, len(prompts), size)]
         with self._lock:
             first = self._next
