@@ -13,7 +13,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nemo_logitavg.config import GRPOConfig, SFTConfig, load_config
 from nemo_logitavg.models.scratch import ScratchModelConfig
+from nemo_logitavg.rollout.process import free_port
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -205,12 +205,6 @@ def make_init_model(p: Plan) -> None:
     os.replace(tmp, p.path("models", "init"))
     m = p.cfg.model
     log(f"model: Llama {m.num_hidden_layers} layers x {m.hidden_size} hidden, vocab {m.vocab_size} (sentencepiece)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.engine import GenerationRequest, SamplingParams, TorchEngine, derive_seed, sample_tokens
-from tests.tiny_models import chi_square_pvalue, hf_logits, make_spread_llama
+from tests.tiny_models import assert_samples_follow_pi_mix, hf_logits, make_spread_llama
 
 VOCAB = 48  # small, so that a chi-square test over the whole vocabulary has power
 TINY = dict(
@@ -85,26 +85,7 @@ def test_next_token_frequencies_match_pi_mix(model_dirs, ref_weight, temperature
     engine = engine_for(model_dirs, ref_weight)
     params = SamplingParams(max_tokens=1, temperature=temperature, ignore_eos=True)
     (samples,) = engine.generate([GenerationRequest(CONTEXT, params, n=SAMPLES, seed=1234)])
-    tokens = torch.tensor([s.token_ids[0] for s in samples])
-    returned = torch.tensor([s.logprobs[0] for s in samples])
-
-    z_pol = hf_logits(model_dirs["policy"], CONTEXT)[-1].double()
-    z_ref = hf_logits(model_dirs["reference"], CONTEXT)[-1].double()
-    pi_mix = torch.softmax(((1 - ref_weight) * z_pol + ref_weight * z_ref) / temperature, -1)
-    counts = torch.bincount(tokens, minlength=VOCAB)
-
-    assert chi_square_pvalue(counts, pi_mix) > 1e-3
-    assert (returned.double() - pi_mix.log()[tokens]).abs().max() < 1e-4
-
-    # The same test rejects the wrong distributions: the policy alone, and pi_mix with 2% of its mass moved
-    # from its most likely token to the second (total-variation distance exactly 0.02, near the worst case).
-    pi_pol = torch.softmax(z_pol / temperature, -1)
-    assert chi_square_pvalue(counts, pi_pol) < 1e-3
-    top2 = pi_mix.topk(2).indices
-    shifted = pi_mix.clone()
-    shifted[top2[0]] -= 0.02
-    shifted[top2[1]] += 0.02
-    assert chi_square_pvalue(counts, shifted) < 1e-3
+    assert_samples_follow_pi_mix(samples, model_dirs, CONTEXT, ref_weight, temperature, VOCAB)
 
 
 def _teacher_forced(model_dirs, policy_key, prompt, tokens, ref_weight, temperature):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,18 +16,13 @@ import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.client import RolloutClient, RolloutError, RolloutRequestError
+from nemo_logitavg.rollout.process import free_port
 from tests.test_rollout import hf_logits, make_tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token"
 REF_WEIGHT = 0.5
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -27,7 +27,7 @@ import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.engine import GenerationRequest, SamplingParams, TorchEngine
-from tests.tiny_models import chi_square_pvalue, hf_logits, make_spread_llama, save_char_tokenizer
+from tests.tiny_models import assert_samples_follow_pi_mix, hf_logits, make_spread_llama, save_char_tokenizer
 
 try:
     import vllm  # noqa: F401
@@ -313,22 +313,7 @@ def test_next_token_frequencies_match_pi_mix(engines, model_dirs, ref_weight, te
     engine = engines.get(ref_weight)
     params = SamplingParams(max_tokens=1, temperature=temperature, ignore_eos=True)
     (samples,) = engine.generate([GenerationRequest(CONTEXT, params, n=SAMPLES, seed=1234)])
-    tokens = torch.tensor([s.token_ids[0] for s in samples])
-    returned = torch.tensor([s.logprobs[0] for s in samples])
-
-    z_pol = hf_logits(model_dirs["policy"], CONTEXT)[-1].double()
-    z_ref = hf_logits(model_dirs["reference"], CONTEXT)[-1].double()
-    pi_mix = torch.softmax(((1 - ref_weight) * z_pol + ref_weight * z_ref) / temperature, -1)
-    counts = torch.bincount(tokens, minlength=VOCAB)
-    assert chi_square_pvalue(counts, pi_mix) > 1e-3
-    assert (returned.double() - pi_mix.log()[tokens]).abs().max() < 1e-4
-    # The same test rejects the policy alone and pi_mix with 2% of its mass moved between its top two tokens.
-    assert chi_square_pvalue(counts, torch.softmax(z_pol / temperature, -1)) < 1e-3
-    top2 = pi_mix.topk(2).indices
-    shifted = pi_mix.clone()
-    shifted[top2[0]] -= 0.02
-    shifted[top2[1]] += 0.02
-    assert chi_square_pvalue(counts, shifted) < 1e-3
+    assert_samples_follow_pi_mix(samples, model_dirs, CONTEXT, ref_weight, temperature, VOCAB)
 
 
 def _post(url: str, body: dict, timeout: float = 120.0) -> dict:

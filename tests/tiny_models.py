@@ -94,3 +94,26 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     stat = float(((obs - exp) ** 2 / exp).sum())
     dof = len(exp) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+
+
+def assert_samples_follow_pi_mix(
+    samples, model_dirs: dict, context: list[int], ref_weight: float, temperature: float, vocab: int
+) -> None:
+    """One-token completions of ``context`` from an engine follow pi_mix computed from transformers logits
+    (chi-square), carry log pi_mix within 1e-4, and the same test rejects the policy alone and pi_mix with 2% of
+    its mass moved from its most likely token to the second (total variation exactly 0.02, near the worst case).
+    """
+    tokens = torch.tensor([s.token_ids[0] for s in samples])
+    returned = torch.tensor([s.logprobs[0] for s in samples])
+    z_pol = hf_logits(model_dirs["policy"], context)[-1].double()
+    z_ref = hf_logits(model_dirs["reference"], context)[-1].double()
+    pi_mix = torch.softmax(((1 - ref_weight) * z_pol + ref_weight * z_ref) / temperature, -1)
+    counts = torch.bincount(tokens, minlength=vocab)
+    assert chi_square_pvalue(counts, pi_mix) > 1e-3
+    assert (returned.double() - pi_mix.log()[tokens]).abs().max() < 1e-4
+    assert chi_square_pvalue(counts, torch.softmax(z_pol / temperature, -1)) < 1e-3
+    top2 = pi_mix.topk(2).indices
+    shifted = pi_mix.clone()
+    shifted[top2[0]] -= 0.02
+    shifted[top2[1]] += 0.02
+    assert chi_square_pvalue(counts, shifted) < 1e-3

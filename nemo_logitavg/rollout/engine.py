@@ -152,12 +152,25 @@ def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
 
 
 class EngineCommon:
-    """What both engines share: text <-> token ids through ``self.tokenizer`` (None: token-id mode) and the
-    checks of a request against ``self.vocab_size`` / ``self.max_model_len``."""
+    """What both engines share: text <-> token ids through ``self.tokenizer`` (None: token-id mode), the checks
+    of a request against ``self.vocab_size`` / ``self.max_model_len``, and ``info`` (``engine_name`` names it)."""
 
+    engine_name: str
     tokenizer = None
     vocab_size: int
     max_model_len: int
+
+    def info(self) -> dict:
+        return {
+            "ref_weight": self.ref_weight,
+            "policy_step": self.policy_step,
+            "policy_path": self.policy_path,
+            "reference_path": self.reference_path,
+            "vocab_size": self.vocab_size,
+            "max_model_len": self.max_model_len,
+            "engine": self.engine_name,
+            "has_tokenizer": self.has_tokenizer,
+        }
 
     def _check_request(self, request: GenerationRequest) -> None:
         ids = request.prompt_token_ids
@@ -215,6 +228,8 @@ class TorchEngine(EngineCommon):
         max_batch_size: sequences decoded together (longer request lists are split).
         policy_step: the step the initial policy weights belong to.
     """
+
+    engine_name = "torch"
 
     def __init__(
         self,
@@ -279,17 +294,6 @@ class TorchEngine(EngineCommon):
         forward_args = inspect.signature(type(self.policy).forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_args else "past_key_values"
 
-    def info(self) -> dict:
-        return {
-            "ref_weight": self.ref_weight,
-            "policy_step": self.policy_step,
-            "policy_path": self.policy_path,
-            "reference_path": self.reference_path,
-            "vocab_size": self.vocab_size,
-            "max_model_len": self.max_model_len,
-            "engine": "torch",
-            "has_tokenizer": self.has_tokenizer,
-        }
 
     # ------------------------------------------------------------------------------------------- weights
 

@@ -410,27 +410,19 @@ if __name__ == "__main__":
     held = bind_socket(host, port)  # fail fast, before loading models, when the port is taken
     held.close()
 
+    engine_kwargs = {
+        "max_batch_size": int(settings.get("max_batch_size", 256)),
+        "policy_step": int(settings.get("policy_step", 0)),
+    }
     if engine_name == "vllm":
-        from nemo_logitavg.rollout.vllm_engine import VLLMEngine
+        from nemo_logitavg.rollout.vllm_engine import VLLMEngine as engine_class
 
-        served_engine = VLLMEngine(
-            settings["policy"],
-            settings.get("reference"),
-            float(settings["ref_weight"]),
-            max_batch_size=int(settings.get("max_batch_size", 256)),
-            policy_step=int(settings.get("policy_step", 0)),
-            engine_args=dict(vllm_args),
-        )
+        engine_kwargs["engine_args"] = dict(vllm_args)
     else:
-        from nemo_logitavg.rollout.engine import TorchEngine
-
-        served_engine = TorchEngine(
-            settings["policy"],
-            settings.get("reference"),
-            float(settings["ref_weight"]),
-            max_batch_size=int(settings.get("max_batch_size", 256)),
-            policy_step=int(settings.get("policy_step", 0)),
-        )
+        from nemo_logitavg.rollout.engine import TorchEngine as engine_class
+    served_engine = engine_class(
+        settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
+    )
     server_limits = ServerLimits(
         max_n=int(settings.get("max_n", 64)),
         max_tokens=int(settings.get("max_tokens", 4096)),

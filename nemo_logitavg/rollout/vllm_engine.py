@@ -126,6 +126,8 @@ class VLLMEngine(EngineCommon):
             ``CUDA_VISIBLE_DEVICES`` (each rollout server is given its own GPUs), else 1.
     """
 
+    engine_name = "vllm"
+
     def __init__(
         self,
         policy_path: str,
@@ -236,18 +238,7 @@ class VLLMEngine(EngineCommon):
         self.vllm_version = getattr(vllm, "__version__", "unknown")
 
     def info(self) -> dict:
-        return {
-            "ref_weight": self.ref_weight,
-            "policy_step": self.policy_step,
-            "policy_path": self.policy_path,
-            "reference_path": self.reference_path,
-            "vocab_size": self.vocab_size,
-            "max_model_len": self.max_model_len,
-            "engine": "vllm",
-            "vllm_version": self.vllm_version,
-            "has_tokenizer": self.has_tokenizer,
-            "logprobs_after_top_p": True,
-        }
+        return {**super().info(), "vllm_version": self.vllm_version, "logprobs_after_top_p": True}
 
     # ------------------------------------------------------------------------------------------- weights
 
