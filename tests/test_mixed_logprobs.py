@@ -94,6 +94,45 @@ def test_bf16_inputs():
     assert rel_err(pol.grad, exp_grad) < 1e-2
 
 
+def peaked_bf16_inputs(p_low: float, p_high: float, tokens: int = 512, vocab: int = 300, seed: int = 0):
+    """bf16 logits whose pi_mix (ref_weight 0.5, T = 1) puts p_y uniformly in (p_low, p_high) on the target."""
+    gen = torch.Generator().manual_seed(seed)
+    policy = torch.randn(tokens, vocab, generator=gen, dtype=torch.float64)
+    ref = torch.randn(tokens, vocab, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, vocab, (tokens,), generator=gen)
+    want = p_low + (p_high - p_low) * torch.rand(tokens, generator=gen, dtype=torch.float64)
+    mixed = 0.5 * policy + 0.5 * ref
+    rest = torch.logsumexp(mixed.scatter(1, target[:, None], float("-inf")), dim=1)
+    shift = rest + torch.log(want / (1 - want)) - mixed.gather(1, target[:, None]).squeeze(1)
+    policy = policy.scatter_add(1, target[:, None], 2 * shift[:, None])  # the mix halves the policy's shift
+    return policy.bfloat16(), ref.bfloat16(), target
+
+
+@pytest.mark.parametrize("p_low,p_high", [(0.0, 1.0), (0.9995, 0.99999)])
+def test_bf16_gradient_within_one_rounding(p_low, p_high):
+    """The bf16 gradient is d log pi_mix / d z_pol computed in float32 and rounded once: within 2^-8 (one bf16
+    rounding) of float64 elementwise, on the target's column too, where 1 - p_y cancels if formed in bf16."""
+    policy, ref, target = peaked_bf16_inputs(p_low, p_high)
+    exp_lp, _, exp_grad = dense_reference(policy, ref, target, 0.5)
+    p_y = exp_lp.exp()
+    # The bf16 logits move p_y a little off the requested range; p_y > 0.999 holds in the peaked case.
+    assert p_y.min() >= min(p_low, 0.999) and p_y.max() - p_y.min() > 0.5 * (p_high - p_low)
+    bound = 2.0**-8 * exp_grad.abs() + 1e-30  # the floor only for float32-underflowed probabilities
+    pol = policy.clone().requires_grad_()
+    mixed_logprobs(pol, ref, target, 0.5).sum().backward()
+    assert pol.grad.dtype == torch.bfloat16
+    err = (pol.grad.double() - exp_grad).abs()
+    assert (err <= bound).all(), f"max error {(err / bound).max().item():.3g} bf16 roundings"
+    # An upstream gradient multiplies in float32 and rounds once more (the chain rule's product, in bf16).
+    grad_out = torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    pol = policy.clone().requires_grad_()
+    (mixed_logprobs(pol, ref, target, 0.5) * grad_out).sum().backward()
+    _, _, exp_grad = dense_reference(policy, ref, target, 0.5, grad_out=grad_out)
+    err = (pol.grad.double() - exp_grad).abs()
+    assert (err <= 2 * (2.0**-8 * exp_grad.abs() + 1e-30)).all()
+    assert rel_err(pol.grad, exp_grad) <= 2.0**-8
+
+
 def test_gradcheck_float64():
     policy, ref, target, _ = make_inputs((2, 3), 11, dtype=torch.float64)
     pol = policy.clone().requires_grad_()

@@ -14,6 +14,13 @@ all-reduce(MAX) of the local max and one all-reduce(SUM) carrying the local sum 
 is written chunk by chunk during the forward into one buffer of the logits' shape and dtype (the memory the
 gradient needs anyway), so the backward is a per-token scale with no communication and the float32 softmax of
 the whole micro-batch never exists at once. The reference receives no gradient.
+
+Precision: the gradient is formed in float32 (float64 for float64 logits), with 1 - p_y taken as the sum of
+the other columns' probabilities (no cancellation when p_y is near 1), and rounded to the logits' dtype once;
+a bf16 d log pi_mix / d z_pol is within one bf16 rounding (relative 2^-8) of the float64 value. The backward
+multiplies by the upstream gradient in float32 and rounds once more (bf16 holds the product), so a bf16
+gradient of a weighted loss is within two roundings elementwise; keeping it to one would need a float32
+buffer (twice the memory) or a second pass over both models' logits.
 """
 
 from __future__ import annotations
@@ -158,34 +165,40 @@ class _MixedLogprobs(torch.autograd.Function):
             # A shard that is all padding has row_max = -inf locally but not after the all-reduce.
 
             m.sub_(row_max.unsqueeze(1))  # m <- m - max (<= 0)
+            rows_idx = torch.arange(rows, device=device)[owned]
+            cols_idx = local_t[owned]
             if return_entropy:
                 # H = log S - sum(e * (m - max)) / S with e = exp(m - max), S = sum(e).
                 e = torch.exp(m)
                 weighted = torch.where(e > 0, e * m, 0.0)  # padded columns: 0 * -inf
-                sums = torch.stack([e.sum(dim=1), target_logit, weighted.sum(dim=1)])
                 m = e
             else:
                 m.exp_()
-                sums = torch.stack([m.sum(dim=1), target_logit])
+            # The target's column is summed apart: S_rest = sum of e over the other columns gives
+            # 1 - p_y = S_rest / S without the cancellation of 1 - p_y when p_y is near 1.
+            m[rows_idx, cols_idx] = 0.0
+            parts = [m.sum(dim=1), target_logit]
+            if return_entropy:
+                parts.append(weighted.sum(dim=1))
+            sums = torch.stack(parts)
             if distributed:
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)
-            sum_exp = sums[0]
+            target_logit = sums[1]
+            sum_rest = sums[0]
+            sum_exp = sum_rest + torch.exp(target_logit - row_max)
             log_z = torch.log(sum_exp) + row_max  # logsumexp(m / T)
-            logprobs[start:end] = sums[1] - log_z
+            logprobs[start:end] = target_logit - log_z
             if return_entropy:
                 entropy[start:end] = torch.log(sum_exp) - sums[2] / sum_exp
 
             if need_grad:
-                # grad = (1 - a) / T * (onehot(y) - p), with p = exp(m - max) / sum_exp.
-                out = grad_buf[start:end]
-                scale = (-grad_scale / sum_exp).unsqueeze(1)
-                if out.dtype == m.dtype:
-                    torch.mul(m, scale, out=out)
-                else:
-                    out.copy_(m.mul_(scale))
-                rows_idx = torch.arange(rows, device=device)
-                owned_rows = rows_idx[owned]
-                out[owned_rows, local_t[owned]] += grad_scale
+                # grad = (1 - a) / T * (onehot(y) - p), with p = e / S, in the compute dtype, then rounded to
+                # the logits' dtype once (a bf16 buffer written as -s*p and then += s would cancel 1 - p_y).
+                out = grad_buf[start:end] if grad_buf.dtype == cdtype else m
+                torch.mul(m, (-grad_scale / sum_exp).unsqueeze(1), out=out)
+                out[rows_idx, cols_idx] = (grad_scale * sum_rest / sum_exp)[rows_idx].to(out.dtype)
+                if out is m:
+                    grad_buf[start:end].copy_(m)
 
         # Kept as an attribute rather than through save_for_backward: the backward scales it in place.
         ctx.grad_buf = grad_buf
@@ -202,7 +215,9 @@ class _MixedLogprobs(torch.autograd.Function):
                 "logits; lower precisions scale the saved gradient in place to keep peak memory at one "
                 "gradient (call mixed_logprobs again instead of retain_graph=True)"
             )
-        scale = grad_logprobs.reshape(-1, 1).to(grad_buf.dtype)
+        # The upstream gradient stays in float32 (or float64): a lower-precision buffer is multiplied in the
+        # wider dtype and rounded once, instead of also rounding the scale.
+        scale = grad_logprobs.reshape(-1, 1).to(_compute_dtype(grad_buf.dtype))
         if grad_buf.dtype == torch.float64:
             # The verification dtype keeps its buffer so that repeated backward (gradcheck) works.
             grad = grad_buf * scale
