@@ -79,7 +79,7 @@ class AlgorithmSection:
     clip_high: float = 0.2
     dual_clip: float | None = None
     agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    beta: float = 0.0  # KL(pi_pol || pi_ref) weight, for the baseline
+    beta: float = 0.0  # weight of the per-token KL term (kl_estimator), for the baseline
     kl_estimator: str = "k3"
     epochs: int = 1  # optimisation passes over each step's rollouts
     mini_batches: int = 1  # optimiser steps per epoch
@@ -158,14 +158,15 @@ class GRPOConfig:
 
     def validate(self) -> GRPOConfig:
         """Check ranges and names; raise ValueError naming the key."""
-        from nemo_logitavg.algorithms.grpo import AGGREGATIONS, KL_ESTIMATORS
+        from nemo_logitavg.algorithms.grpo import AGGREGATIONS, K1_REFUSED, KL_ESTIMATORS
 
         a, r = self.algorithm, self.rollout
         checks = [
             (0.0 <= a.ref_weight <= 1.0, "algorithm.ref_weight", "must lie in [0, 1]"),
             (a.group_size >= 2, "algorithm.group_size", "must be >= 2 (advantages are relative to the group)"),
             (a.agg in AGGREGATIONS, "algorithm.agg", f"must be one of {', '.join(AGGREGATIONS)}"),
-            (a.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}"),
+            (a.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
+             f"must be one of {', '.join(KL_ESTIMATORS)}" + (f" ({K1_REFUSED})" if a.kl_estimator == "k1" else "")),
             (a.beta >= 0.0, "algorithm.beta", "must be >= 0"),
             (a.temperature > 0.0, "algorithm.temperature", "must be > 0"),
             (0.0 < a.top_p <= 1.0, "algorithm.top_p", "must lie in (0, 1]"),

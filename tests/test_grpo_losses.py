@@ -342,7 +342,6 @@ def test_kl_estimators_formulas():
     x = [0.5, -0.2, 0.0, 3.0, -2.5]
     lp = torch.tensor([[v - 1.0 for v in x]], dtype=torch.float64)
     ref = torch.full_like(lp, -1.0)
-    torch.testing.assert_close(kl_penalty(lp, ref, "k1"), torch.tensor([x], dtype=torch.float64))
     torch.testing.assert_close(kl_penalty(lp, ref, "k2"), torch.tensor([[0.5 * v * v for v in x]], dtype=torch.float64))
     k3 = [math.exp(-v) - 1 + v for v in x]
     torch.testing.assert_close(kl_penalty(lp, ref), torch.tensor([k3], dtype=torch.float64))
@@ -352,21 +351,77 @@ def test_kl_estimators_formulas():
     lr = torch.cat([torch.randn(10_000, generator=g) * 3, torch.randn(10_000, generator=g) * 1e-7])
     assert (kl_penalty(lr, torch.zeros_like(lr)) >= 0).all()
     assert (kl_penalty(lr, torch.zeros_like(lr), "k2") >= 0).all()
-    with pytest.raises(ValueError, match="k1, k2, k3"):
+    with pytest.raises(ValueError, match="k2, k3"):
         kl_penalty(lp, ref, "k4")
     with pytest.raises(ValueError, match="same shape"):
         kl_penalty(lp, ref[:, :2])
 
 
-def test_kl_estimators_unbiased_on_categoricals():
-    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # the policy (samples come from it)
-    q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)  # the reference
-    true_kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p.tolist(), q.tolist(), strict=True))
-    y = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
-    lp, ref = p.log()[y], q.log()[y]
-    # Standard errors are ~1.3e-3 (k1) and ~1e-3 (k3); 1e-2 is far outside sampling noise.
-    assert kl_penalty(lp, ref, "k1").mean().item() == pytest.approx(true_kl, abs=1e-2)
-    assert kl_penalty(lp, ref, "k3").mean().item() == pytest.approx(true_kl, abs=1e-2)
+def _categoricals(seed: int, vocab: int = 7):
+    """Policy logits (a float64 leaf) and a fixed reference distribution on a small vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    policy_logits = (torch.randn(vocab, generator=g, dtype=torch.float64) * 1.5).requires_grad_()
+    ref_logp = torch.log_softmax(torch.randn(vocab, generator=g, dtype=torch.float64) * 1.5, dim=0)
+    return policy_logits, ref_logp
+
+
+def _expected_kl_term(policy_logits: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """E_{y ~ pi_pol}[kl_penalty(log pi_pol(y), log pi_ref(y))] by enumerating every token y, as the trainer
+    builds it: log pi_pol(y) from mixed_logprobs at ref_weight 0, the gradient through the sampled token's
+    log-prob only (the sampling weights pi_pol(y) are constants: no score-function term)."""
+    from nemo_logitavg.ops import mixed_logprobs
+
+    vocab = policy_logits.shape[0]
+    tokens = torch.arange(vocab)
+    logits = policy_logits.unsqueeze(0).expand(vocab, vocab)  # one "sampled token" per row
+    logprobs = mixed_logprobs(logits, torch.zeros(vocab, vocab, dtype=torch.float64), tokens, 0.0)
+    weights = logprobs.detach().exp()
+    return (weights * kl_penalty(logprobs, ref_logp, estimator)).sum()
+
+
+def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    return (p_log.exp() * (p_log - q_log)).sum()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_estimators_expected_gradient_by_enumeration(seed):
+    """k2's expected gradient is that of KL(pi_pol || pi_ref); k3's value is KL(pi_pol || pi_ref) in
+    expectation but its expected gradient is that of KL(pi_ref || pi_pol). Exact sums over the vocabulary."""
+    policy_logits, ref_logp = _categoricals(seed)
+    pol_logp = torch.log_softmax(policy_logits, dim=0)
+    (grad_forward,) = torch.autograd.grad(_kl(pol_logp, ref_logp), policy_logits, retain_graph=True)
+    (grad_reverse,) = torch.autograd.grad(_kl(ref_logp, pol_logp), policy_logits)
+    # The two directions differ clearly here, so matching one is not matching the other by accident.
+    assert (grad_forward - grad_reverse).norm() > 0.1 * grad_forward.norm()
+
+    k2 = _expected_kl_term(policy_logits, ref_logp, "k2")
+    (g2,) = torch.autograd.grad(k2, policy_logits)
+    torch.testing.assert_close(g2, grad_forward, rtol=1e-10, atol=1e-12)
+
+    k3 = _expected_kl_term(policy_logits, ref_logp, "k3")
+    (g3,) = torch.autograd.grad(k3, policy_logits)
+    torch.testing.assert_close(g3, grad_reverse, rtol=1e-10, atol=1e-12)
+    # k3's value is unbiased for KL(pi_pol || pi_ref) (k2's is not).
+    assert k3.item() == pytest.approx(_kl(pol_logp, ref_logp).item(), rel=1e-10)
+
+    # k1 (the log-ratio) would have expected gradient E_pol[grad log pi_pol] = 0: refused as a loss.
+    vocab = policy_logits.shape[0]
+    logp = torch.log_softmax(policy_logits.unsqueeze(0).expand(vocab, vocab), dim=1).diagonal()
+    (g1,) = torch.autograd.grad((logp.detach().exp() * (logp - ref_logp)).sum(), policy_logits)
+    assert g1.abs().max() < 1e-12
+    with pytest.raises(ValueError, match="k1 .*refused as a loss.*algorithm.kl_estimator"):
+        kl_penalty(logp, ref_logp, "k1")
+
+
+def test_config_refuses_k1():
+    from nemo_logitavg.config import GRPOConfig
+
+    cfg = GRPOConfig()
+    cfg.algorithm.kl_estimator = "k1"
+    with pytest.raises(ValueError, match="algorithm.kl_estimator must be one of k2, k3 .*zero"):
+        cfg.validate()
+    cfg.algorithm.kl_estimator = "k2"
+    cfg.validate()
 
 
 # ---------------------------------------------------------------------------------------------------------

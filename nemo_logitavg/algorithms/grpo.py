@@ -25,7 +25,12 @@ import math
 import torch
 
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+# The per-token KL estimators usable as a loss term; k1 is refused (see kl_penalty).
+KL_ESTIMATORS: tuple[str, ...] = ("k2", "k3")
+K1_REFUSED = (
+    "k1 = log pi_pol(y) - log pi_ref(y) is refused as a loss: its expected gradient, E_pi_pol[grad log pi_pol(y)], "
+    "is zero, so it would regularise nothing"
+)
 
 __all__ = [
     "AGGREGATIONS",
@@ -334,28 +339,37 @@ def policy_loss(
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi_pol || pi_ref) from tokens sampled from the policy (Schulman's estimators).
+    """Per-token KL loss term from tokens sampled from the policy (Schulman's estimators), DESIGN §1.
 
-    With ``x = logprobs - ref_logprobs`` (``log pi_pol(y) - log pi_ref(y)``):
+    With ``x = logprobs - ref_logprobs`` (``log pi_pol(y) - log pi_ref(y)``, y ~ pi_pol) and the gradient
+    flowing through ``log pi_pol(y)`` only (the sampled token's value; no score-function term), what each
+    estimator's value estimates and what its expected gradient minimises:
 
-    - ``k1 = x``                      unbiased, can be negative
-    - ``k2 = 0.5 * x**2``             biased, >= 0
-    - ``k3 = exp(-x) - 1 + x``        unbiased, >= 0 (the default, as in GRPO)
+    - ``k3 = exp(-x) - 1 + x`` (the default, as in GRPO/DeepSeekMath): the value is unbiased for
+      KL(pi_pol || pi_ref), but the expected gradient, E_pol[(1 - pi_ref/pi_pol) grad log pi_pol], is that of
+      KL(pi_ref || pi_pol) (the reverse direction).
+    - ``k2 = 0.5 * x**2``: the value is biased (>= 0), the expected gradient, E_pol[x grad log pi_pol], is
+      that of KL(pi_pol || pi_ref).
+    - ``k1 = x`` is refused (ValueError): unbiased as a value, but its expected gradient is
+      E_pol[grad log pi_pol] = 0, a silent no-op regulariser. This function is the loss term only, so the
+      refusal does not depend on whether a gradient is being taken.
 
     The trainer adds ``beta * aggregate(kl_penalty(...), mask, agg, ...)`` to ``policy_loss`` (DESIGN §7).
 
     Args:
         logprobs: ``[...]`` float log-probs of the sampled tokens under the policy (differentiable).
         ref_logprobs: ``[...]`` float log-probs of the same tokens under the reference, same shape.
-        estimator: one of ``KL_ESTIMATORS``.
+        estimator: one of ``KL_ESTIMATORS`` (``k2``, ``k3``).
 
     Returns:
-        ``[...]`` float32 per-token estimates (float64 for float64 inputs).
+        ``[...]`` float32 per-token values (float64 for float64 inputs).
 
     Raises:
-        ValueError: on an unknown estimator, non-float inputs or mismatched shapes.
+        ValueError: on ``k1``, an unknown estimator, non-float inputs or mismatched shapes.
     """
     fn = "kl_penalty"
+    if estimator == "k1":
+        raise ValueError(f"{fn}: {K1_REFUSED}; use k2 or k3 (config key algorithm.kl_estimator)")
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"{fn}: unknown estimator {estimator!r}; valid names are {', '.join(KL_ESTIMATORS)}")
     _check_float_tensor("logprobs", fn, logprobs)
@@ -367,8 +381,6 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
         )
     dtype = _compute_dtype(logprobs, ref_logprobs)
     log_ratio = logprobs.to(dtype) - ref_logprobs.to(dtype)
-    if estimator == "k1":
-        return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.square()
     # expm1 keeps precision for small x; the clamp removes rounding below 0 (there the gradient, 1 - exp(-x),
