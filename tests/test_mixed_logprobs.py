@@ -133,6 +133,31 @@ def test_bf16_gradient_within_one_rounding(p_low, p_high):
     assert rel_err(pol.grad, exp_grad) <= 2.0**-8
 
 
+def _bf16_peak_worker(tokens: int, vocab: int, chunk_size: int) -> dict:
+    import resource
+
+    import psutil
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    policy = torch.randn(tokens, vocab, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    ref = torch.randn(tokens, vocab, generator=gen, dtype=torch.bfloat16)
+    target = torch.randint(0, vocab, (tokens,), generator=gen)
+    grad_out = torch.randn(tokens, generator=gen)
+    rss_before = psutil.Process().memory_info().rss
+    (mixed_logprobs(policy, ref, target, 0.5, chunk_size=chunk_size) * grad_out).sum().backward()
+    return {"peak_extra": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before}
+
+
+def test_bf16_backward_memory_is_one_gradient():
+    """The float32 scaling of a bf16 gradient is done per chunk: peak extra memory is the bf16 gradient plus
+    one float32 chunk, not a float32 copy of the whole gradient (which would add 2x the gradient)."""
+    tokens, vocab, chunk = 4096, 8192, 256
+    (result,) = run_distributed(_bf16_peak_worker, 1, tokens=tokens, vocab=vocab, chunk_size=chunk)
+    grad_bytes, chunk_bytes = tokens * vocab * 2, chunk * vocab * 4
+    assert result["peak_extra"] <= grad_bytes + 2 * chunk_bytes + 24 * 2**20, result
+
+
 def test_gradcheck_float64():
     policy, ref, target, _ = make_inputs((2, 3), 11, dtype=torch.float64)
     pol = policy.clone().requires_grad_()

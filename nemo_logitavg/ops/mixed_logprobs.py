@@ -28,9 +28,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-# Float32 elements of one chunk's working buffer when `chunk_size` is not given (16 MiB): small enough to
-# stay in cache on a CPU and to bound peak memory, large enough that the per-chunk all-reduces are few.
-_DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Float32 elements of one chunk's working buffer when `chunk_size` is not given (64 MiB): bounds peak memory
+# while keeping the per-chunk costs few (each chunk runs ~6 parallel regions / kernels and 2 all-reduces; on
+# a loaded 2-core CPU those, not the arithmetic, made 16 MiB chunks 1.4-2x slower, BENCHMARKS.md).
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -202,6 +203,7 @@ class _MixedLogprobs(torch.autograd.Function):
 
         # Kept as an attribute rather than through save_for_backward: the backward scales it in place.
         ctx.grad_buf = grad_buf
+        ctx.chunk_size = chunk_size
         ctx.logits_shape = policy_logits.shape
         ctx.mark_non_differentiable(entropy)
         return logprobs.reshape(lead_shape), entropy.reshape(lead_shape if return_entropy else (0,))
@@ -221,8 +223,20 @@ class _MixedLogprobs(torch.autograd.Function):
         if grad_buf.dtype == torch.float64:
             # The verification dtype keeps its buffer so that repeated backward (gradcheck) works.
             grad = grad_buf * scale
-        else:
+        elif grad_buf.dtype == scale.dtype:
             grad = grad_buf.mul_(scale)
+            ctx.grad_buf = None
+        else:
+            # Through one float32 chunk buffer: an in-place bf16 * float32 product would allocate float32
+            # temporaries of its operand's size (twice the gradient's memory for the whole buffer at once).
+            work = torch.empty(min(ctx.chunk_size, grad_buf.shape[0]), grad_buf.shape[1], dtype=scale.dtype,
+                               device=grad_buf.device)  # fmt: skip
+            for start in range(0, grad_buf.shape[0], ctx.chunk_size):
+                rows = grad_buf[start : start + ctx.chunk_size]
+                tmp = work[: rows.shape[0]]
+                torch.mul(tmp.copy_(rows), scale[start : start + ctx.chunk_size], out=tmp)
+                rows.copy_(tmp)
+            grad = grad_buf
             ctx.grad_buf = None
         grad = grad.reshape(ctx.logits_shape)
         return grad, None, None, None, None, None, None, None, None
@@ -250,7 +264,7 @@ def mixed_logprobs(
         ref_weight: the reference's weight ``a`` in [0, 1]; 0 is the policy alone, 1 gives zero gradient.
         temperature: ``T > 0``.
         tp_group: the tensor-parallel group the vocabulary is split over; ``None`` or size 1 is one device.
-        chunk_size: tokens processed at once (bounds the float32 working memory); default picks about 4M
+        chunk_size: tokens processed at once (bounds the float32 working memory); default picks about 16M
             logits per chunk.
         return_entropy: also return the entropy of pi_mix per token (a metric: no gradient).
         true_vocab_size: columns at or beyond this global id (vocabulary padding) are excluded.
