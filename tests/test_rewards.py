@@ -377,6 +377,60 @@ def test_score_mcq():
     assert score_mcq(["The answer is E"], ["E"], valid_letters="ABCDE") == [1.0]
 
 
+# Hostile completions, by length: runs that several adjacent regex quantifiers could share (backtracking in time
+# cubic in the run), runs of brackets that each start position rescans, braceless \\boxed that each search rescans.
+HOSTILE_BY_LENGTH = {
+    "answer + spaces": lambda n: "answer" + " " * (n - 6),
+    "The answer + ' \\n'": lambda n: "The answer" + " \n" * ((n - 10) // 2),
+    "answer is + spaces + likely + spaces": lambda n: "the answer is" + " " * (n // 2) + "likely" + " " * (n // 2),
+    "I choose + ' *'": lambda n: "I choose" + " *" * (n // 2),
+    "brackets": lambda n: "(" * n,
+    "braceless boxes": lambda n: "\\boxed" * (n // 6),
+}
+
+
+def _seconds_per_call(fn, text: str, below: float = 0.0) -> float:
+    """Best of up to three timings of ``fn(text)`` (each repeating it for at least 30 ms), stopping once one is
+    below ``below``. CPU time of this process: the machine is shared, and waiting for a core is not the code's cost."""
+    best = float("inf")
+    for _ in range(3):
+        calls, start = 0, time.process_time()
+        while (elapsed := time.process_time() - start) < 0.03 or calls == 0:
+            fn(text)
+            calls += 1
+        best = min(best, elapsed / calls)
+        if best <= below:
+            break
+    return best
+
+
+@pytest.mark.parametrize(
+    "name, grader", [(name, "score_mcq") for name in HOSTILE_BY_LENGTH] + [("braceless boxes", "prepare_prediction")]
+)
+def test_extraction_time_is_linear_on_hostile_input(name, grader):
+    from nemo_logitavg.rewards.mcq import MAX_CHOICE_CHARS
+
+    fn = (lambda text: score_mcq([text], ["A"])) if grader == "score_mcq" else prepare_prediction
+    make = HOSTILE_BY_LENGTH[name]
+    lengths = [128 * 2**k for k in range(9)]  # 128 .. 32768 characters: the longest that score_mcq reads whole
+    assert lengths[-1] == MAX_CHOICE_CHARS
+    times = [_seconds_per_call(fn, make(lengths[0]))]
+    for length in lengths[1:]:
+        times.append(_seconds_per_call(fn, make(length), below=3 * times[-1]))
+        for _ in range(4):  # a timing slowed by another process: measure both lengths again
+            if times[-1] <= 3 * times[-2]:
+                break
+            times[-2] = min(times[-2], _seconds_per_call(fn, make(length // 2)))
+            times[-1] = min(times[-1], _seconds_per_call(fn, make(length), below=3 * times[-2]))
+        assert times[-1] <= 3 * times[-2], f"{name}: {length} characters take {times[-1] / times[-2]:.1f}x half"
+    # Far past the maximum completion length (1M characters): bounded (score_mcq reads the head and the tail).
+    huge = _seconds_per_call(fn, make(1_000_000), below=3 * times[-1] if grader == "score_mcq" else 0.5)
+    print(f"{name} ({grader}): {[f'{t * 1e3:.2f}' for t in times]} ms at {lengths}; 1M characters {huge * 1e3:.1f} ms")
+    assert huge < 1.0
+    if grader == "score_mcq":
+        assert huge <= 3 * times[-1]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # format metrics
 # --------------------------------------------------------------------------------------------------------------

@@ -80,14 +80,19 @@ def find_last_boxed(text: str, max_chars: int | None = None) -> tuple[str, str |
     braces), ``"none"`` (no box), ``"unclosed"`` (the last box never closes) or ``"too_long"`` (its content runs
     past ``max_chars``; scanning stops there, so a 1 MB string costs microseconds).
     """
-    end = len(text)
+    # One cursor per command, each moved back only past its own braceless occurrences: searching both from the
+    # same end again would rescan the text once per braceless "\\boxed", quadratic in its length.
+    boxed_at, fbox_at = text.rfind("\\boxed"), text.rfind("\\fbox")
     while True:
-        start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        start = max(boxed_at, fbox_at)
         if start < 0:
             return "none", None
         match = _BOX_START.match(text, start)
         if match is None:
-            end = start
+            if start == boxed_at:
+                boxed_at = text.rfind("\\boxed", 0, start)
+            else:
+                fbox_at = text.rfind("\\fbox", 0, start)
             continue
         body = match.end()
         limit = len(text) if max_chars is None else min(len(text), body + max_chars + 1)
