@@ -252,6 +252,25 @@ def test_hostile_completions_finish_and_score_zero():
     assert stats.num_rejected >= 4
 
 
+def test_caps_apply_without_a_box():
+    """Unboxed answers nested 14-30 deep each used the whole time limit in math-verify's parser."""
+    timeout = 3.0
+    deep = ["The final answer is $" + "(" * depth + "1" + ")" * depth + "$." for depth in (14, 20, 30)]
+    deep += ["So the answer is $" + "\\frac{1}{" * depth + "2" + "}" * depth + "$" for depth in (14, 30)]
+    assert [prepare_prediction(text)[1] for text in deep] == ["too_deep"] * len(deep)
+    assert prepare_prediction(" \n ") == (None, "empty")
+    with MathGrader(num_workers=2, timeout=timeout) as pool:
+        start = time.perf_counter()
+        scores, stats = pool.score(deep + [boxed("1")], ["1"] * (len(deep) + 1))
+        elapsed = time.perf_counter() - start
+        assert scores == [0.0] * len(deep) + [1.0]
+        assert stats.num_rejected == len(deep) and stats.num_graded == 1 and stats.num_timeouts == 0
+        assert elapsed < timeout  # the one graded answer (and the workers' start), not one time limit per answer
+        # The gold answer is graded too: the same caps.
+        scores, stats = pool.score([boxed("1")], ["(" * 9 + "1" + ")" * 9])
+        assert scores == [0.0] and stats.num_rejected == 1 and stats.num_graded == 0
+
+
 def test_hung_grader_does_not_stall_the_batch():
     timeout = 2.0
     completions = [boxed("1"), boxed("2"), boxed("1"), boxed("3"), boxed("4"), boxed("5"), boxed("6"), boxed("0")]

@@ -20,10 +20,12 @@ Cheap guards in the parent score 0 without sending anything to a worker (``Grade
   ``MAX_NESTING_DEPTH`` (math-verify's ANTLR parser slows down exponentially with nesting: ten nested groups take
   over a second, fourteen tens of seconds; the 5000 MATH test gold answers nest at most 3 deep and are at most
   81 characters long);
-- an empty answer, or an empty or oversized gold answer.
+- an empty answer, or an empty, oversized or over-deep gold answer.
 
 Without any box, the last ``MAX_FALLBACK_CHARS`` characters of the completion go to math-verify's own extraction
-("final answer is $x$", the last LaTeX expression, a plain number).
+("final answer is $x$", the last LaTeX expression, a plain number), under the same caps: an empty tail, or one whose
+brackets nest deeper than ``MAX_NESTING_DEPTH``, scores 0 unparsed (an unboxed answer nested 14-30 deep otherwise
+spends the whole time limit in the parser).
 
 Worker processes use the ``spawn`` start method by default, which is safe in a trainer process that already runs
 threads (torch, gloo); a worker costs about a second to start, paid once per worker and again after a kill.
@@ -137,16 +139,17 @@ def prepare_prediction(completion: str) -> tuple[str | None, str]:
     ``"empty"`` or ``"too_deep"``.
     """
     status, content = find_last_boxed(completion, MAX_ANSWER_CHARS)
-    if status == "none":
-        return completion[-MAX_FALLBACK_CHARS:], "fallback"
-    if status != "ok":
+    if status == "none":  # math-verify extracts from the tail: the same caps apply to it as to a boxed answer
+        content, kind = completion[-MAX_FALLBACK_CHARS:].strip(), "fallback"
+    elif status != "ok":
         return None, status
-    content = content.strip()
+    else:
+        content, kind = content.strip(), "boxed"
     if not content:
         return None, "empty"
     if nesting_depth(content) > MAX_NESTING_DEPTH:
         return None, "too_deep"
-    return "\\boxed{" + content + "}", "boxed"
+    return ("\\boxed{" + content + "}" if kind == "boxed" else content), kind
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,7 +363,12 @@ class MathGrader:
                 raise TypeError(f"completion and gold answer must be str (index {index})")
             gold = gold.strip()
             prediction, _ = prepare_prediction(completion)
-            if prediction is None or not gold or len(gold) > MAX_ANSWER_CHARS:
+            if (
+                prediction is None
+                or not gold
+                or len(gold) > MAX_ANSWER_CHARS
+                or nesting_depth(gold) > MAX_NESTING_DEPTH
+            ):
                 rejected += 1
                 continue
             tasks.append((index, (prediction, gold)))
