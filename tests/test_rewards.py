@@ -260,12 +260,13 @@ def test_caps_apply_without_a_box():
     assert [prepare_prediction(text)[1] for text in deep] == ["too_deep"] * len(deep)
     assert prepare_prediction(" \n ") == (None, "empty")
     with MathGrader(num_workers=2, timeout=timeout) as pool:
+        pool.score([boxed("1")], ["1"])  # start the workers outside the timed part
         start = time.perf_counter()
         scores, stats = pool.score(deep + [boxed("1")], ["1"] * (len(deep) + 1))
         elapsed = time.perf_counter() - start
         assert scores == [0.0] * len(deep) + [1.0]
         assert stats.num_rejected == len(deep) and stats.num_graded == 1 and stats.num_timeouts == 0
-        assert elapsed < timeout  # the one graded answer (and the workers' start), not one time limit per answer
+        assert elapsed < timeout  # the one graded answer, not one time limit per deep answer
         # The gold answer is graded too: the same caps.
         scores, stats = pool.score([boxed("1")], ["(" * 9 + "1" + ")" * 9])
         assert scores == [0.0] and stats.num_rejected == 1 and stats.num_graded == 0
@@ -314,6 +315,40 @@ def test_score_math_interface():
         score_math([boxed("1")], ["1", "2"])
     # over-long gold answers are rejected, not parsed
     assert score_math([boxed("1")], ["1" * (MAX_ANSWER_CHARS + 1)]) == [0.0]
+
+
+UNGUARDED_SCRIPT = """
+import signal
+from nemo_logitavg.rewards import MathGrader, get_default_grader, score_math
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # as the trainer does
+print("top level ran", flush=True)
+print(score_math([r"so \\boxed{\\frac{1}{2}}", r"\\boxed{3}", "The final answer is $7$."], ["0.5", "4", "7"]))
+with open(f"/proc/{get_default_grader()._workers[0].process.pid}/status") as f:  # workers keep the blocked mask
+    blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+print("worker blocks SIGTERM:", bool(blocked >> (signal.SIGTERM - 1) & 1))
+def grade(prediction, gold):
+    return 1.0
+try:  # a grade_fn defined in __main__ cannot reach the workers, which never import __main__: said so
+    MathGrader(num_workers=1, grade_fn=grade).score(["x"], ["1"])
+except RuntimeError as exc:
+    print("grade_fn error:", exc)
+"""
+
+
+def test_score_math_from_a_script_without_main_guard(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])  # the workers import this checkout, as the test does
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines.count("top level ran") == 1, result.stdout  # the workers did not re-run the script
+    assert "[1.0, 0.0, 1.0]" in lines, result.stdout
+    assert "worker blocks SIGTERM: True" in lines, result.stdout
+    assert any(line.startswith("grade_fn error:") and "not in __main__" in line for line in lines), result.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------
