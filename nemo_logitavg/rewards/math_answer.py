@@ -303,8 +303,11 @@ class _Worker:
             )
         finally:
             child_conn.close()
-        self.conn.send(list(sys.path))
-        self.conn.send(grade_fn)
+        try:
+            self.conn.send(list(sys.path))
+            self.conn.send(grade_fn)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the interpreter died at once: the scheduler sees the closed pipe and reports its exit
         self.started_at = time.monotonic()
         self.ready = False
         self.task: tuple[int, int] | None = None  # (task id, index in the batch)
