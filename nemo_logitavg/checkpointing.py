@@ -33,6 +33,7 @@ Megatron-LM does; that path has not been run on these CPU machines.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import pickle
@@ -457,8 +458,11 @@ _INDEX_GLOBALS = {
 
 class _IndexUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module, name) in _INDEX_GLOBALS or (module in _INDEX_MODULES and not name.startswith("__"))
-        if module == "torch":
+        allowed = (module, name) in _INDEX_GLOBALS
+        if module in _INDEX_MODULES:  # a class defined there (dataclasses, enums), not a name it imported
+            value = getattr(importlib.import_module(module), name, None)
+            allowed = isinstance(value, type) and value.__module__ == module
+        elif module == "torch":
             value = getattr(torch, name, None)
             allowed = allowed or isinstance(value, torch.dtype | torch.layout | torch.memory_format)
         if not allowed:
