@@ -32,8 +32,11 @@ Megatron-LM does; that path has not been run on these CPU machines.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -125,6 +128,8 @@ def latest_step(ckpt_root: str | os.PathLike) -> int | None:
             text = f.read().strip()
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} does not hold a step number (it is not text)") from None
     if not text.isdigit():
         raise CheckpointError(f"{path} does not hold a step number (it holds {text[:40]!r})")
     return int(text)
@@ -133,31 +138,55 @@ def latest_step(ckpt_root: str | os.PathLike) -> int | None:
 def find_checkpoint(ckpt_root: str | os.PathLike, step: int | None = None) -> str:
     """The directory of a complete checkpoint: ``step``'s, or the one ``latest`` names when ``step`` is None.
 
-    Pure file-system checks, the same on every rank; ``.tmp`` directories are never considered.
+    Pure file-system checks, the same on every rank; ``.tmp`` directories are never considered. When ``latest``
+    names a directory that does not exist (a crash between the two renames of a same-step re-save) or does not
+    hold a step number, the newest complete step directory is used instead, with a warning: a resume goes on
+    from the last state known to be whole rather than stopping the job.
 
     Raises:
         CheckpointNotFoundError: no ``ckpt_root``, no ``latest`` in it (with step None), or no directory for
-            the step. CheckpointError: a directory that lacks files a complete checkpoint has (a partial or
-            corrupted checkpoint), or an unreadable manifest.
+            the step (nor, with step None, a complete one to fall back to). CheckpointError: a directory that
+            lacks files a complete checkpoint has (a partial or corrupted checkpoint), an unreadable manifest, or
+            a corrupt ``latest`` with nothing to fall back to.
     """
     root = os.fspath(ckpt_root)
     if not os.path.isdir(root):
         raise CheckpointNotFoundError(f"checkpoint root {root} does not exist")
-    if step is None:
+    if step is not None:
+        return _complete_checkpoint(root, step)
+    latest = os.path.join(root, LATEST_FILE)
+    try:
         step = latest_step(root)
+    except CheckpointError as exc:
+        problem: CheckpointError = exc
+    else:
         if step is None:
             found = complete_steps(root)
             hint = f" (complete-looking step directories there: {found})" if found else ""
             raise CheckpointNotFoundError(
                 f"no '{LATEST_FILE}' file in checkpoint root {root}: no checkpoint was completed there{hint}"
             )
-        source = f" (named by {os.path.join(root, LATEST_FILE)})"
-    else:
-        source = ""
+        path = os.path.join(root, step_dir_name(step))
+        if os.path.isdir(path):
+            return _complete_checkpoint(root, step)
+        partial = " (only a partial save, .tmp, exists)" if os.path.isdir(path + TMP_SUFFIX) else ""
+        problem = CheckpointNotFoundError(f"checkpoint directory {path} (named by {latest}) does not exist{partial}")
+    for candidate in reversed(complete_steps(root)):
+        try:
+            path = _complete_checkpoint(root, candidate)
+        except CheckpointError:
+            continue
+        warnings.warn(f"{problem}; resuming from the newest complete checkpoint, {path}", stacklevel=2)
+        return path
+    raise type(problem)(f"{problem}; no complete checkpoint in {root} to fall back to") from None
+
+
+def _complete_checkpoint(root: str, step: int) -> str:
+    """``root``'s directory for ``step`` after checking that it is complete (see ``find_checkpoint``)."""
     path = os.path.join(root, step_dir_name(step))
     if not os.path.isdir(path):
         partial = " (only a partial save, .tmp, exists)" if os.path.isdir(path + TMP_SUFFIX) else ""
-        raise CheckpointNotFoundError(f"checkpoint directory {path}{source} does not exist{partial}")
+        raise CheckpointNotFoundError(f"checkpoint directory {path} does not exist{partial}")
     missing = [name for name in REQUIRED_FILES if not os.path.isfile(os.path.join(path, name))]
     if missing:
         raise CheckpointError(f"checkpoint directory {path} is partial or corrupted: missing {', '.join(missing)}")
@@ -211,14 +240,23 @@ def _check_extra_state(extra_state: dict) -> dict:
 
 
 def _rng_states() -> dict:
+    """This rank's RNG states as tensors and plain data (what ``torch.load(weights_only=True)`` reads back)."""
     from megatron.core import tensor_parallel
 
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     states = {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
+        "random": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
         # Megatron's named model-parallel streams (CPU generator states under cpu_compat).
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "tracker": dict(tensor_parallel.get_cuda_rng_tracker().get_states()),
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
@@ -228,8 +266,17 @@ def _rng_states() -> dict:
 def _set_rng_states(states: dict) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(states["random"])
-    np.random.set_state(states["numpy"])
+    python, numpy_state = states["random"], states["numpy"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
@@ -397,6 +444,69 @@ def save_checkpoint(
     return final
 
 
+# What torch.distributed.checkpoint's index (``.metadata``, a plain pickle that it reads with ``pickle.load``) may
+# name: its own metadata and plan classes, torch sizes, dtypes, layouts and memory formats. Anything else (e.g.
+# ``os.system``) would run code when unpickled.
+_INDEX_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner")
+_INDEX_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _INDEX_GLOBALS
+        if module in _INDEX_MODULES:  # a class defined there (dataclasses, enums), not a name it imported
+            value = getattr(importlib.import_module(module), name, None)
+            allowed = isinstance(value, type) and value.__module__ == module
+        elif module == "torch":
+            value = getattr(torch, name, None)
+            allowed = allowed or isinstance(value, torch.dtype | torch.layout | torch.memory_format)
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def check_index(path: str | os.PathLike) -> None:
+    """Read a checkpoint directory's torch_dist index (``.metadata``) without running code from it.
+
+    torch reads that file with ``pickle.load``: whoever can write a checkpoint directory could otherwise run code in
+    the process that loads it. Called by ``load_checkpoint`` on every rank before megatron reads the index (a
+    file swapped in between this check and that read is not caught: keep checkpoint roots writable only by the
+    job).
+
+    Raises:
+        CheckpointError: the index names anything but checkpoint metadata, or is not a pickle.
+    """
+    file = os.path.join(os.fspath(path), ".metadata")
+    try:
+        with open(file, "rb") as f:
+            _IndexUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise CheckpointError(
+            f"{file} is refused: {exc} (checkpoints are read without running code from them)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` inside (megatron's common state and object shards, which torch's planner loads with
+    ``weights_only=False``) reads tensors and plain data only, via torch's own switch for that."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _load_reference(actor: LogitAveragingActor, reference_dir: str, path: str) -> None:
     from nemo_logitavg.models.hf_conversion import load_hf_into_mcore, load_mcore_checkpoint
 
@@ -434,8 +544,10 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = find_checkpoint(ckpt_root, step)
+    check_index(path)
     manifest = read_manifest(path)
     layout = parallel_layout()
     saved_layout = manifest["layout"]
@@ -453,8 +565,15 @@ def load_checkpoint(
 
     state = _sharded_state(actor, is_loading=True, optimizer=load_optimizer, rng=restore_rng, layout=layout)
     try:
-        loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED)
-    except Exception as exc:
+        with _weights_only_loads():
+            loaded = dist_checkpointing.load(state, path, strict=StrictHandling.RAISE_UNEXPECTED)
+    except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
+        refused = _refused_global(exc)
+        if refused is not None:
+            raise CheckpointError(
+                f"checkpoint {path} holds a pickled {refused}, not tensors or plain data: refused (checkpoints "
+                "are read without running code from them, torch.load(weights_only=True))"
+            ) from None
         raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
 
     actor.gpt_policy.load_state_dict(loaded["model"], strict=True)
@@ -479,6 +598,18 @@ def load_checkpoint(
         rng_restored=restore_rng,
         manifest=manifest,
     )
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The global that torch's weights-only unpickler refused somewhere in ``exc``'s chain, if that is the cause."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "Weights only load failed" in str(exc):
+            match = re.search(r"GLOBAL (\S+)", str(exc))
+            return match.group(1) if match else "object"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _describe(layout: dict) -> str:

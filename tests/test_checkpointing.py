@@ -355,3 +355,91 @@ def test_clear_errors(tmp_path):
     (root / step_dir_name(4) / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match=f"{MANIFEST_FILE} is corrupted"):
         find_checkpoint(root, step=4)
+
+
+def test_latest_falls_back_to_the_newest_complete_step(tmp_path):
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    for step in (2, 4, 5, 6):
+        _complete_looking(root / step_dir_name(step))
+    (root / step_dir_name(5) / "common.pt").unlink()  # partial: skipped
+    # Killed between the two renames of a same-step re-save: step 6 exists only as the old save moved aside
+    # (.old.tmp) and the new one (.tmp), while latest names step 6.
+    step6 = root / step_dir_name(6)
+    os.rename(step6, root / (step6.name + ".old.tmp"))
+    _complete_looking(step6)
+    os.rename(step6, root / (step6.name + ".tmp"))
+    (root / LATEST_FILE).write_text("6\n")
+    newest = str(root / step_dir_name(4))
+    named = f"{step6} (named by {root / LATEST_FILE}) does not exist (only a partial save, .tmp, exists)"
+    with pytest.warns(UserWarning, match=re.escape(f"{named}; resuming from the newest complete checkpoint, {newest}")):
+        assert find_checkpoint(root) == newest
+    for corrupt in (b"garbage\n", b"", b"\xff\xfe\x00"):
+        (root / LATEST_FILE).write_bytes(corrupt)
+        with pytest.warns(
+            UserWarning, match="does not hold a step number.*newest complete checkpoint, " + re.escape(newest)
+        ):
+            assert find_checkpoint(root) == newest
+    # An explicit step gets no fallback.
+    with pytest.raises(CheckpointNotFoundError, match=re.escape(f"{step6} does not exist")):
+        find_checkpoint(root, step=6)
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker`` (what a planted checkpoint would do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _planted_payload_worker(dirs, root: str, marker: str) -> dict:
+    import pickle
+
+    from nemo_logitavg import checkpointing
+    from nemo_logitavg.parallel import teardown
+
+    actor = _actor(dirs, tp=1, pp=1)
+    _train_step(actor)
+    errors = {}
+    # 1. An object shard (the RNG states' place) holding a pickle payload instead of tensors and plain data.
+    honest = checkpointing._rng_states
+    checkpointing._rng_states = lambda: {"random": _Payload(marker)}
+    try:
+        checkpointing.save_checkpoint(actor, root, 1)
+    finally:
+        checkpointing._rng_states = honest
+    try:
+        checkpointing.load_checkpoint(actor, root)
+    except Exception as exc:  # noqa: BLE001 - the test checks which error, and that the payload did not run
+        errors["object_shard"] = f"{type(exc).__name__}: {exc}"
+    # 2. torch.distributed.checkpoint's index (.metadata, read with pickle.load) replaced by a payload.
+    path = checkpointing.save_checkpoint(actor, root, 2)
+    errors["honest_loads"] = checkpointing.load_checkpoint(actor, root).rng_restored
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    try:
+        checkpointing.load_checkpoint(actor, root)
+    except Exception as exc:  # noqa: BLE001
+        errors["index"] = f"{type(exc).__name__}: {exc}"
+    teardown()
+    return errors
+
+
+@pytest.mark.slow
+def test_planted_pickle_payload_is_refused(tmp_path):
+    dirs = make_hf_llama(tmp_path / "policy", seed=1), make_hf_llama(tmp_path / "reference", seed=2)
+    root, marker = tmp_path / "ckpts", tmp_path / "payload_ran"
+    errors = run_distributed(_planted_payload_worker, 1, dirs=dirs, root=str(root), marker=str(marker))[0]
+    assert not marker.exists(), "the planted payload ran"
+    assert errors["honest_loads"] is True
+    assert (
+        errors["object_shard"].startswith("CheckpointError") and str(root / step_dir_name(1)) in errors["object_shard"]
+    )
+    assert "posix.system" in errors["object_shard"] and "refused" in errors["object_shard"]
+    assert (
+        errors["index"].startswith("CheckpointError") and str(root / step_dir_name(2) / ".metadata") in errors["index"]
+    )
+    assert "posix.system" in errors["index"] and "refused" in errors["index"]

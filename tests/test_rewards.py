@@ -252,6 +252,26 @@ def test_hostile_completions_finish_and_score_zero():
     assert stats.num_rejected >= 4
 
 
+def test_caps_apply_without_a_box():
+    """Unboxed answers nested 14-30 deep each used the whole time limit in math-verify's parser."""
+    timeout = 3.0
+    deep = ["The final answer is $" + "(" * depth + "1" + ")" * depth + "$." for depth in (14, 20, 30)]
+    deep += ["So the answer is $" + "\\frac{1}{" * depth + "2" + "}" * depth + "$" for depth in (14, 30)]
+    assert [prepare_prediction(text)[1] for text in deep] == ["too_deep"] * len(deep)
+    assert prepare_prediction(" \n ") == (None, "empty")
+    with MathGrader(num_workers=2, timeout=timeout) as pool:
+        pool.score([boxed("1")], ["1"])  # start the workers outside the timed part
+        start = time.perf_counter()
+        scores, stats = pool.score(deep + [boxed("1")], ["1"] * (len(deep) + 1))
+        elapsed = time.perf_counter() - start
+        assert scores == [0.0] * len(deep) + [1.0]
+        assert stats.num_rejected == len(deep) and stats.num_graded == 1 and stats.num_timeouts == 0
+        assert elapsed < timeout  # the one graded answer, not one time limit per deep answer
+        # The gold answer is graded too: the same caps.
+        scores, stats = pool.score([boxed("1")], ["(" * 9 + "1" + ")" * 9])
+        assert scores == [0.0] and stats.num_rejected == 1 and stats.num_graded == 0
+
+
 def test_hung_grader_does_not_stall_the_batch():
     timeout = 2.0
     completions = [boxed("1"), boxed("2"), boxed("1"), boxed("3"), boxed("4"), boxed("5"), boxed("6"), boxed("0")]
@@ -295,6 +315,40 @@ def test_score_math_interface():
         score_math([boxed("1")], ["1", "2"])
     # over-long gold answers are rejected, not parsed
     assert score_math([boxed("1")], ["1" * (MAX_ANSWER_CHARS + 1)]) == [0.0]
+
+
+UNGUARDED_SCRIPT = """
+import signal
+from nemo_logitavg.rewards import MathGrader, get_default_grader, score_math
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})  # as the trainer does
+print("top level ran", flush=True)
+print(score_math([r"so \\boxed{\\frac{1}{2}}", r"\\boxed{3}", "The final answer is $7$."], ["0.5", "4", "7"]))
+with open(f"/proc/{get_default_grader()._workers[0].process.pid}/status") as f:  # workers keep the blocked mask
+    blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+print("worker blocks SIGTERM:", bool(blocked >> (signal.SIGTERM - 1) & 1))
+def grade(prediction, gold):
+    return 1.0
+try:  # a grade_fn defined in __main__ cannot reach the workers, which never import __main__: said so
+    MathGrader(num_workers=1, grade_fn=grade).score(["x"], ["1"])
+except RuntimeError as exc:
+    print("grade_fn error:", exc)
+"""
+
+
+def test_score_math_from_a_script_without_main_guard(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])  # the workers import this checkout, as the test does
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines.count("top level ran") == 1, result.stdout  # the workers did not re-run the script
+    assert "[1.0, 0.0, 1.0]" in lines, result.stdout
+    assert "worker blocks SIGTERM: True" in lines, result.stdout
+    assert any(line.startswith("grade_fn error:") and "not in __main__" in line for line in lines), result.stdout
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -375,6 +429,60 @@ def test_score_mcq():
     with pytest.raises(ValueError):
         score_mcq(["The answer is E"], ["E"])  # gold outside the valid letters
     assert score_mcq(["The answer is E"], ["E"], valid_letters="ABCDE") == [1.0]
+
+
+# Hostile completions, by length: runs that several adjacent regex quantifiers could share (backtracking in time
+# cubic in the run), runs of brackets that each start position rescans, braceless \\boxed that each search rescans.
+HOSTILE_BY_LENGTH = {
+    "answer + spaces": lambda n: "answer" + " " * (n - 6),
+    "The answer + ' \\n'": lambda n: "The answer" + " \n" * ((n - 10) // 2),
+    "answer is + spaces + likely + spaces": lambda n: "the answer is" + " " * (n // 2) + "likely" + " " * (n // 2),
+    "I choose + ' *'": lambda n: "I choose" + " *" * (n // 2),
+    "brackets": lambda n: "(" * n,
+    "braceless boxes": lambda n: "\\boxed" * (n // 6),
+}
+
+
+def _seconds_per_call(fn, text: str, below: float = 0.0) -> float:
+    """Best of up to three timings of ``fn(text)`` (each repeating it for at least 30 ms), stopping once one is
+    below ``below``. CPU time of this process: the machine is shared, and waiting for a core is not the code's cost."""
+    best = float("inf")
+    for _ in range(3):
+        calls, start = 0, time.process_time()
+        while (elapsed := time.process_time() - start) < 0.03 or calls == 0:
+            fn(text)
+            calls += 1
+        best = min(best, elapsed / calls)
+        if best <= below:
+            break
+    return best
+
+
+@pytest.mark.parametrize(
+    "name, grader", [(name, "score_mcq") for name in HOSTILE_BY_LENGTH] + [("braceless boxes", "prepare_prediction")]
+)
+def test_extraction_time_is_linear_on_hostile_input(name, grader):
+    from nemo_logitavg.rewards.mcq import MAX_CHOICE_CHARS
+
+    fn = (lambda text: score_mcq([text], ["A"])) if grader == "score_mcq" else prepare_prediction
+    make = HOSTILE_BY_LENGTH[name]
+    lengths = [128 * 2**k for k in range(9)]  # 128 .. 32768 characters: the longest that score_mcq reads whole
+    assert lengths[-1] == MAX_CHOICE_CHARS
+    times = [_seconds_per_call(fn, make(lengths[0]))]
+    for length in lengths[1:]:
+        times.append(_seconds_per_call(fn, make(length), below=3 * times[-1]))
+        for _ in range(4):  # a timing slowed by another process: measure both lengths again
+            if times[-1] <= 3 * times[-2]:
+                break
+            times[-2] = min(times[-2], _seconds_per_call(fn, make(length // 2)))
+            times[-1] = min(times[-1], _seconds_per_call(fn, make(length), below=3 * times[-2]))
+        assert times[-1] <= 3 * times[-2], f"{name}: {length} characters take {times[-1] / times[-2]:.1f}x half"
+    # Far past the maximum completion length (1M characters): bounded (score_mcq reads the head and the tail).
+    huge = _seconds_per_call(fn, make(1_000_000), below=3 * times[-1] if grader == "score_mcq" else 0.5)
+    print(f"{name} ({grader}): {[f'{t * 1e3:.2f}' for t in times]} ms at {lengths}; 1M characters {huge * 1e3:.1f} ms")
+    assert huge < 1.0
+    if grader == "score_mcq":
+        assert huge <= 3 * times[-1]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -119,3 +119,25 @@ def test_metrics_log_writes_jsonl_tensorboard_and_wandb_offline(tmp_path, monkey
     run_id = (tmp_path / "wandb_run_id").read_text()
     MetricsLog(str(tmp_path), total_steps=3, wandb_project="nla-test").close()
     assert (tmp_path / "wandb_run_id").read_text() == run_id
+
+
+def test_wandb_never_receives_the_rollout_token(tmp_path, monkeypatch):
+    import secrets
+    from dataclasses import asdict
+
+    pytest.importorskip("wandb", reason="W&B logging is optional; install wandb to check it")
+    from nemo_logitavg.trainer import MetricsLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    secret = "rollout-secret-" + secrets.token_hex(8)
+    cfg = GRPOConfig()
+    cfg.rollout.token = secret
+    log = MetricsLog(str(tmp_path), total_steps=1, wandb_project="nla-test", config=asdict(cfg))  # as the trainer
+    assert log.wandb.config["rollout"]["token"] == "<redacted>"
+    assert log.wandb.config["rollout"]["max_tokens"] == cfg.rollout.max_tokens  # the rest is kept
+    log.write(1, {"reward/mean": 0.25})
+    log.close()
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".wandb" for path in files)  # the offline run's record, config included
+    assert [path for path in files if secret.encode() in path.read_bytes()] == []

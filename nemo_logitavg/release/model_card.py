@@ -31,9 +31,11 @@ def _setting(cfg: Mapping, dotted: str) -> object:
     return node
 
 
-def _redacted(cfg: Mapping) -> dict:
-    """A copy without the rollout token (an interpolation such as ${oc.env:...} names no secret and stays)."""
-    out = json.loads(json.dumps(cfg))
+def redact_secrets(cfg: Mapping) -> dict:
+    """A plain copy of a run config without its secret, the rollout token (replaced by ``"<redacted>"``; an
+    interpolation such as ``${oc.env:...}`` names no secret and stays). For whatever leaves the job: the model
+    card, the config uploaded to W&B."""
+    out = json.loads(json.dumps(cfg, default=str))
     token = _setting(out, "rollout.token")
     if isinstance(token, str) and not token.startswith("${"):
         out["rollout"]["token"] = "<redacted>"
@@ -62,7 +64,7 @@ def _training_section(cfg: Mapping) -> list[str]:
         rows.append(("nodes", f"{_setting(cfg, 'cluster.trainer_nodes')} training + "
                               f"{_setting(cfg, 'cluster.rollout_nodes')} rollout"))  # fmt: skip
     table = ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    dumped = yaml.safe_dump(_redacted(cfg), sort_keys=False).rstrip()
+    dumped = yaml.safe_dump(redact_secrets(cfg), sort_keys=False).rstrip()
     return ["## Training", "", *table, "", "<details><summary>The full training config</summary>", "",
             "```yaml", dumped, "```", "", "</details>"]  # fmt: skip
 

@@ -20,13 +20,19 @@ Cheap guards in the parent score 0 without sending anything to a worker (``Grade
   ``MAX_NESTING_DEPTH`` (math-verify's ANTLR parser slows down exponentially with nesting: ten nested groups take
   over a second, fourteen tens of seconds; the 5000 MATH test gold answers nest at most 3 deep and are at most
   81 characters long);
-- an empty answer, or an empty or oversized gold answer.
+- an empty answer, or an empty, oversized or over-deep gold answer.
 
 Without any box, the last ``MAX_FALLBACK_CHARS`` characters of the completion go to math-verify's own extraction
-("final answer is $x$", the last LaTeX expression, a plain number).
+("final answer is $x$", the last LaTeX expression, a plain number), under the same caps: an empty tail, or one whose
+brackets nest deeper than ``MAX_NESTING_DEPTH``, scores 0 unparsed (an unboxed answer nested 14-30 deep otherwise
+spends the whole time limit in the parser).
 
-Worker processes use the ``spawn`` start method by default, which is safe in a trainer process that already runs
-threads (torch, gloo); a worker costs about a second to start, paid once per worker and again after a kill.
+Each worker is a fresh interpreter (``subprocess``: fork and exec, safe in a trainer process that already runs
+threads, torch and gloo) that imports only this module and math-verify. Unlike multiprocessing's ``spawn`` and
+``forkserver`` start methods it never re-imports the caller's ``__main__``, so a script that calls ``score_math``
+at top level needs no ``if __name__ == "__main__":`` guard (and a worker does not re-run the trainer's imports). A
+worker costs about a second to start, paid once per worker and again after a kill. Workers inherit the parent's
+signal mask, environment and import path.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ import multiprocessing.connection
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -80,14 +88,19 @@ def find_last_boxed(text: str, max_chars: int | None = None) -> tuple[str, str |
     braces), ``"none"`` (no box), ``"unclosed"`` (the last box never closes) or ``"too_long"`` (its content runs
     past ``max_chars``; scanning stops there, so a 1 MB string costs microseconds).
     """
-    end = len(text)
+    # One cursor per command, each moved back only past its own braceless occurrences: searching both from the
+    # same end again would rescan the text once per braceless "\\boxed", quadratic in its length.
+    boxed_at, fbox_at = text.rfind("\\boxed"), text.rfind("\\fbox")
     while True:
-        start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        start = max(boxed_at, fbox_at)
         if start < 0:
             return "none", None
         match = _BOX_START.match(text, start)
         if match is None:
-            end = start
+            if start == boxed_at:
+                boxed_at = text.rfind("\\boxed", 0, start)
+            else:
+                fbox_at = text.rfind("\\fbox", 0, start)
             continue
         body = match.end()
         limit = len(text) if max_chars is None else min(len(text), body + max_chars + 1)
@@ -132,16 +145,17 @@ def prepare_prediction(completion: str) -> tuple[str | None, str]:
     ``"empty"`` or ``"too_deep"``.
     """
     status, content = find_last_boxed(completion, MAX_ANSWER_CHARS)
-    if status == "none":
-        return completion[-MAX_FALLBACK_CHARS:], "fallback"
-    if status != "ok":
+    if status == "none":  # math-verify extracts from the tail: the same caps apply to it as to a boxed answer
+        content, kind = completion[-MAX_FALLBACK_CHARS:].strip(), "fallback"
+    elif status != "ok":
         return None, status
-    content = content.strip()
+    else:
+        content, kind = content.strip(), "boxed"
     if not content:
         return None, "empty"
     if nesting_depth(content) > MAX_NESTING_DEPTH:
         return None, "too_deep"
-    return "\\boxed{" + content + "}", "boxed"
+    return ("\\boxed{" + content + "}" if kind == "boxed" else content), kind
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -196,13 +210,33 @@ def latex_parses(content: str) -> float:
     return 1.0 if parsed else 0.0
 
 
-def _worker_main(conn, grade_fn: Callable[[str, str], float] | None) -> None:
-    """Worker loop: receive ``(task_id, kind, args, soft_timeout)``, answer ``(task_id, value, status)``."""
+# What a worker interpreter runs: the parent's import path first (as multiprocessing's spawn does, so a custom
+# ``grade_fn`` imports from where the parent's does), then the worker loop. Nothing imports ``__main__``.
+_WORKER_BOOT = (
+    "import sys\n"
+    "from multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[1]))\n"
+    "sys.path[:] = conn.recv()\n"
+    "from nemo_logitavg.rewards.math_answer import _worker_main\n"
+    "_worker_main(conn)\n"
+)
+
+
+def _worker_main(conn) -> None:
+    """Worker loop: receive the grading function, then ``(task_id, kind, args, soft_timeout)`` tasks, answering
+    ``(task_id, value, status)``; a start-up failure is reported as ``("failed", message)``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent cleans up.
     signal.signal(signal.SIGALRM, _raise_soft_timeout)
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # timeouts are counted by the pool instead
-    handlers = {"grade": grade_fn or verify_answer, "latex": latex_parses}
-    verify_answer("$1$", "1")  # import math-verify, SymPy and the ANTLR parser before reporting ready
+    stage = "loading grade_fn (define it at module level in an importable module, not in __main__)"
+    try:
+        grade_fn = conn.recv()  # unpickling a custom grade_fn imports its module
+        handlers = {"grade": grade_fn or verify_answer, "latex": latex_parses}
+        stage = "importing math-verify (is it installed?)"
+        verify_answer("$1$", "1")  # import math-verify, SymPy and the ANTLR parser before reporting ready
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("failed", f"{stage}: {type(exc).__name__}: {exc}"))
+        return
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -259,11 +293,21 @@ class GradeStats:
 
 
 class _Worker:
-    def __init__(self, ctx, grade_fn):
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, grade_fn), daemon=True)
-        self.process.start()
-        child_conn.close()
+    def __init__(self, grade_fn):
+        self.conn, child_conn = multiprocessing.Pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER_BOOT, str(child_conn.fileno())],
+                pass_fds=(child_conn.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child_conn.close()
+        try:
+            self.conn.send(list(sys.path))
+            self.conn.send(grade_fn)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the interpreter died at once: the scheduler sees the closed pipe and reports its exit
         self.started_at = time.monotonic()
         self.ready = False
         self.task: tuple[int, int] | None = None  # (task id, index in the batch)
@@ -272,8 +316,8 @@ class _Worker:
     def kill(self) -> None:
         try:
             self.process.kill()
-            self.process.join(timeout=5)
-        except (OSError, ValueError):
+            self.process.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
             pass
         self.conn.close()
 
@@ -282,10 +326,11 @@ class _Worker:
             self.conn.send(None)
         except (OSError, ValueError):
             pass
-        self.process.join(timeout=2)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=5)
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return
         self.conn.close()
 
 
@@ -308,9 +353,9 @@ class MathGrader:
     ...     scores, stats.num_timeouts
     ([1.0], 0)
 
-    ``grade_fn(prediction_text, gold) -> float`` replaces math-verify (it must be picklable, i.e. defined at
-    module level); ``start_method`` is a multiprocessing start method. Not meant to be shared across processes:
-    a forked child that uses an inherited grader starts its own workers.
+    ``grade_fn(prediction_text, gold) -> float`` replaces math-verify (it must be picklable: defined at module
+    level in a module the workers can import, not in ``__main__``, which they never import). Not meant to be
+    shared across processes: a forked child that uses an inherited grader starts its own workers.
     """
 
     def __init__(
@@ -318,7 +363,6 @@ class MathGrader:
         num_workers: int | None = None,
         timeout: float = 5.0,
         *,
-        start_method: str = "spawn",
         grade_fn: Callable[[str, str], float] | None = None,
         startup_timeout: float = 120.0,
     ):
@@ -329,7 +373,6 @@ class MathGrader:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         self.timeout = float(timeout)
         self.startup_timeout = float(startup_timeout)
-        self._ctx = multiprocessing.get_context(start_method)
         self._grade_fn = grade_fn
         self._workers: list[_Worker] = []
         self._owner_pid = os.getpid()
@@ -355,7 +398,12 @@ class MathGrader:
                 raise TypeError(f"completion and gold answer must be str (index {index})")
             gold = gold.strip()
             prediction, _ = prepare_prediction(completion)
-            if prediction is None or not gold or len(gold) > MAX_ANSWER_CHARS:
+            if (
+                prediction is None
+                or not gold
+                or len(gold) > MAX_ANSWER_CHARS
+                or nesting_depth(gold) > MAX_NESTING_DEPTH
+            ):
                 rejected += 1
                 continue
             tasks.append((index, (prediction, gold)))
@@ -389,7 +437,7 @@ class MathGrader:
         return stats
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._grade_fn)
+        return _Worker(self._grade_fn)
 
     def _run(self, kind: str, tasks: list[tuple[int, tuple]], out: list[float], timeout: float | None) -> GradeStats:
         """Grade ``tasks`` (batch index, args) into ``out``; failures leave the 0 already there."""
@@ -448,8 +496,8 @@ class MathGrader:
                     if not worker.ready:
                         worker.kill()
                         raise RuntimeError(
-                            f"a math grader worker exited during start-up (exit code {worker.process.exitcode}); "
-                            "is math-verify installed?"
+                            f"a math grader worker exited during start-up (exit code {worker.process.returncode}); "
+                            "its error output is above"
                         ) from None
                     if worker.task is not None:
                         busy -= 1
@@ -460,6 +508,9 @@ class MathGrader:
                 if message[0] == "ready":
                     worker.ready = True
                     continue
+                if message[0] == "failed":
+                    worker.kill()
+                    raise RuntimeError(f"a math grader worker could not start: {message[1]}")
                 task_id, value, status = message
                 if worker.task is None or worker.task[0] != task_id:
                     continue  # a stale answer (cannot happen with one task in flight, kept as a guard)

@@ -14,6 +14,9 @@ A lowercase letter counts only where it stands alone (in brackets, or followed b
 the end of its line), so "the answer is a bit tricky" and "A cat is a mammal" yield nothing; an uppercase "I"
 followed by a lowercase word is the pronoun, not choice I. Valid letters default to A-D (``valid_letters="ABCDEFGHIJ"``
 for ten options).
+
+Every pattern runs in time linear in the text (see ``_DECOR``), and a completion longer than ``MAX_CHOICE_CHARS``
+is read as its start and its end.
 """
 
 from __future__ import annotations
@@ -25,19 +28,31 @@ from nemo_logitavg.rewards.math_answer import find_last_boxed
 
 DEFAULT_LETTERS = "ABCD"
 
+MAX_CHOICE_CHARS = 32_768
+"""A longer completion is read as its first ``_HEAD_CHARS`` and its last ``MAX_CHOICE_CHARS - _HEAD_CHARS``
+characters: answers are stated at the end, and the first-line rule needs only the start. Extraction is linear in
+what it reads, so this bounds its time in the trainer's process (a few tens of milliseconds on one core), as the
+math grader's caps and time limit bound math-verify. The shipped configs' 3072-token completions are about 12k
+characters at 4 characters a token."""
+_HEAD_CHARS = 1024
+
 # What may stand between an answer marker and the letter: spaces, markdown emphasis, quotes, math delimiters,
 # opening brackets and LaTeX text wrappers.
-_DECOR = r"(?:[\s\*_\"'`$\(\[\{:]|\\(?:text|textbf|mathrm|mathbf|boxed)\s*\{)*"
+#
+# Every run of whitespace or decoration is possessive (``*+``, ``++``): several adjacent runs that could share the
+# same spaces ("answer" + 800 spaces) otherwise make the regex engine try every split, in time cubic in the run.
+# A letter or a word always ends a run, so no match is lost by not giving characters back.
+_DECOR = r"(?:[\s\*_\"'`$\(\[\{:]|\\(?:text|textbf|mathrm|mathbf|boxed)\s*+\{)*+"
 _LETTER = r"(?P<letter>[A-Za-z])(?![A-Za-z0-9])"
-_ADVERB = r"(?:(?:most\s+)?(?:likely|probably|clearly|definitely|certainly|therefore|thus|indeed|actually)\s*,?\s*)?"
-_VERB = r"(?:[^.\n:]{0,40}?\b(?:is|be)\b)?\s*[:=\-\u2013]?\s*" + _ADVERB + r"(?:\b(?:option|choice|letter)\b)?"
+_ADVERB = r"(?:(?:most\s++)?(?:likely|probably|clearly|definitely|certainly|therefore|thus|indeed|actually)\s*+,?\s*+)?"
+_VERB = r"(?:[^.\n:]{0,40}?\b(?:is|be)\b)?\s*+[:=\-\u2013]?\s*+" + _ADVERB + r"(?:\b(?:option|choice|letter)\b)?"
 
 _MARKERS = [
     # "answer: B", "The answer is (B)", "Final answer: B) 42", "the answer to this question is B"
     re.compile(r"\banswer\b" + _VERB + _DECOR + _LETTER, re.IGNORECASE),
     # "the correct option is C", "best choice: D", "correct answer choice is B"
     re.compile(
-        r"\b(?:correct|right|best|final)\s+(?:answer\s+)?(?:option|choice|letter|selection)\b"
+        r"\b(?:correct|right|best|final)\s++(?:answer\s++)?(?:option|choice|letter|selection)\b"
         + _VERB
         + _DECOR
         + _LETTER,
@@ -45,23 +60,24 @@ _MARKERS = [
     ),
     # "I choose A", "I'll go with C", "I would pick option D", "select B"
     re.compile(
-        r"\b(?:choose|chose|pick|select|go\s+with|opt\s+for)\s+(?:\b(?:option|choice|answer|letter)\b)?"
+        r"\b(?:choose|chose|pick|select|go\s++with|opt\s++for)\s++(?:\b(?:option|choice|answer|letter)\b)?"
         + _DECOR
         + _LETTER,
         re.IGNORECASE,
     ),
-    # "(C) is correct", "Option B is the correct answer", "B is the right choice" (capital letter only)
+    # "(C) is correct", "Option B is the correct answer", "B is the right choice" (capital letter only). A run of
+    # brackets is entered only at its start, or "(((...(" would be rescanned from each of its characters.
     re.compile(
-        r"(?:\b(?i:option|choice|answer)\s*)?[\(\[\*]*(?<![A-Za-z])(?P<letter>[A-Z])[\)\]\*]*\s+(?i:is|seems\s+to\s+be|appears"
-        r"\s+to\s+be)\s+(?i:the\s+)?(?i:correct|right|best|answer)\b"
+        r"(?:\b(?i:option|choice|answer)\s*+)?(?<![\(\[\*])[\(\[\*]*+(?<![A-Za-z])(?P<letter>[A-Z])[\)\]\*]*+\s++"
+        r"(?i:is|seems\s++to\s++be|appears\s++to\s++be)\s++(?i:the\s++)?(?i:correct|right|best|answer)\b"
     ),
 ]
-_ONLY_LETTER = re.compile(r"^[\W_]*(?P<letter>[A-Za-z])[\W_]*$")
-_LEADING_LETTER = re.compile(r"^[\s\*\(\[]*(?:(?P<upper>[A-Z])[\)\]\.:]|(?P<lower>[a-z])[\)\]])[\*]*(?:\s|$)")
-_MENTIONED_LETTER = re.compile(r"\((?P<paren>[A-Z])\)|\b(?i:option|choice)\s+\(?(?P<named>[A-Z])(?![A-Za-z0-9])")
+_ONLY_LETTER = re.compile(r"^[\W_]*+(?P<letter>[A-Za-z])[\W_]*+$")
+_LEADING_LETTER = re.compile(r"^[\s\*\(\[]*+(?:(?P<upper>[A-Z])[\)\]\.:]|(?P<lower>[a-z])[\)\]])[\*]*(?:\s|$)")
+_MENTIONED_LETTER = re.compile(r"\((?P<paren>[A-Z])\)|\b(?i:option|choice)\s++\(?(?P<named>[A-Z])(?![A-Za-z0-9])")
 _BOXED_LETTER = re.compile(r"^[\s\(\[\*$]*(?P<letter>[A-Za-z])(?![A-Za-z])")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\s*\{([^{}]*)\}")
-_STANDS_ALONE_AFTER = re.compile(r"[\)\]\}\*_\"'`$.,;:!?]*[ \t]*(?:\n|$)")
+_STANDS_ALONE_AFTER = re.compile(r"[\)\]\}\*_\"'`$.,;:!?]*+[ \t]*+(?:\n|$)")
 
 
 def _accept(text: str, start: int, letter: str, valid: str) -> bool:
@@ -110,6 +126,8 @@ def _line_choice(line: str, valid: str) -> str | None:
 def extract_choice(text: str, valid_letters: str = DEFAULT_LETTERS) -> str | None:
     """The option letter (uppercase) that ``text`` settles on, or None. See the module docstring for the rules."""
     valid = valid_letters.upper()
+    if len(text) > MAX_CHOICE_CHARS:
+        text = text[:_HEAD_CHARS] + "\n" + text[len(text) - (MAX_CHOICE_CHARS - _HEAD_CHARS) :]
     candidates: list[tuple[int, str]] = []
     boxed = _boxed_choice(text, valid)
     if boxed is not None:
