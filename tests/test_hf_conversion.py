@@ -22,7 +22,7 @@ from nemo_logitavg.models.hf_conversion import (
     mcore_to_hf_state_dict,
     read_hf_state,
 )
-from tests.distributed import run_distributed
+from tests.distributed import gather_mcore_shards, run_distributed
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VOCAB = 100  # pads to 128 (TP=1) and 256 (TP=2)
@@ -221,7 +221,7 @@ def _worker(dirs: dict, ids: torch.Tensor, hf_logits: dict, ckpts: dict) -> dict
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, load_hf_into_mcore, load_mcore_checkpoint
+    from nemo_logitavg.models.hf_conversion import load_hf_into_mcore, load_mcore_checkpoint
     from nemo_logitavg.parallel import init_parallel, teardown
 
     out: dict = {"diff": {}, "errors": {}, "shards": {}, "equal": {}}
@@ -335,23 +335,6 @@ STREAM_LAYOUTS = ((2, 2, ("llama", "qwen2", "llama_tied")), (1, 1, ("llama_tied"
 STREAM_BUCKET = 20_000  # bytes: several tensors share a bucket; the embedding and gate/up/down (32 KB) exceed it
 
 
-def _plain_grid(model) -> list[list[dict[str, torch.Tensor]]]:
-    """Every model-parallel rank's state dict (DP rank 0's) as [pp][tp], gathered with plain torch.distributed."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    mine = (ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (*mine, state))
-    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    grid: list[list] = [[None] * tp for _ in range(pp)]
-    for dp_rank, pp_rank, tp_rank, shard in everyone:
-        if dp_rank == 0:
-            grid[pp_rank][tp_rank] = shard
-    return grid
-
-
 def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
     """Stream every layout's models; compare each yielded tensor with the source HF weights and with the offline
     mapping of the plainly gathered shards."""
@@ -375,7 +358,7 @@ def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
                     if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
                         start = cfg.vocab_size - param.shape[0] * ps.get_tensor_model_parallel_rank()
                         param[max(0, start) :].fill_(7.0)
-            old = mcore_to_hf_state_dict(_plain_grid(model), cfg)
+            old = mcore_to_hf_state_dict(gather_mcore_shards(model, dst=None), cfg)
             buckets = list(iter_hf_buckets(model, cfg, STREAM_BUCKET))
             yielded = [[(n, tuple(t.shape), t.dtype) for n, t in bucket] for bucket in buckets]
             tensors = [(n, t) for bucket in buckets for n, t in bucket]
@@ -430,6 +413,159 @@ def test_streamed_buckets_match_the_plan_and_the_gathered_export(hf_models):
                 if r["tp"] == 0 and r["dp"] == 0:
                     streamed += [n for b in r["yielded"] for n, _, _ in b]
             assert sorted(streamed) == sorted(hf_shapes(cfg)), (name, tp, pp)  # every tensor exactly once
+
+
+# A model 17x the bucket: 136 MiB of float32 over 4 ranks; the largest tensor (the embedding) is the bucket size.
+MEMORY_CFG = dict(
+    vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=4,
+)  # fmt: skip
+MEMORY_BUCKET = 8 * 2**20
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _peak_growth(fn) -> tuple[int, object]:
+    """Bytes the resident set grew to at its peak while ``fn`` ran (the kernel's high-water mark, reset first)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _kib("VmRSS")
+    result = fn()
+    return (_kib("VmHWM") - base) * 1024, result
+
+
+def _export_worker(dirs: dict, root: str) -> dict:
+    """TP=2 x PP=2: the streaming iterator's memory (and the old gather's, which the bound must catch), exports of
+    tiny models (bit-identity checked by the test against the plain gather returned here), an export refused;
+    then TP=1 (DP=4) exports of the same weights."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.models.hf_conversion import export_model_hf, iter_hf_buckets, load_hf_into_mcore
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
+    out: dict = {"rank": dist.get_rank()}
+    cfg = LlamaConfig(**MEMORY_CFG)
+    model = _build(cfg, 2, 2)
+
+    def stream() -> int:
+        count = 0
+        for bucket in iter_hf_buckets(model, cfg, MEMORY_BUCKET):
+            count += len(bucket)
+            del bucket
+        return count
+
+    out["stream growth"], out["streamed"] = _peak_growth(stream)
+    out["gather growth"], _ = _peak_growth(lambda: gather_mcore_shards(model) and None)
+    del model
+
+    exports = {}
+    for name in ("llama", "qwen2_tied"):
+        cfg = LlamaConfig.from_hf(dirs[name])
+        model = _build(cfg, 2, 2)
+        load_hf_into_mcore(model, dirs[name])
+        with torch.no_grad():  # a trained model is no copy of its source (padding rows included)
+            for param in model.parameters():
+                param.mul_(1.5)
+        grid = gather_mcore_shards(model)
+        exports[name] = mcore_to_hf_state_dict(grid, cfg) if grid is not None else None
+        target = f"{root}/tp2pp2_{name}"
+        if name == "llama":  # exported in small files, then again into the same place in one file a stage
+            export_model_hf(model, cfg, target, dirs[name], bucket_bytes=20_000, max_shard_bytes=60_000)
+            export_model_hf(model, cfg, target, dirs[name], bucket_bytes=20_000)
+        else:
+            export_model_hf(model, cfg, target, dirs[name])
+            export_model_hf(model, cfg, target + "_small", dirs[name], bucket_bytes=20_000, max_shard_bytes=60_000)
+    out["exports"] = exports
+    try:
+        export_model_hf(model, cfg, f"{root}/refused", dirs["llama"])  # the source describes another model
+        out["refused"] = "no error"
+    except Exception as exc:  # noqa: BLE001
+        out["refused"] = f"{type(exc).__name__}: {exc}"
+
+    ps.destroy_model_parallel()
+    init_parallel(tensor_parallel_size=1, pipeline_parallel_size=1)
+    for name in ("llama", "qwen2_tied"):
+        cfg = LlamaConfig.from_hf(dirs[name])
+        model = _build(cfg, 1, 1)
+        load_hf_into_mcore(model, dirs[name])
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1.5)
+        export_model_hf(model, cfg, f"{root}/tp1_{name}", dirs[name])
+    teardown()
+    return out
+
+
+@pytest.mark.slow
+def test_streaming_export_memory_files_and_transformers(hf_models, tmp_path, monkeypatch):
+    """At TP=2 x PP=2 no rank's RSS grows beyond 2 x max(bucket, largest tensor) while streaming the whole model
+    (the old gather to rank 0 does); each stage writes its own files with one index, bit-identical to the plain
+    gather's mapping, loading in transformers with the logits of a TP=1 export."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_logitavg.models.hf_conversion import hf_shapes
+
+    ids, models = hf_models
+    dirs = {name: str(m["dir"]) for name, m in models.items()}
+    # glibc raises its mmap threshold after each large free, so later blocks come from the heap and stay resident
+    # once freed: RSS would then count the allocator's slack (it settles near one bucket more). A fixed threshold
+    # returns every freed block, so the resident set tracks what the process holds (the measure of DESIGN.md 7).
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    ranks = run_distributed(_export_worker, 4, dirs=dirs, root=str(tmp_path))
+
+    cfg = LlamaConfig(**MEMORY_CFG)
+    sizes = [4 * math.prod(shape) for shape in hf_shapes(cfg).values()]
+    assert sum(sizes) >= 8 * MEMORY_BUCKET and max(sizes) == MEMORY_BUCKET
+    bound = 2 * max(MEMORY_BUCKET, max(sizes))
+    growth = {r["rank"]: r["stream growth"] for r in ranks}
+    print("RSS growth while streaming (MiB):", {k: round(v / 2**20, 1) for k, v in growth.items()},
+          "bound", bound / 2**20, "old gather on rank 0:", round(ranks[0]["gather growth"] / 2**20, 1))  # fmt: skip
+    assert all(g <= bound for g in growth.values()), growth
+    assert ranks[0]["gather growth"] > 2 * bound  # the measurement sees a whole model landing on one rank
+    assert sum(r["streamed"] for r in ranks if r["rank"] in (0, 2)) == len(sizes)  # TP rank 0 of each stage
+
+    for r in ranks:
+        assert r["refused"].startswith("ValueError: " if r["rank"] == 0 else "RuntimeError: "), r["refused"]
+        assert "describes another model" in r["refused"]
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{layout}_{name}" for layout in ("tp2pp2", "tp1") for name in ("llama", "qwen2_tied")
+    ) + ["tp2pp2_qwen2_tied_small"]
+
+    for name in ("llama", "qwen2_tied"):
+        gathered = ranks[0]["exports"][name]
+        cfg = LlamaConfig.from_hf(dirs[name])
+        for folder in (f"tp2pp2_{name}", f"tp1_{name}") + ((f"tp2pp2_{name}_small",) if "tied" in name else ()):
+            path = tmp_path / folder
+            assert_same_state(safetensors_state(path), gathered)
+            assert (path / "tokenizer.json").read_bytes() == (models[name]["dir"] / "tokenizer.json").read_bytes()
+            assert LlamaConfig.from_hf(path) == cfg
+            weights = sorted(p.name for p in path.glob("*.safetensors"))
+            if folder.startswith("tp1"):
+                assert weights == ["model.safetensors"] and not (path / "model.safetensors.index.json").exists()
+                continue
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            assert sorted(index["weight_map"]) == sorted(hf_shapes(cfg))
+            assert sorted(set(index["weight_map"].values())) == weights
+            assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in gathered.values())
+            stages = {}  # each file holds one stage's tensors
+            for tensor, file in index["weight_map"].items():
+                stage = 0 if tensor == "model.embed_tokens.weight" or ".layers.0." in tensor else 1
+                assert stages.setdefault(file, stage) == stage, (file, tensor)
+            many = folder.endswith("_small")
+            assert (len(weights) > 4) == many and len(weights) >= 2, weights
+        tp1 = hf_logits(tmp_path / f"tp1_{name}", ids)
+        assert torch.equal(hf_logits(tmp_path / f"tp2pp2_{name}", ids), tp1)
+        assert (tp1 - models[name]["logits"]).abs().max() > 1e-3  # the scaled weights, not the source's
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "tp2pp2_qwen2_tied")).__name__ == "Qwen2ForCausalLM"
 
 
 def test_stage_names_and_bucket_plan():

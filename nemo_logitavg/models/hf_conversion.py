@@ -531,6 +531,79 @@ def _copy_assets(source_dir: str | os.PathLike | None, out_dir: str) -> list[str
     return copied
 
 
+def _export_config(cfg: LlamaConfig, dtype: torch.dtype, source_dir: str | os.PathLike | None) -> dict:
+    """The exported ``config.json``: the source's (its dtype updated) when it has one, else one from ``cfg``.
+
+    Raises:
+        ValueError: the source config describes another model.
+    """
+    source_config = os.path.join(source_dir, "config.json") if source_dir is not None else None
+    if source_config is None or not os.path.isfile(source_config):
+        return hf_config_dict(cfg, dtype)
+    with open(source_config, encoding="utf-8") as f:
+        config = json.load(f)
+    if LlamaConfig.from_hf(config) != cfg:
+        raise ValueError(f"{source_config} describes another model than the weights' config {cfg}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    config.update({key: dtype_name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": dtype_name})
+    return config
+
+
+def _weight_files(
+    cfg: LlamaConfig, pp_size: int, dtype: torch.dtype, max_shard_bytes: int
+) -> list[list[tuple[str, list[str]]]]:
+    """Per pipeline stage, its safetensors files and the tensors each holds (files never span stages): one file in
+    all is ``model.safetensors``, more are ``model-0000k-of-0000n.safetensors`` numbered over the stages."""
+    plans = [hf_bucket_plan(cfg, pp, pp_size, max_shard_bytes, dtype) for pp in range(pp_size)]
+    total = sum(len(plan) for plan in plans)
+    files, k = [], 0
+    for plan in plans:
+        stage = []
+        for bucket in plan:
+            k += 1
+            name = SAFETENSORS_SINGLE if total == 1 else f"model-{k:05d}-of-{total:05d}.safetensors"
+            stage.append((name, [tensor for tensor, _ in bucket]))
+        files.append(stage)
+    return files
+
+
+def _save_weight_file(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """One safetensors file, flushed to disk (the directory is renamed into place only after every file is)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), path, metadata={"format": "pt"})
+    _fsync(path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_metadata(
+    out_dir: str,
+    cfg: LlamaConfig,
+    config: dict,
+    files: Sequence[Sequence[tuple[str, list[str]]]],
+    dtype: torch.dtype,
+    source_dir: str | os.PathLike | None,
+) -> None:
+    """The index (when the weights span several files), config.json and the source's tokenizer / generation files."""
+    weight_map = {tensor: file for stage in files for file, tensors in stage for tensor in tensors}
+    if len(set(weight_map.values())) > 1:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        total = sum(itemsize * math.prod(shape) for shape in hf_shapes(cfg).values())
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _copy_assets(source_dir, out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
 def export_hf(
     hf_state: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
@@ -538,7 +611,8 @@ def export_hf(
     source_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads, from weights in memory
+    (the offline converter's path; a live model exports with ``export_model_hf``).
 
     Args:
         hf_state: full Hugging Face weights (``mcore_to_hf_state_dict``).
@@ -551,52 +625,19 @@ def export_hf(
     Raises:
         ValueError: the weights do not match ``cfg``, or the source config describes another model.
     """
-    from safetensors.torch import save_file
-
     check_hf_state(hf_state, cfg)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {name: hf_state[name].detach().cpu().contiguous() for name in hf_shapes(cfg)}
-    dtype = tensors["model.embed_tokens.weight"].dtype
-
-    source_config = os.path.join(source_dir, "config.json") if source_dir is not None else None
-    if source_config is not None and os.path.isfile(source_config):
-        with open(source_config, encoding="utf-8") as f:
-            config = json.load(f)
-        if LlamaConfig.from_hf(config) != cfg:
-            raise ValueError(f"{source_config} describes another model than the weights' config {cfg}")
-        dtype_name = str(dtype).removeprefix("torch.")
-        config.update({key: dtype_name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": dtype_name})
-    else:
-        config = hf_config_dict(cfg, dtype)
-
+    dtype = hf_state["model.embed_tokens.weight"].dtype
+    config = _export_config(cfg, dtype, source_dir)
     for name in os.listdir(out_dir):
         if name.endswith((".safetensors", ".safetensors.index.json")):
             os.remove(os.path.join(out_dir, name))
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SAFETENSORS_SINGLE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    _copy_assets(source_dir, out_dir)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
+    files = _weight_files(cfg, 1, dtype, max_shard_bytes)
+    for file, names in files[0]:
+        tensors = {name: hf_state[name].detach().cpu().contiguous() for name in names}
+        _save_weight_file(tensors, os.path.join(out_dir, file))
+    _write_metadata(out_dir, cfg, config, files, dtype, source_dir)
 
 
 # --------------------------------------------------------------------------------- live megatron models
@@ -732,90 +773,65 @@ def load_hf_into_mcore(model: torch.nn.Module, hf_dir: str | os.PathLike) -> Lla
     return cfg
 
 
-def gather_mcore_shards(model: torch.nn.Module, dst: int = 0) -> list[list[dict[str, torch.Tensor]]] | None:
-    """Every model-parallel rank's state dict (data-parallel rank 0's), as ``[pp_rank][tp_rank]`` on rank ``dst``.
-
-    A collective over the default group: every rank must call it. Other ranks get None. The whole model
-    passes through ``dst``'s CPU memory.
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    tp_rank, tp_size, pp_rank, pp_size = _parallel_ranks()
-    state = None
-    if ps.get_data_parallel_rank() == 0:
-        state = {k: v.detach().cpu() for k, v in _local_names(_unwrap(model).state_dict()).items()}
-    payload = (tp_rank, pp_rank, state)
-    received = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(payload, received, dst=dst)
-    if received is None:
-        return None
-    grid: list[list] = [[None] * tp_size for _ in range(pp_size)]
-    for tp, pp, shard in received:
-        if shard is not None:
-            grid[pp][tp] = shard
-    return grid
-
-
-_COLUMN_BLOCKS = 4  # column-split tensors are gathered in this many row blocks: a quarter in flight, not all
+_COLUMN_BLOCKS = 4  # column-split tensors move in this many row blocks: a quarter of a shard in flight, not all
 _COLUMN_BLOCK_MAX_BYTES = 64 * 2**20
 
 
-def _gather_tp(local: torch.Tensor, source: _HFSource, group, tp_size: int) -> torch.Tensor:
-    """The full Hugging Face tensor ``source`` describes, from this rank's shard ``local`` (a collective over the
-    TP ``group``; every rank gets the same fresh tensor, on ``local``'s device)."""
+def _fill_full(out: torch.Tensor, local: torch.Tensor, source: _HFSource, group, tp_size: int) -> None:
+    """Write the full Hugging Face tensor ``source`` describes into ``out`` (its place in the bucket), from this
+    rank's shard ``local``: a collective over the TP ``group``; every rank ends with the same values.
+
+    Broadcasts, in place: each TP rank sends its rows straight into their place (gloo's all-gather would stage the
+    whole tensor in a second buffer); column-split tensors pass through one buffer of a block of rows.
+    """
     import torch.distributed as dist
 
-    piece = (source.piece(local) if source.piece is not None else local).detach().contiguous()
-    if tp_size == 1:
-        full = piece if source.rows is None else piece[: source.rows]
-        shares = full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()
-        return full.clone() if shares or full.numel() != piece.numel() else full
-    ranks = [dist.get_global_rank(group, r) for r in range(tp_size)]
+    piece = (source.piece(local) if source.piece is not None else local).detach()
+    if tp_size == 1 or source.dim is None:
+        rows = out.shape[0]
+        out.copy_(piece[:rows])  # TP=1: the vocabulary padding rows are dropped by the slice
+        if tp_size > 1:  # replicated: TP rank 0's copy, as the offline mapping takes, on every rank
+            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+        return
     me = dist.get_rank(group)
-    if source.dim is None:  # replicated: TP rank 0's copy, as the offline mapping takes, on every rank
-        full = piece.clone()
-        dist.broadcast(full, src=ranks[0], group=group)
-        return full
-    if source.dim == 0 and source.rows is not None:
-        # Vocabulary: each rank broadcasts the rows it holds below the true size straight into the result, so no
-        # padded copy is ever made.
+    if source.dim == 0:
         per_rank = piece.shape[0]
-        full = piece.new_empty((source.rows, *piece.shape[1:]))
         for r in range(tp_size):
             start = r * per_rank
-            count = min(per_rank, source.rows - start)
+            count = min(per_rank, out.shape[0] - start)  # the vocabulary's padding rows are not sent
             if count <= 0:
                 break
             if r == me:
-                full[start : start + count].copy_(piece[:count])
-            dist.broadcast(full[start : start + count], src=ranks[r], group=group)
-        return full
-    if source.dim == 0:
-        full = piece.new_empty((tp_size * piece.shape[0], *piece.shape[1:]))
-        _all_gather_single(full, piece, group)
-        return full
-    # Split on columns: gather row blocks and interleave them, so only a block is in flight beside the result.
+                out[start : start + count].copy_(piece[:count])
+            dist.broadcast(out[start : start + count], src=dist.get_global_rank(group, r), group=group)
+        return
+    # Split on columns: rank r's columns, row block by row block, through one block-sized buffer.
     rows, cols = piece.shape
-    full = piece.new_empty((rows, tp_size * cols))
-    row_bytes = tp_size * cols * piece.element_size()
+    row_bytes = cols * piece.element_size()
     block = max(1, min(-(-rows // _COLUMN_BLOCKS), _COLUMN_BLOCK_MAX_BYTES // row_bytes))
+    staging = piece.new_empty((block, cols))
     for start in range(0, rows, block):
         stop = min(rows, start + block)
-        gathered = piece.new_empty((tp_size * (stop - start), cols))  # gloo takes the concatenated form only
-        _all_gather_single(gathered, piece[start:stop], group)
-        blocks = gathered.view(tp_size, stop - start, cols).transpose(0, 1)
-        full[start:stop].view(stop - start, tp_size, cols).copy_(blocks)
-        del gathered
-    return full
+        for r in range(tp_size):
+            part = staging[: stop - start]
+            if r == me:
+                part.copy_(piece[start:stop])
+            dist.broadcast(part, src=dist.get_global_rank(group, r), group=group)
+            out[start:stop, r * cols : (r + 1) * cols].copy_(part)
 
 
-def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
-    import torch.distributed as dist
-
-    # all_gather_single is the newer name (torch >= 2.11); the older one warns there.
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, tensor, group=group)
+def _check_piece(name: str, local: torch.Tensor, source: _HFSource, shape: tuple[int, ...], tp_size: int) -> None:
+    """Raise ValueError when this rank's part cannot make ``shape`` (a model built for another config)."""
+    piece = list((source.piece(local) if source.piece is not None else local).shape)
+    parts = 1 if source.dim is None else tp_size
+    dim = 0 if source.dim is None else source.dim
+    whole = [n * parts if d == dim else n for d, n in enumerate(piece)]
+    padded = source.rows is not None  # the vocabulary: padding rows beyond the true size
+    fits = len(whole) == len(shape) and all(
+        (w >= n if padded and d == 0 else w == n) for d, (w, n) in enumerate(zip(whole, shape, strict=True))
+    )
+    if not fits:
+        raise ValueError(f"{name}: this rank's part {tuple(piece)} cannot make the config's shape {shape}")
 
 
 def iter_hf_buckets(
@@ -828,9 +844,10 @@ def iter_hf_buckets(
     rank yields identical full tensors, on the model's device (CUDA tensors over NCCL on GPUs, CPU over gloo).
     Peak extra memory: one bucket plus one tensor in flight.
 
-    The tensors are fresh (no views of the parameters); a consumer that drops each bucket before asking for the
-    next keeps the peak at one bucket. Checked before any collective (so every TP rank raises together): the
-    stage's layers are megatron's even split, its state dict has exactly the mapping's keys, one dtype.
+    The tensors are fresh (no views of the parameters): consecutive views of one buffer per bucket, in plan
+    order. A consumer that drops each bucket before asking for the next keeps the peak at one bucket. Checked
+    before any collective (so every TP rank raises together): the stage's layers are megatron's even split, its
+    state dict has exactly the mapping's keys and shapes that make the config's, one dtype.
 
     Raises:
         ValueError: naming the mismatched layers, keys or dtypes.
@@ -860,14 +877,22 @@ def iter_hf_buckets(
         raise ValueError(f"stage {pp_rank}'s weights mix dtypes {sorted(map(str, dtypes))}; the plan needs one")
     dtype = dtypes.pop()
     group = ps.get_tensor_model_parallel_group()
-    for planned in hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, dtype):
-        bucket = []
+    plan = hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, dtype)
+    for name, shape in (entry for planned in plan for entry in planned):
+        _check_piece(name, state[sources[name].mcore], sources[name], shape, tp_size)
+    device = next(iter(state.values())).device
+    bucket_numel = bucket_bytes // torch.empty((), dtype=dtype).element_size()
+    for planned in plan:
+        # One fresh buffer per bucket, its tensors consecutive views in plan order (a consumer may move the bucket
+        # as one tensor); always the bucket's size at least, so the allocator reuses one block for all of them.
+        flat = torch.empty(max(sum(math.prod(shape) for _, shape in planned), bucket_numel), dtype=dtype, device=device)
+        bucket, offset = [], 0
         for name, shape in planned:
-            tensor = _gather_tp(state[sources[name].mcore], sources[name], group, tp_size)
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name}: gathered shape {tuple(tensor.shape)}, the config gives {shape}")
-            bucket.append((name, tensor))
-            del tensor
+            view = flat[offset : offset + math.prod(shape)].view(shape)
+            _fill_full(view, state[sources[name].mcore], sources[name], group, tp_size)
+            bucket.append((name, view))
+            offset += view.numel()
+        del flat, view
         yield bucket
         del bucket
 
@@ -1004,24 +1029,120 @@ def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike)
     return cfg
 
 
+EXPORT_BUCKET_BYTES = 256 * 2**20  # what an export streams at a time (device memory beyond the model)
+
+
 def export_model_hf(
-    model: torch.nn.Module, cfg: LlamaConfig, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
+    model: torch.nn.Module,
+    cfg: LlamaConfig,
+    out_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    *,
+    bucket_bytes: int = EXPORT_BUCKET_BYTES,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Write a live (TP/PP-sharded) model as one Hugging Face directory; a collective, rank 0 writes.
+    """Write a live (TP/PP/DP-sharded) model as one Hugging Face directory; a collective over the default group.
 
-    The directory appears whole or not at all (written beside it, then renamed), so a server reloading from it
-    never reads half a checkpoint.
+    Each pipeline stage's writer (TP rank 0 of DP rank 0) streams its stage with ``iter_hf_buckets`` (its TP peers
+    in lockstep) and writes that stage's safetensors files (at most ``max_shard_bytes`` each, host memory: one
+    file); global rank 0 writes the index, config.json (the source's, dtype updated, else one from ``cfg``) and the
+    source's tokenizer / generation files. No rank holds the whole model. The directory appears whole or not at
+    all: everything is written into ``OUT_DIR.tmp`` beside it and flushed, then rank 0 renames it into place.
+
+    Raises:
+        ValueError: the source config describes another model, the model does not fit ``cfg`` or mixes dtypes
+            (on the rank at fault; every other rank raises RuntimeError naming it). OSError likewise. Nothing is
+            left at ``out_dir`` or ``OUT_DIR.tmp`` after a failure.
     """
-    import shutil
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    tmp = out_dir + ".tmp"
+    rank = dist.get_rank()
+    tp_rank, _, pp_rank, pp_size = _parallel_ranks()
+    streams = ps.get_data_parallel_rank() == 0  # one replica streams; its TP rank 0 of each stage writes
+    writer = streams and tp_rank == 0
+    state = _local_names(_unwrap(model).state_dict())
+    dtype = next(iter(state.values())).dtype
+    config: dict = {}
+
+    def prepare() -> None:
+        nonlocal config
+        if rank == 0:
+            config = _export_config(cfg, dtype, source_dir)
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers
+            os.makedirs(tmp)
+
+    dtypes = _agree(prepare, str(dtype), tmp)
+    if len(set(dtypes)) != 1:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"the pipeline stages' weights have different dtypes {sorted(set(dtypes))}")
+    files = _weight_files(cfg, pp_size, dtype, max_shard_bytes)
+
+    def write_stage() -> None:
+        if not streams:
+            return
+        pending: dict[str, torch.Tensor] = {}
+        stage_files = iter(files[pp_rank])
+        file, names = next(stage_files)
+        failure: BaseException | None = None
+        for bucket in iter_hf_buckets(model, cfg, bucket_bytes):
+            # After a failure the writer keeps consuming: its TP peers are still gathering with it.
+            if writer and failure is None:
+                try:
+                    for name, tensor in bucket:
+                        pending[name] = tensor.to("cpu", copy=True)  # its own storage: the bucket's is shared
+                        if len(pending) == len(names):
+                            _save_weight_file({n: pending[n] for n in names}, os.path.join(tmp, file))
+                            pending.clear()
+                            file, names = next(stage_files, (None, []))
+                except Exception as exc:  # noqa: BLE001 - re-raised after the stream ends
+                    failure, pending = exc, {}
+            del bucket  # before the next one is gathered: one bucket at a time
+        if failure is not None:
+            raise failure
+        if writer and file is not None:
+            raise RuntimeError(f"stage {pp_rank}'s stream ended before {file} was complete")
+
+    _agree(write_stage, None, tmp)
+
+    def publish() -> None:
+        if rank == 0:
+            _write_metadata(tmp, cfg, config, files, dtype, source_dir)
+            _fsync(tmp)
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(out_dir):
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+
+    _agree(publish, None, tmp)
+
+
+def _agree(step: Callable[[], None], value, tmp: str) -> list:
+    """Run ``step`` on every rank, then learn every rank's outcome (a collective over the default group).
+
+    Returns every rank's ``value``. When any rank failed, rank 0 removes ``tmp``; the failing rank re-raises its
+    own exception and the others raise RuntimeError naming it, so no rank is left waiting in a later collective.
+    """
     import torch.distributed as dist
 
-    shards = gather_mcore_shards(model)
-    if shards is not None:
-        out_dir = os.fspath(out_dir)
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_hf(mcore_to_hf_state_dict(shards, cfg), tmp, cfg, source_dir=source_dir)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    dist.barrier()
+    failure: BaseException | None = None
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+        failure = exc
+    outcomes: list = [None] * dist.get_world_size()
+    mine = (None if failure is None else f"{type(failure).__name__}: {failure}", value)
+    dist.all_gather_object(outcomes, mine)
+    failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        raise RuntimeError("the Hugging Face export failed on " + "; ".join(f"rank {r}: {m}" for r, m in failed))
+    return [v for _, v in outcomes]
