@@ -22,7 +22,7 @@ TP ranks hold ``g / t`` whole groups. HF's Llama q/k projections are already in 
 which is megatron's default (``rotary_interleaved=False``), so no row permutation is needed. Qwen2's q/k/v
 biases follow their weight rows into ``linear_qkv.bias``. With Transformer
 Engine's layer spec (GPUs), the two layer norms are fused into ``linear_qkv.layer_norm_weight`` and
-``linear_fc1.layer_norm_weight``; the loader and the gatherer translate those names.
+``linear_fc1.layer_norm_weight``; the loader and the exporters translate those names.
 
 The converter's Megatron checkpoint is one plain ``torch.save`` state dict per model-parallel rank:
 
@@ -32,6 +32,12 @@ The converter's Megatron checkpoint is one plain ``torch.save`` state dict per m
 
 Converting needs neither torch.distributed nor a model; ``load_mcore_checkpoint`` re-shards through the full
 Hugging Face names when the model's TP/PP layout differs from the checkpoint's.
+
+A live model leaves as a stream: ``iter_hf_buckets`` yields each pipeline stage's tensors in Hugging Face names,
+full size, in the buckets of ``hf_bucket_plan`` (a pure function, so a receiver knows the shapes in advance),
+gathering TP shards tensor by tensor over the TP group; ``export_model_hf`` writes a directory from it, every
+stage its own files. Both ways out of megatron (``mcore_to_hf_state_dict`` offline, the stream live) read the
+per-tensor sources of ``_stage_sources``: one mapping.
 """
 
 from __future__ import annotations
