@@ -73,3 +73,30 @@ def run_distributed(fn: Callable, world_size: int, timeout_s: float = 600.0, **k
             record = torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False)
             results.append(record["result"])
         return results
+
+
+def gather_mcore_shards(module: torch.nn.Module, dst: int | None = 0) -> list[list[dict[str, torch.Tensor]]] | None:
+    """Every model-parallel rank's ``module.state_dict()`` (data-parallel rank 0's, ``_extra_state`` dropped) as
+    ``[pp_rank][tp_rank]``, gathered with plain torch.distributed on rank ``dst`` (every rank when None); other
+    ranks get None. A collective over the default group; the whole state passes through the receiving ranks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    state = None
+    if ps.get_data_parallel_rank() == 0:
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
+    mine = (ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    receives = dst is None or dist.get_rank() == dst
+    everyone: list | None = [None] * dist.get_world_size() if receives else None
+    if dst is None:
+        dist.all_gather_object(everyone, (*mine, state))
+    else:
+        dist.gather_object((*mine, state), everyone, dst=dst)
+    if everyone is None:
+        return None
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    grid: list[list] = [[None] * tp for _ in range(pp)]
+    for _, pp_rank, tp_rank, shard in everyone:
+        if shard is not None:
+            grid[pp_rank][tp_rank] = shard
+    return grid

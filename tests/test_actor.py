@@ -37,8 +37,9 @@ def _actor_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, ref_wei
 
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, mcore_to_hf_state_dict
+    from nemo_logitavg.models.hf_conversion import mcore_to_hf_state_dict
     from nemo_logitavg.parallel import init_parallel, teardown
+    from tests.distributed import gather_mcore_shards
 
     init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     cfg = LlamaConfig.from_hf(policy_dir)

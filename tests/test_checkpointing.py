@@ -65,7 +65,8 @@ def _rng_draws() -> tuple:
 
 def _hf_state(actor, moments: bool = False) -> dict[str, torch.Tensor] | None:
     """The policy's weights (or Adam's moments) merged over TP/PP in Hugging Face names, on rank 0."""
-    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, mcore_to_hf_state_dict
+    from nemo_logitavg.models.hf_conversion import mcore_to_hf_state_dict
+    from tests.distributed import gather_mcore_shards
 
     named = dict(actor.gpt_policy.named_parameters())
     if moments:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from nemo_logitavg.models.hf_conversion import (
     mcore_to_hf_state_dict,
     read_hf_state,
 )
-from tests.distributed import run_distributed
+from tests.distributed import gather_mcore_shards, run_distributed
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VOCAB = 100  # pads to 128 (TP=1) and 256 (TP=2)
@@ -220,7 +221,7 @@ def _worker(dirs: dict, ids: torch.Tensor, hf_logits: dict, ckpts: dict) -> dict
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, load_hf_into_mcore, load_mcore_checkpoint
+    from nemo_logitavg.models.hf_conversion import load_hf_into_mcore, load_mcore_checkpoint
     from nemo_logitavg.parallel import init_parallel, teardown
 
     out: dict = {"diff": {}, "errors": {}, "shards": {}, "equal": {}}
@@ -324,6 +325,284 @@ def test_megatron_matches_transformers_and_round_trips(hf_models, tmp_path):
             assert AutoTokenizer.from_pretrained(out_dir)("w5 w7")["input_ids"] == [5, 7]
     qwen = AutoModelForCausalLM.from_pretrained(tmp_path / "export_qwen2_tied")
     assert type(qwen).__name__ == "Qwen2ForCausalLM"
+
+
+# ------------------------------------------------------------------------------------ streaming export
+
+# (tensor, pipeline) layouts on 4 ranks and the models each streams; DP fills the rest. TP=2 x PP=2 without DP,
+# TP=1 x PP=1 at DP=4 and PP=2 (tied) at DP=2: every replica streams on its own, in its own TP group.
+STREAM_LAYOUTS = ((2, 2, ("llama", "qwen2", "llama_tied")), (1, 1, ("llama_tied",)), (1, 2, ("llama_tied",)))
+STREAM_BUCKET = 20_000  # bytes: several tensors share a bucket; the embedding and gate/up/down (32 KB) exceed it
+
+
+def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
+    """Stream every layout's models; compare each yielded tensor with the source HF weights and with the offline
+    mapping of the plainly gathered shards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.models.hf_conversion import iter_hf_buckets, load_hf_into_mcore
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    records = []
+    for tp, pp, names in STREAM_LAYOUTS:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        for name in names:
+            cfg = LlamaConfig.from_hf(dirs[name])
+            model = _build(cfg, tp, pp)
+            load_hf_into_mcore(model, dirs[name])
+            with torch.no_grad():  # training moves the padding rows too: the export must drop them
+                for key, param in model.named_parameters():
+                    if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                        start = cfg.vocab_size - param.shape[0] * ps.get_tensor_model_parallel_rank()
+                        param[max(0, start) :].fill_(7.0)
+            old = mcore_to_hf_state_dict(gather_mcore_shards(model, dst=None), cfg)
+            buckets = list(iter_hf_buckets(model, cfg, STREAM_BUCKET))
+            yielded = [[(n, tuple(t.shape), t.dtype) for n, t in bucket] for bucket in buckets]
+            tensors = [(n, t) for bucket in buckets for n, t in bucket]
+            records.append(
+                {
+                    "layout": (tp, pp),
+                    "model": name,
+                    "rank": dist.get_rank(),
+                    "tp": ps.get_tensor_model_parallel_rank(),
+                    "pp": ps.get_pipeline_model_parallel_rank(),
+                    "dp": ps.get_data_parallel_rank(),
+                    "yielded": yielded,
+                    "same as source": [n for n, t in tensors if not torch.equal(t, hf_states[name][n])],
+                    "same as old": [n for n, t in tensors if not torch.equal(t, old[n])],
+                    "fresh": all(
+                        t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+                        for _, t in tensors
+                        for p in model.parameters()
+                    ),
+                }
+            )
+    teardown()
+    return records
+
+
+@pytest.mark.slow
+def test_streamed_buckets_match_the_plan_and_the_gathered_export(hf_models):
+    from nemo_logitavg.models.hf_conversion import hf_bucket_plan, hf_shapes, stage_hf_names
+
+    _, models = hf_models
+    dirs = {name: str(m["dir"]) for name, m in models.items()}
+    ranks = run_distributed(_stream_worker, 4, dirs=dirs, hf_states={n: m["state"] for n, m in models.items()})
+    records = [record for rank in ranks for record in rank]
+    assert len(records) == 4 * sum(len(names) for _, _, names in STREAM_LAYOUTS)
+    for (tp, pp, names) in STREAM_LAYOUTS:
+        for name in names:
+            cfg = LlamaConfig.from_hf(dirs[name])
+            mine = [r for r in records if r["layout"] == (tp, pp) and r["model"] == name]
+            streamed: list[str] = []
+            for r in mine:
+                where = f"{name} at TP={tp} PP={pp}, rank {r['rank']}"
+                assert not r["same as source"] and not r["same as old"], (where, r)
+                assert r["fresh"], where
+                plan = hf_bucket_plan(cfg, r["pp"], pp, STREAM_BUCKET, torch.float32)
+                assert [[(n, s) for n, s, _ in b] for b in r["yielded"]] == plan, where
+                assert [n for b in r["yielded"] for n, _, _ in b] == stage_hf_names(cfg, r["pp"], pp), where
+                assert all(d == torch.float32 for b in r["yielded"] for _, _, d in b)
+                for bucket in r["yielded"]:
+                    size = sum(4 * math.prod(s) for _, s, _ in bucket)
+                    assert size <= STREAM_BUCKET or len(bucket) == 1, (where, bucket)
+                assert len(r["yielded"]) > 1, where
+                if r["tp"] == 0 and r["dp"] == 0:
+                    streamed += [n for b in r["yielded"] for n, _, _ in b]
+            assert sorted(streamed) == sorted(hf_shapes(cfg)), (name, tp, pp)  # every tensor exactly once
+
+
+# A model 17x the bucket: 136 MiB of float32 over 4 ranks; the largest tensor (the embedding) is the bucket size.
+MEMORY_CFG = dict(
+    vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=4,
+)  # fmt: skip
+MEMORY_BUCKET = 8 * 2**20
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _peak_growth(fn) -> tuple[int, object]:
+    """Bytes the resident set grew to at its peak while ``fn`` ran (the kernel's high-water mark, reset first)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _kib("VmRSS")
+    result = fn()
+    return (_kib("VmHWM") - base) * 1024, result
+
+
+def _export_worker(dirs: dict, root: str) -> dict:
+    """TP=2 x PP=2: the streaming iterator's memory (and the old gather's, which the bound must catch), exports of
+    tiny models (bit-identity checked by the test against the plain gather returned here), an export refused;
+    then TP=1 (DP=4) exports of the same weights."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.models.hf_conversion import export_model_hf, iter_hf_buckets, load_hf_into_mcore
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
+    out: dict = {"rank": dist.get_rank()}
+    cfg = LlamaConfig(**MEMORY_CFG)
+    model = _build(cfg, 2, 2)
+
+    def stream() -> int:
+        count = 0
+        for bucket in iter_hf_buckets(model, cfg, MEMORY_BUCKET):
+            count += len(bucket)
+            del bucket
+        return count
+
+    out["stream growth"], out["streamed"] = _peak_growth(stream)
+    out["gather growth"], _ = _peak_growth(lambda: gather_mcore_shards(model) and None)
+    del model
+
+    exports = {}
+    for name in ("llama", "qwen2_tied"):
+        cfg = LlamaConfig.from_hf(dirs[name])
+        model = _build(cfg, 2, 2)
+        load_hf_into_mcore(model, dirs[name])
+        with torch.no_grad():  # a trained model is no copy of its source (padding rows included)
+            for param in model.parameters():
+                param.mul_(1.5)
+        grid = gather_mcore_shards(model)
+        exports[name] = mcore_to_hf_state_dict(grid, cfg) if grid is not None else None
+        target = f"{root}/tp2pp2_{name}"
+        if name == "llama":  # exported in small files, then again into the same place in one file a stage
+            export_model_hf(model, cfg, target, dirs[name], bucket_bytes=20_000, max_shard_bytes=60_000)
+            export_model_hf(model, cfg, target, dirs[name], bucket_bytes=20_000)
+        else:
+            export_model_hf(model, cfg, target, dirs[name])
+            export_model_hf(model, cfg, target + "_small", dirs[name], bucket_bytes=20_000, max_shard_bytes=60_000)
+    out["exports"] = exports
+    try:
+        export_model_hf(model, cfg, f"{root}/refused", dirs["llama"])  # the source describes another model
+        out["refused"] = "no error"
+    except Exception as exc:  # noqa: BLE001
+        out["refused"] = f"{type(exc).__name__}: {exc}"
+
+    ps.destroy_model_parallel()
+    init_parallel(tensor_parallel_size=1, pipeline_parallel_size=1)
+    for name in ("llama", "qwen2_tied"):
+        cfg = LlamaConfig.from_hf(dirs[name])
+        model = _build(cfg, 1, 1)
+        load_hf_into_mcore(model, dirs[name])
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1.5)
+        export_model_hf(model, cfg, f"{root}/tp1_{name}", dirs[name])
+    teardown()
+    return out
+
+
+@pytest.mark.slow
+def test_streaming_export_memory_files_and_transformers(hf_models, tmp_path, monkeypatch):
+    """At TP=2 x PP=2 no rank's RSS grows beyond 2 x max(bucket, largest tensor) while streaming the whole model
+    (the old gather to rank 0 does); each stage writes its own files with one index, bit-identical to the plain
+    gather's mapping, loading in transformers with the logits of a TP=1 export."""
+    from transformers import AutoModelForCausalLM
+
+    from nemo_logitavg.models.hf_conversion import hf_shapes
+
+    ids, models = hf_models
+    dirs = {name: str(m["dir"]) for name, m in models.items()}
+    # glibc raises its mmap threshold after each large free, so later blocks come from the heap and stay resident
+    # once freed: RSS would then count the allocator's slack (it settles near one bucket more). A fixed threshold
+    # returns every freed block, so the resident set tracks what the process holds (the measure of DESIGN.md 7).
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
+    ranks = run_distributed(_export_worker, 4, dirs=dirs, root=str(tmp_path))
+
+    cfg = LlamaConfig(**MEMORY_CFG)
+    sizes = [4 * math.prod(shape) for shape in hf_shapes(cfg).values()]
+    assert sum(sizes) >= 8 * MEMORY_BUCKET and max(sizes) == MEMORY_BUCKET
+    bound = 2 * max(MEMORY_BUCKET, max(sizes))
+    growth = {r["rank"]: r["stream growth"] for r in ranks}
+    print("RSS growth while streaming (MiB):", {k: round(v / 2**20, 1) for k, v in growth.items()},
+          "bound", bound / 2**20, "old gather on rank 0:", round(ranks[0]["gather growth"] / 2**20, 1))  # fmt: skip
+    assert all(g <= bound for g in growth.values()), growth
+    assert ranks[0]["gather growth"] > 2 * bound  # the measurement sees a whole model landing on one rank
+    assert sum(r["streamed"] for r in ranks if r["rank"] in (0, 2)) == len(sizes)  # TP rank 0 of each stage
+
+    for r in ranks:
+        assert r["refused"].startswith("ValueError: " if r["rank"] == 0 else "RuntimeError: "), r["refused"]
+        assert "describes another model" in r["refused"]
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{layout}_{name}" for layout in ("tp2pp2", "tp1") for name in ("llama", "qwen2_tied")
+    ) + ["tp2pp2_qwen2_tied_small"]
+
+    for name in ("llama", "qwen2_tied"):
+        gathered = ranks[0]["exports"][name]
+        cfg = LlamaConfig.from_hf(dirs[name])
+        for folder in (f"tp2pp2_{name}", f"tp1_{name}") + ((f"tp2pp2_{name}_small",) if "tied" in name else ()):
+            path = tmp_path / folder
+            assert_same_state(safetensors_state(path), gathered)
+            assert (path / "tokenizer.json").read_bytes() == (models[name]["dir"] / "tokenizer.json").read_bytes()
+            assert LlamaConfig.from_hf(path) == cfg
+            weights = sorted(p.name for p in path.glob("*.safetensors"))
+            if folder.startswith("tp1"):
+                assert weights == ["model.safetensors"] and not (path / "model.safetensors.index.json").exists()
+                continue
+            index = json.loads((path / "model.safetensors.index.json").read_text())
+            assert sorted(index["weight_map"]) == sorted(hf_shapes(cfg))
+            assert sorted(set(index["weight_map"].values())) == weights
+            assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in gathered.values())
+            stages = {}  # each file holds one stage's tensors
+            for tensor, file in index["weight_map"].items():
+                stage = 0 if tensor == "model.embed_tokens.weight" or ".layers.0." in tensor else 1
+                assert stages.setdefault(file, stage) == stage, (file, tensor)
+            many = folder.endswith("_small")
+            assert (len(weights) > 4) == many and len(weights) >= 2, weights
+        tp1 = hf_logits(tmp_path / f"tp1_{name}", ids)
+        assert torch.equal(hf_logits(tmp_path / f"tp2pp2_{name}", ids), tp1)
+        assert (tp1 - models[name]["logits"]).abs().max() > 1e-3  # the scaled weights, not the source's
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "tp2pp2_qwen2_tied")).__name__ == "Qwen2ForCausalLM"
+
+
+def test_stage_names_and_bucket_plan():
+    from nemo_logitavg.models.hf_conversion import hf_bucket_plan, hf_shapes, stage_hf_names
+
+    for tied in (False, True):
+        cfg = LlamaConfig(
+            vocab_size=10, hidden_size=8, intermediate_size=4, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=tied,
+        )  # fmt: skip
+        shapes = hf_shapes(cfg)
+        assert stage_hf_names(cfg, 0, 1) == list(shapes)
+        stages = [stage_hf_names(cfg, r, 4) for r in range(4)]
+        assert sum(stages, []) == list(shapes)  # every name once, in order
+        assert stages[0][0] == "model.embed_tokens.weight" and stages[1][0] == "model.layers.1.input_layernorm.weight"
+        assert all(n.startswith("model.layers.2.") for n in stages[2])
+        assert stages[3][-1] == ("model.norm.weight" if tied else "lm_head.weight")
+        assert ("lm_head.weight" in sum(stages, [])) is not tied
+
+        assert hf_bucket_plan(cfg, 1, 2, 2**30, torch.float32) == [[(n, shapes[n]) for n in stage_hf_names(cfg, 1, 2)]]
+        singles = hf_bucket_plan(cfg, 0, 1, 1, torch.bfloat16)
+        assert singles == [[(n, shapes[n])] for n in shapes]
+        # 8x8 projections are 256 bytes in float32, 128 in bfloat16; norms 32 / 16.
+        plan = hf_bucket_plan(cfg, 1, 4, 300, torch.float32)
+        sizes = [sum(4 * math.prod(s) for _, s in bucket) for bucket in plan]
+        assert [n for bucket in plan for n, _ in bucket] == stages[1]
+        assert all(size <= 300 for size in sizes)
+        firsts = [4 * math.prod(bucket[0][1]) for bucket in plan[1:]]
+        assert all(size + first > 300 for size, first in zip(sizes, firsts, strict=False))  # greedy: none fits
+        assert len(hf_bucket_plan(cfg, 1, 4, 300, torch.bfloat16)) < len(plan)  # the dtype sets the bytes
+        assert hf_bucket_plan(cfg, 0, 1, 100, torch.float32)[0] == [("model.embed_tokens.weight", (10, 8))]
+    with pytest.raises(ValueError, match="pipeline rank 2 is outside pipeline_parallel_size=2"):
+        stage_hf_names(cfg, 2, 2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 does not divide num_hidden_layers=4"):
+        stage_hf_names(cfg, 0, 3)
+    with pytest.raises(ValueError, match="bucket_bytes must be >= 1"):
+        hf_bucket_plan(cfg, 0, 1, 0, torch.float32)
 
 
 # ------------------------------------------------------------------------------------- single process

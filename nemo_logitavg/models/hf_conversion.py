@@ -22,7 +22,7 @@ TP ranks hold ``g / t`` whole groups. HF's Llama q/k projections are already in 
 which is megatron's default (``rotary_interleaved=False``), so no row permutation is needed. Qwen2's q/k/v
 biases follow their weight rows into ``linear_qkv.bias``. With Transformer
 Engine's layer spec (GPUs), the two layer norms are fused into ``linear_qkv.layer_norm_weight`` and
-``linear_fc1.layer_norm_weight``; the loader and the gatherer translate those names.
+``linear_fc1.layer_norm_weight``; the loader and the exporters translate those names.
 
 The converter's Megatron checkpoint is one plain ``torch.save`` state dict per model-parallel rank:
 
@@ -32,16 +32,23 @@ The converter's Megatron checkpoint is one plain ``torch.save`` state dict per m
 
 Converting needs neither torch.distributed nor a model; ``load_mcore_checkpoint`` re-shards through the full
 Hugging Face names when the model's TP/PP layout differs from the checkpoint's.
+
+A live model leaves as a stream: ``iter_hf_buckets`` yields each pipeline stage's tensors in Hugging Face names,
+full size, in the buckets of ``hf_bucket_plan`` (a pure function, so a receiver knows the shapes in advance),
+gathering TP shards tensor by tensor over the TP group; ``export_model_hf`` writes a directory from it, every
+stage its own files. Both ways out of megatron (``mcore_to_hf_state_dict`` offline, the stream live) read the
+per-tensor sources of ``_stage_sources``: one mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -127,6 +134,47 @@ def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
+
+
+def stage_hf_names(cfg: LlamaConfig, pp_rank: int, pp_size: int) -> list[str]:
+    """The Hugging Face tensor names pipeline stage pp_rank owns, in a fixed order: model.embed_tokens.weight on
+    stage 0; its layers' tensors (global layer numbers, stage_layers()); model.norm.weight and lm_head.weight
+    (untied only) on the last stage. Tied embeddings appear once (stage 0)."""
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pipeline rank {pp_rank} is outside pipeline_parallel_size={pp_size}")
+    layers = stage_layers(cfg.num_hidden_layers, pp_rank, pp_size)
+    prefixes = tuple(f"model.layers.{i}." for i in layers)
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+
+    def owned(name: str) -> bool:
+        if name == "model.embed_tokens.weight":
+            return first
+        if name in ("model.norm.weight", "lm_head.weight"):
+            return last
+        return name.startswith(prefixes)
+
+    return [name for name in hf_shapes(cfg) if owned(name)]
+
+
+def hf_bucket_plan(
+    cfg: LlamaConfig, pp_rank: int, pp_size: int, bucket_bytes: int, dtype: torch.dtype
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """stage_hf_names grouped, in order, into buckets of at most bucket_bytes (a tensor larger than the bucket is a
+    bucket of its own); each entry (hf_name, full HF shape from hf_shapes(cfg)). Pure function of its arguments:
+    the receiving side computes the same plan."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    shapes, itemsize = hf_shapes(cfg), torch.empty((), dtype=dtype).element_size()
+    buckets: list[list[tuple[str, tuple[int, ...]]]] = []
+    size = 0
+    for name in stage_hf_names(cfg, pp_rank, pp_size):
+        nbytes = itemsize * math.prod(shapes[name])
+        if not buckets or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, shapes[name]))
+        size += nbytes
+    return buckets
 
 
 def _listing(keys: Sequence[str] | set[str], limit: int = 12) -> str:
@@ -264,6 +312,68 @@ def _layer_count(state: Mapping[str, torch.Tensor]) -> int:
     return len(numbers)
 
 
+@dataclasses.dataclass(frozen=True)
+class _HFSource:
+    """Where one Hugging Face tensor lives on its pipeline stage: the one mapping both directions of export use."""
+
+    mcore: str  # megatron-core name on the stage (local layer number, local-spec norm names)
+    piece: Callable[[torch.Tensor], torch.Tensor] | None  # this TP rank's part, cut from its shard (None: all of it)
+    dim: int | None  # TP ranks' parts are concatenated on this dimension; None: replicated (TP rank 0's copy)
+    rows: int | None = None  # keep the first rows only (vocabulary padding removed)
+
+
+def _stage_sources(
+    cfg: LlamaConfig, layers: Sequence[int], first: bool, last: bool, pp_size: int
+) -> tuple[dict[str, _HFSource], list[str]]:
+    """The Hugging Face tensors of one pipeline stage (in ``hf_shapes`` order) and where each comes from, plus the
+    megatron names the stage holds that export nothing (the last stage's copy of a tied embedding).
+
+    ``layers`` are the stage's global layer numbers; local layer ``j`` is ``layers[j]``.
+    """
+    groups, d, h, v = cfg.num_key_value_heads, _head_dim(cfg), cfg.hidden_size, cfg.vocab_size
+    q_rows = cfg.num_attention_heads // groups * d
+    per_group = q_rows + 2 * d
+    # linear_qkv holds, per query group, its query heads, key head and value head (rows of head_dim each).
+    spans = {"q": (0, q_rows), "k": (q_rows, q_rows + d), "v": (q_rows + d, per_group)}
+
+    def qkv_weight(which: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        lo, hi = spans[which]
+        return lambda t: t.reshape(-1, per_group, h)[:, lo:hi].reshape(-1, h)
+
+    def qkv_bias(which: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        lo, hi = spans[which]
+        return lambda t: t.reshape(-1, per_group)[:, lo:hi].reshape(-1)
+
+    def fc1(half: int) -> Callable[[torch.Tensor], torch.Tensor]:  # [gate_r; up_r] on each rank
+        return lambda t: t.chunk(2)[half]
+
+    sources: dict[str, _HFSource] = {}
+    if first:
+        sources["model.embed_tokens.weight"] = _HFSource("embedding.word_embeddings.weight", None, 0, v)
+    for local, i in enumerate(layers):
+        src, dst = f"decoder.layers.{local}.", f"model.layers.{i}."
+        qkv = src + "self_attention.linear_qkv."
+        sources[dst + "input_layernorm.weight"] = _HFSource(src + "input_layernorm.weight", None, None)
+        for which in "qkv":
+            sources[dst + f"self_attn.{which}_proj.weight"] = _HFSource(qkv + "weight", qkv_weight(which), 0)
+        sources[dst + "self_attn.o_proj.weight"] = _HFSource(src + "self_attention.linear_proj.weight", None, 1)
+        if cfg.qkv_bias:
+            for which in "qkv":
+                sources[dst + f"self_attn.{which}_proj.bias"] = _HFSource(qkv + "bias", qkv_bias(which), 0)
+        sources[dst + "post_attention_layernorm.weight"] = _HFSource(src + "pre_mlp_layernorm.weight", None, None)
+        sources[dst + "mlp.gate_proj.weight"] = _HFSource(src + "mlp.linear_fc1.weight", fc1(0), 0)
+        sources[dst + "mlp.up_proj.weight"] = _HFSource(src + "mlp.linear_fc1.weight", fc1(1), 0)
+        sources[dst + "mlp.down_proj.weight"] = _HFSource(src + "mlp.linear_fc2.weight", None, 1)
+    silent = []
+    if last:
+        sources["model.norm.weight"] = _HFSource("decoder.final_layernorm.weight", None, None)
+        if not cfg.tie_word_embeddings:
+            sources["lm_head.weight"] = _HFSource("output_layer.weight", None, 0, v)
+        elif pp_size > 1:
+            silent.append("output_layer.weight")  # the last stage's copy of the tied embedding
+    return sources, silent
+
+
 def mcore_to_hf_state_dict(
     shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: LlamaConfig
 ) -> dict[str, torch.Tensor]:
@@ -282,8 +392,6 @@ def mcore_to_hf_state_dict(
     if pp_size == 0 or tp_size == 0 or any(len(stage) != tp_size for stage in shards):
         raise ValueError("shards must be a non-empty [pp_rank][tp_rank] grid with the same TP size on every stage")
     check_parallel_layout(cfg, tp_size)
-    groups, d, h, v = cfg.num_key_value_heads, _head_dim(cfg), cfg.hidden_size, cfg.vocab_size
-    q_rows = cfg.num_attention_heads // groups * d
     grid = [[_local_names(s) for s in stage] for stage in shards]
     used: list[set[str]] = [set() for _ in range(pp_size)]
 
@@ -294,52 +402,26 @@ def mcore_to_hf_state_dict(
         used[pp].add(name)
         return [grid[pp][tp][name].detach().cpu() for tp in range(tp_size)]
 
-    out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": torch.cat(take(0, "embedding.word_embeddings.weight"))[:v]
-    }
+    out: dict[str, torch.Tensor] = {}
     offset = 0
     for pp in range(pp_size):
         count = _layer_count(grid[pp][0])
-        for local in range(count):
-            src, dst = f"decoder.layers.{local}.", f"model.layers.{offset + local}."
-            qkv = torch.cat(
-                [t.reshape(-1, q_rows + 2 * d, h) for t in take(pp, src + "self_attention.linear_qkv.weight")]
-            )
-            q, k, val = qkv.split([q_rows, d, d], dim=1)
-            if cfg.qkv_bias:
-                qkv_bias = torch.cat(
-                    [t.reshape(-1, q_rows + 2 * d) for t in take(pp, src + "self_attention.linear_qkv.bias")]
-                )
-                for name, bias in zip("qkv", qkv_bias.split([q_rows, d, d], dim=1), strict=True):
-                    out[dst + f"self_attn.{name}_proj.bias"] = bias.reshape(-1)
-            fc1 = [t.chunk(2) for t in take(pp, src + "mlp.linear_fc1.weight")]
-            out.update(
-                {
-                    dst + "input_layernorm.weight": take(pp, src + "input_layernorm.weight")[0],
-                    dst + "self_attn.q_proj.weight": q.reshape(-1, h),
-                    dst + "self_attn.k_proj.weight": k.reshape(-1, h),
-                    dst + "self_attn.v_proj.weight": val.reshape(-1, h),
-                    dst + "self_attn.o_proj.weight": torch.cat(take(pp, src + "self_attention.linear_proj.weight"), 1),
-                    dst + "post_attention_layernorm.weight": take(pp, src + "pre_mlp_layernorm.weight")[0],
-                    dst + "mlp.gate_proj.weight": torch.cat([gate for gate, _ in fc1]),
-                    dst + "mlp.up_proj.weight": torch.cat([up for _, up in fc1]),
-                    dst + "mlp.down_proj.weight": torch.cat(take(pp, src + "mlp.linear_fc2.weight"), 1),
-                }
-            )
+        sources, silent = _stage_sources(cfg, range(offset, offset + count), pp == 0, pp == pp_size - 1, pp_size)
+        for name, source in sources.items():
+            parts = [source.piece(t) if source.piece else t for t in take(pp, source.mcore)]
+            full = parts[0] if source.dim is None else torch.cat(parts, source.dim)
+            out[name] = (full[: source.rows] if source.rows is not None else full).clone()
+        for name in silent:
+            take(pp, name)
         offset += count
     if offset != cfg.num_hidden_layers:
         raise ValueError(f"the shards hold {offset} layers, the config has {cfg.num_hidden_layers}")
-    out["model.norm.weight"] = take(pp_size - 1, "decoder.final_layernorm.weight")[0]
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = torch.cat(take(pp_size - 1, "output_layer.weight"))[:v]
-    elif pp_size > 1:
-        take(pp_size - 1, "output_layer.weight")  # the last stage's copy of the tied embedding
     unexpected = {f"(pp={pp}) {k}" for pp in range(pp_size) for s in grid[pp] for k in s if k not in used[pp]}
     if unexpected:
         raise ValueError(
             f"megatron shards have keys the {cfg.model_type} mapping does not know: {_listing(unexpected)}"
         )
-    return {name: tensor.clone() for name, tensor in out.items()}
+    return {name: out[name] for name in hf_shapes(cfg)}
 
 
 # ----------------------------------------------------------------------------------- Hugging Face files
@@ -455,6 +537,79 @@ def _copy_assets(source_dir: str | os.PathLike | None, out_dir: str) -> list[str
     return copied
 
 
+def _export_config(cfg: LlamaConfig, dtype: torch.dtype, source_dir: str | os.PathLike | None) -> dict:
+    """The exported ``config.json``: the source's (its dtype updated) when it has one, else one from ``cfg``.
+
+    Raises:
+        ValueError: the source config describes another model.
+    """
+    source_config = os.path.join(source_dir, "config.json") if source_dir is not None else None
+    if source_config is None or not os.path.isfile(source_config):
+        return hf_config_dict(cfg, dtype)
+    with open(source_config, encoding="utf-8") as f:
+        config = json.load(f)
+    if LlamaConfig.from_hf(config) != cfg:
+        raise ValueError(f"{source_config} describes another model than the weights' config {cfg}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    config.update({key: dtype_name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": dtype_name})
+    return config
+
+
+def _weight_files(
+    cfg: LlamaConfig, pp_size: int, dtype: torch.dtype, max_shard_bytes: int
+) -> list[list[tuple[str, list[str]]]]:
+    """Per pipeline stage, its safetensors files and the tensors each holds (files never span stages): one file in
+    all is ``model.safetensors``, more are ``model-0000k-of-0000n.safetensors`` numbered over the stages."""
+    plans = [hf_bucket_plan(cfg, pp, pp_size, max_shard_bytes, dtype) for pp in range(pp_size)]
+    total = sum(len(plan) for plan in plans)
+    files, k = [], 0
+    for plan in plans:
+        stage = []
+        for bucket in plan:
+            k += 1
+            name = SAFETENSORS_SINGLE if total == 1 else f"model-{k:05d}-of-{total:05d}.safetensors"
+            stage.append((name, [tensor for tensor, _ in bucket]))
+        files.append(stage)
+    return files
+
+
+def _save_weight_file(tensors: Mapping[str, torch.Tensor], path: str) -> None:
+    """One safetensors file, flushed to disk (the directory is renamed into place only after every file is)."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), path, metadata={"format": "pt"})
+    _fsync(path)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_metadata(
+    out_dir: str,
+    cfg: LlamaConfig,
+    config: dict,
+    files: Sequence[Sequence[tuple[str, list[str]]]],
+    dtype: torch.dtype,
+    source_dir: str | os.PathLike | None,
+) -> None:
+    """The index (when the weights span several files), config.json and the source's tokenizer / generation files."""
+    weight_map = {tensor: file for stage in files for file, tensors in stage for tensor in tensors}
+    if len(set(weight_map.values())) > 1:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        total = sum(itemsize * math.prod(shape) for shape in hf_shapes(cfg).values())
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _copy_assets(source_dir, out_dir)
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
 def export_hf(
     hf_state: Mapping[str, torch.Tensor],
     out_dir: str | os.PathLike,
@@ -462,7 +617,8 @@ def export_hf(
     source_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads.
+    """Write a Hugging Face directory that ``AutoModelForCausalLM.from_pretrained`` loads, from weights in memory
+    (the offline converter's path; a live model exports with ``export_model_hf``).
 
     Args:
         hf_state: full Hugging Face weights (``mcore_to_hf_state_dict``).
@@ -475,52 +631,19 @@ def export_hf(
     Raises:
         ValueError: the weights do not match ``cfg``, or the source config describes another model.
     """
-    from safetensors.torch import save_file
-
     check_hf_state(hf_state, cfg)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    tensors = {name: hf_state[name].detach().cpu().contiguous() for name in hf_shapes(cfg)}
-    dtype = tensors["model.embed_tokens.weight"].dtype
-
-    source_config = os.path.join(source_dir, "config.json") if source_dir is not None else None
-    if source_config is not None and os.path.isfile(source_config):
-        with open(source_config, encoding="utf-8") as f:
-            config = json.load(f)
-        if LlamaConfig.from_hf(config) != cfg:
-            raise ValueError(f"{source_config} describes another model than the weights' config {cfg}")
-        dtype_name = str(dtype).removeprefix("torch.")
-        config.update({key: dtype_name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": dtype_name})
-    else:
-        config = hf_config_dict(cfg, dtype)
-
+    dtype = hf_state["model.embed_tokens.weight"].dtype
+    config = _export_config(cfg, dtype, source_dir)
     for name in os.listdir(out_dir):
         if name.endswith((".safetensors", ".safetensors.index.json")):
             os.remove(os.path.join(out_dir, name))
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SAFETENSORS_SINGLE), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards, start=1):
-            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    _copy_assets(source_dir, out_dir)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
+    files = _weight_files(cfg, 1, dtype, max_shard_bytes)
+    for file, names in files[0]:
+        tensors = {name: hf_state[name].detach().cpu().contiguous() for name in names}
+        _save_weight_file(tensors, os.path.join(out_dir, file))
+    _write_metadata(out_dir, cfg, config, files, dtype, source_dir)
 
 
 # --------------------------------------------------------------------------------- live megatron models
@@ -656,29 +779,128 @@ def load_hf_into_mcore(model: torch.nn.Module, hf_dir: str | os.PathLike) -> Lla
     return cfg
 
 
-def gather_mcore_shards(model: torch.nn.Module, dst: int = 0) -> list[list[dict[str, torch.Tensor]]] | None:
-    """Every model-parallel rank's state dict (data-parallel rank 0's), as ``[pp_rank][tp_rank]`` on rank ``dst``.
+_COLUMN_BLOCKS = 4  # column-split tensors move in this many row blocks: a quarter of a shard in flight, not all
+_COLUMN_BLOCK_MAX_BYTES = 64 * 2**20
 
-    A collective over the default group: every rank must call it. Other ranks get None. The whole model
-    passes through ``dst``'s CPU memory.
+
+def _fill_full(out: torch.Tensor, local: torch.Tensor, source: _HFSource, group, tp_size: int) -> None:
+    """Write the full Hugging Face tensor ``source`` describes into ``out`` (its place in the bucket), from this
+    rank's shard ``local``: a collective over the TP ``group``; every rank ends with the same values.
+
+    Broadcasts, in place: each TP rank sends its rows straight into their place (gloo's all-gather would stage the
+    whole tensor in a second buffer); column-split tensors pass through one buffer of a block of rows.
     """
     import torch.distributed as dist
+
+    piece = (source.piece(local) if source.piece is not None else local).detach()
+    if tp_size == 1 or source.dim is None:
+        rows = out.shape[0]
+        out.copy_(piece[:rows])  # TP=1: the vocabulary padding rows are dropped by the slice
+        if tp_size > 1:  # replicated: TP rank 0's copy, as the offline mapping takes, on every rank
+            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
+        return
+    me = dist.get_rank(group)
+    if source.dim == 0:
+        per_rank = piece.shape[0]
+        for r in range(tp_size):
+            start = r * per_rank
+            count = min(per_rank, out.shape[0] - start)  # the vocabulary's padding rows are not sent
+            if count <= 0:
+                break
+            if r == me:
+                out[start : start + count].copy_(piece[:count])
+            dist.broadcast(out[start : start + count], src=dist.get_global_rank(group, r), group=group)
+        return
+    # Split on columns: rank r's columns, row block by row block, through one block-sized buffer.
+    rows, cols = piece.shape
+    row_bytes = cols * piece.element_size()
+    block = max(1, min(-(-rows // _COLUMN_BLOCKS), _COLUMN_BLOCK_MAX_BYTES // row_bytes))
+    staging = piece.new_empty((block, cols))
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        for r in range(tp_size):
+            part = staging[: stop - start]
+            if r == me:
+                part.copy_(piece[start:stop])
+            dist.broadcast(part, src=dist.get_global_rank(group, r), group=group)
+            out[start:stop, r * cols : (r + 1) * cols].copy_(part)
+
+
+def _check_piece(name: str, local: torch.Tensor, source: _HFSource, shape: tuple[int, ...], tp_size: int) -> None:
+    """Raise ValueError when this rank's part cannot make ``shape`` (a model built for another config)."""
+    piece = list((source.piece(local) if source.piece is not None else local).shape)
+    parts = 1 if source.dim is None else tp_size
+    dim = 0 if source.dim is None else source.dim
+    whole = [n * parts if d == dim else n for d, n in enumerate(piece)]
+    padded = source.rows is not None  # the vocabulary: padding rows beyond the true size
+    fits = len(whole) == len(shape) and all(
+        (w >= n if padded and d == 0 else w == n) for d, (w, n) in enumerate(zip(whole, shape, strict=True))
+    )
+    if not fits:
+        raise ValueError(f"{name}: this rank's part {tuple(piece)} cannot make the config's shape {shape}")
+
+
+def iter_hf_buckets(
+    model: torch.nn.Module, cfg: LlamaConfig, bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """This pipeline stage's policy weights as Hugging Face-named FULL tensors, bucket by bucket, exactly following
+    hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, param dtype). A collective over this rank's tensor-parallel
+    group only (every TP rank of the stage calls it in lockstep, any DP replica may); TP shards are all-gathered per
+    tensor (vocab padding removed, q/k/v and gate/up split as the mapping does), never the whole model. Every TP
+    rank yields identical full tensors, on the model's device (CUDA tensors over NCCL on GPUs, CPU over gloo).
+    Peak extra memory: one bucket plus one tensor in flight.
+
+    The tensors are fresh (no views of the parameters): consecutive views of one buffer per bucket, in plan
+    order. A consumer that drops each bucket before asking for the next keeps the peak at one bucket. Checked
+    before any collective (so every TP rank raises together): the stage's layers are megatron's even split, its
+    state dict has exactly the mapping's keys and shapes that make the config's, one dtype.
+
+    Raises:
+        ValueError: naming the mismatched layers, keys or dtypes.
+    """
     from megatron.core import parallel_state as ps
 
+    model = _unwrap(model)
     tp_rank, tp_size, pp_rank, pp_size = _parallel_ranks()
-    state = None
-    if ps.get_data_parallel_rank() == 0:
-        state = {k: v.detach().cpu() for k, v in _local_names(_unwrap(model).state_dict()).items()}
-    payload = (tp_rank, pp_rank, state)
-    received = [None] * dist.get_world_size() if dist.get_rank() == dst else None
-    dist.gather_object(payload, received, dst=dst)
-    if received is None:
-        return None
-    grid: list[list] = [[None] * tp_size for _ in range(pp_size)]
-    for tp, pp, shard in received:
-        if shard is not None:
-            grid[pp][tp] = shard
-    return grid
+    check_parallel_layout(cfg, tp_size, pp_size)
+    layers = stage_layers(cfg.num_hidden_layers, pp_rank, pp_size)
+    if _model_layers(model) != list(layers):
+        raise ValueError(
+            f"pipeline stage {pp_rank} holds layers {_model_layers(model)}, the even split of "
+            f"{cfg.num_hidden_layers} layers over {pp_size} stages is {list(layers)}"
+        )
+    state = _local_names(model.state_dict())
+    sources, silent = _stage_sources(cfg, layers, pp_rank == 0, pp_rank == pp_size - 1, pp_size)
+    expected = {source.mcore for source in sources.values()} | set(silent)
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"stage {pp_rank}'s state dict does not match the {cfg.model_type} mapping: "
+            f"missing {_listing(missing) or 'none'}; unexpected {_listing(unexpected) or 'none'}"
+        )
+    dtypes = {tensor.dtype for name, tensor in state.items() if name in expected}
+    if len(dtypes) != 1:
+        raise ValueError(f"stage {pp_rank}'s weights mix dtypes {sorted(map(str, dtypes))}; the plan needs one")
+    dtype = dtypes.pop()
+    group = ps.get_tensor_model_parallel_group()
+    plan = hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, dtype)
+    for name, shape in (entry for planned in plan for entry in planned):
+        _check_piece(name, state[sources[name].mcore], sources[name], shape, tp_size)
+    device = next(iter(state.values())).device
+    bucket_numel = bucket_bytes // torch.empty((), dtype=dtype).element_size()
+    for planned in plan:
+        # One fresh buffer per bucket, its tensors consecutive views in plan order (a consumer may move the bucket
+        # as one tensor); always the bucket's size at least, so the allocator reuses one block for all of them.
+        flat = torch.empty(max(sum(math.prod(shape) for _, shape in planned), bucket_numel), dtype=dtype, device=device)
+        bucket, offset = [], 0
+        for name, shape in planned:
+            view = flat[offset : offset + math.prod(shape)].view(shape)
+            _fill_full(view, state[sources[name].mcore], sources[name], group, tp_size)
+            bucket.append((name, view))
+            offset += view.numel()
+        del flat, view
+        yield bucket
+        del bucket
 
 
 # ------------------------------------------------------------------------------ converter's checkpoint
@@ -813,24 +1035,120 @@ def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike)
     return cfg
 
 
+EXPORT_BUCKET_BYTES = 256 * 2**20  # what an export streams at a time (device memory beyond the model)
+
+
 def export_model_hf(
-    model: torch.nn.Module, cfg: LlamaConfig, out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None
+    model: torch.nn.Module,
+    cfg: LlamaConfig,
+    out_dir: str | os.PathLike,
+    source_dir: str | os.PathLike | None = None,
+    *,
+    bucket_bytes: int = EXPORT_BUCKET_BYTES,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Write a live (TP/PP-sharded) model as one Hugging Face directory; a collective, rank 0 writes.
+    """Write a live (TP/PP/DP-sharded) model as one Hugging Face directory; a collective over the default group.
 
-    The directory appears whole or not at all (written beside it, then renamed), so a server reloading from it
-    never reads half a checkpoint.
+    Each pipeline stage's writer (TP rank 0 of DP rank 0) streams its stage with ``iter_hf_buckets`` (its TP peers
+    in lockstep) and writes that stage's safetensors files (at most ``max_shard_bytes`` each, host memory: one
+    file); global rank 0 writes the index, config.json (the source's, dtype updated, else one from ``cfg``) and the
+    source's tokenizer / generation files. No rank holds the whole model. The directory appears whole or not at
+    all: everything is written into ``OUT_DIR.tmp`` beside it and flushed, then rank 0 renames it into place.
+
+    Raises:
+        ValueError: the source config describes another model, the model does not fit ``cfg`` or mixes dtypes
+            (on the rank at fault; every other rank raises RuntimeError naming it). OSError likewise. Nothing is
+            left at ``out_dir`` or ``OUT_DIR.tmp`` after a failure.
     """
-    import shutil
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    tmp = out_dir + ".tmp"
+    rank = dist.get_rank()
+    tp_rank, _, pp_rank, pp_size = _parallel_ranks()
+    streams = ps.get_data_parallel_rank() == 0  # one replica streams; its TP rank 0 of each stage writes
+    writer = streams and tp_rank == 0
+    state = _local_names(_unwrap(model).state_dict())
+    dtype = next(iter(state.values())).dtype
+    config: dict = {}
+
+    def prepare() -> None:
+        nonlocal config
+        if rank == 0:
+            config = _export_config(cfg, dtype, source_dir)
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers
+            os.makedirs(tmp)
+
+    dtypes = _agree(prepare, str(dtype), tmp)
+    if len(set(dtypes)) != 1:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"the pipeline stages' weights have different dtypes {sorted(set(dtypes))}")
+    files = _weight_files(cfg, pp_size, dtype, max_shard_bytes)
+
+    def write_stage() -> None:
+        if not streams:
+            return
+        pending: dict[str, torch.Tensor] = {}
+        stage_files = iter(files[pp_rank])
+        file, names = next(stage_files)
+        failure: BaseException | None = None
+        for bucket in iter_hf_buckets(model, cfg, bucket_bytes):
+            # After a failure the writer keeps consuming: its TP peers are still gathering with it.
+            if writer and failure is None:
+                try:
+                    for name, tensor in bucket:
+                        pending[name] = tensor.to("cpu", copy=True)  # its own storage: the bucket's is shared
+                        if len(pending) == len(names):
+                            _save_weight_file({n: pending[n] for n in names}, os.path.join(tmp, file))
+                            pending.clear()
+                            file, names = next(stage_files, (None, []))
+                except Exception as exc:  # noqa: BLE001 - re-raised after the stream ends
+                    failure, pending = exc, {}
+            del bucket  # before the next one is gathered: one bucket at a time
+        if failure is not None:
+            raise failure
+        if writer and file is not None:
+            raise RuntimeError(f"stage {pp_rank}'s stream ended before {file} was complete")
+
+    _agree(write_stage, None, tmp)
+
+    def publish() -> None:
+        if rank == 0:
+            _write_metadata(tmp, cfg, config, files, dtype, source_dir)
+            _fsync(tmp)
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            if os.path.lexists(out_dir):
+                os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+
+    _agree(publish, None, tmp)
+
+
+def _agree(step: Callable[[], None], value, tmp: str) -> list:
+    """Run ``step`` on every rank, then learn every rank's outcome (a collective over the default group).
+
+    Returns every rank's ``value``. When any rank failed, rank 0 removes ``tmp``; the failing rank re-raises its
+    own exception and the others raise RuntimeError naming it, so no rank is left waiting in a later collective.
+    """
     import torch.distributed as dist
 
-    shards = gather_mcore_shards(model)
-    if shards is not None:
-        out_dir = os.fspath(out_dir)
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_hf(mcore_to_hf_state_dict(shards, cfg), tmp, cfg, source_dir=source_dir)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    dist.barrier()
+    failure: BaseException | None = None
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+        failure = exc
+    outcomes: list = [None] * dist.get_world_size()
+    mine = (None if failure is None else f"{type(failure).__name__}: {failure}", value)
+    dist.all_gather_object(outcomes, mine)
+    failed = [(r, message) for r, (message, _) in enumerate(outcomes) if message is not None]
+    if failed:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        raise RuntimeError("the Hugging Face export failed on " + "; ".join(f"rank {r}: {m}" for r, m in failed))
+    return [v for _, v in outcomes]
