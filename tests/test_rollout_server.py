@@ -11,12 +11,13 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 import torch
 
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.rollout.client import RolloutClient, RolloutError, RolloutRequestError
-from nemo_logitavg.rollout.process import free_port
+from nemo_logitavg.rollout.process import ServerProcess, free_port
 from tests.test_rollout import hf_logits, make_tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,3 +241,25 @@ def test_failover_to_another_server_and_back(dirs, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+def _start_process(dirs, tmp_path, **kwargs) -> ServerProcess:
+    log = str(tmp_path / f"process-{time.monotonic_ns()}.log")
+    extra = ["--threads", "1", *kwargs.pop("extra_args", [])]
+    return ServerProcess(dirs["policy"], dirs["reference"], REF_WEIGHT, log, extra_args=extra, **kwargs)
+
+
+@pytest.mark.slow
+def test_token_travels_in_the_environment_and_defaults_to_random(dirs, tmp_path):
+    chosen = _start_process(dirs, tmp_path, token="chosen-secret-token")
+    drawn = _start_process(dirs, tmp_path)  # no token given: a random one
+    try:
+        for server in (chosen.wait_ready(120), drawn.wait_ready(120)):
+            cmdline = " ".join(psutil.Process(server.proc.pid).cmdline())
+            assert server.token and server.token not in cmdline and "--token" not in cmdline
+            assert httpx.get(server.url + "/health", timeout=10).status_code == 401
+            assert httpx.get(server.url + "/health", headers=server.auth_headers(), timeout=10).status_code == 200
+        assert chosen.token == "chosen-secret-token" and len(drawn.token) >= 32
+    finally:
+        chosen.stop()
+        drawn.stop()

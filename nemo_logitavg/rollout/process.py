@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -10,6 +11,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+TOKEN_ENV = "NEMO_LOGITAVG_ROLLOUT_TOKEN"  # the server reads its bearer token from here (not from its argv)
 
 
 def _ignore_usr1() -> None:
@@ -35,6 +38,9 @@ class ServerProcess:
     """``python -m nemo_logitavg.rollout.server`` in a child process, with its log in ``log_path``.
 
     ``reference=None`` serves the policy alone (with ``ref_weight`` 0), loading one model instead of two.
+    The server always requires a bearer token: ``token``, else a random one (``secrets.token_urlsafe``); it is
+    ``self.token`` for the client and reaches the child through ``NEMO_LOGITAVG_ROLLOUT_TOKEN``, never its
+    command line (which every user of the machine can read in ``ps``).
 
     Raises:
         RuntimeError: the port is already held (named), or the server exits or does not become healthy in time
@@ -57,15 +63,13 @@ class ServerProcess:
             raise RuntimeError(f"rollout server: port {host}:{port} is already in use; refusing to start")
         self.url = f"http://{host}:{port}"
         self.log_path = log_path
-        self.token = token
+        self.token = token or secrets.token_urlsafe(32)
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         cmd = [sys.executable, "-m", "nemo_logitavg.rollout.server", "--policy", policy,
                "--ref-weight", str(ref_weight), "--host", host, "--port", str(port), *(extra_args or [])]  # fmt: skip
         if reference is not None:  # None: the policy alone (ref_weight must be 0)
             cmd += ["--reference", reference]
-        env = dict(os.environ)
-        if token:
-            cmd += ["--token", token]
+        env = {**os.environ, TOKEN_ENV: self.token}
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         # The trainer owns preemption: Slurm's USR1 reaches every process of the step, and the server must
         # keep serving while the trainer finishes its step and checkpoints.
@@ -73,9 +77,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
-        request = urllib.request.Request(self.url + "/health")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+        request = urllib.request.Request(self.url + "/health", headers=self.auth_headers())
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"rollout server exited with {self.proc.returncode}:\n{self._tail()}")
@@ -88,6 +90,9 @@ class ServerProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"rollout server at {self.url} not healthy after {timeout:.0f} s:\n{self._tail()}")
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def _tail(self, lines: int = 30) -> str:
         self._log.flush()

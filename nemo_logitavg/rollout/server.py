@@ -57,8 +57,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nemo_logitavg.rollout.engine import Engine, GenerationRequest, SamplingParams, derive_seed
-
-TOKEN_ENV = "NEMO_LOGITAVG_ROLLOUT_TOKEN"
+from nemo_logitavg.rollout.process import TOKEN_ENV
 
 
 @dataclass
@@ -362,7 +361,7 @@ if __name__ == "__main__":
     parser.add_argument("--ref-weight", type=float, help="reference weight a in [0, 1]")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--token", help=f"bearer token required on every endpoint (or set {TOKEN_ENV})")
+    parser.add_argument("--token", help=f"bearer token required on every endpoint (visible in ps: prefer {TOKEN_ENV})")
     parser.add_argument("--max-n", type=int, help="largest n per request (default 64)")
     parser.add_argument("--max-tokens", type=int, help="largest max_tokens per request (default 4096)")
     parser.add_argument("--max-prompts", type=int, help="most prompts per request (default 512)")
