@@ -250,6 +250,28 @@ def _start_process(dirs, tmp_path, **kwargs) -> ServerProcess:
 
 
 @pytest.mark.slow
+def test_stop_is_prompt_with_sigterm_blocked_in_the_parent(dirs, tmp_path):
+    """The trainer blocks SIGTERM/USR1 (StopRequested); the server child must still stop on stop()'s SIGTERM
+    (not after 20 s by SIGKILL) and keep ignoring USR1."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        server = _start_process(dirs, tmp_path).wait_ready(120)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    proc = psutil.Process(server.proc.pid)
+    family = [proc, *proc.children(recursive=True)]
+    server.proc.send_signal(signal.SIGUSR1)  # ignored: the server keeps serving through Slurm's warning
+    assert httpx.get(server.url + "/health", headers=server.auth_headers(), timeout=10).status_code == 200
+    start = time.monotonic()
+    server.stop()
+    took = time.monotonic() - start
+    assert took < 5, f"stop() took {took:.1f} s"
+    assert server.proc.returncode != -signal.SIGKILL
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert not alive
+
+
+@pytest.mark.slow
 def test_token_travels_in_the_environment_and_defaults_to_random(dirs, tmp_path):
     chosen = _start_process(dirs, tmp_path, token="chosen-secret-token")
     drawn = _start_process(dirs, tmp_path)  # no token given: a random one

@@ -15,8 +15,13 @@ import urllib.request
 TOKEN_ENV = "NEMO_LOGITAVG_ROLLOUT_TOKEN"  # the server reads its bearer token from here (not from its argv)
 
 
-def _ignore_usr1() -> None:
+def _server_child_signals() -> None:
+    """Runs in the server child before exec. The trainer blocks SIGTERM and SIGUSR1 (``StopRequested``) and a
+    child inherits that mask: unblock SIGTERM so ``stop()`` (and Slurm's final SIGTERM) reach the server, which
+    then stops its own workers; keep ignoring USR1 (Slurm's preemption warning is for the trainer, the server
+    keeps serving while the trainer finishes its step). Reward workers and checkpoint writers keep the mask."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -71,9 +76,9 @@ class ServerProcess:
             cmd += ["--reference", reference]
         env = {**os.environ, TOKEN_ENV: self.token}
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        # The trainer owns preemption: Slurm's USR1 reaches every process of the step, and the server must
-        # keep serving while the trainer finishes its step and checkpoints.
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_ignore_usr1)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_server_child_signals
+        )
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
