@@ -146,3 +146,21 @@ def test_check_refuses_other_ref_weight():
         client.check(0.5)
     client = RolloutClient(["127.0.0.1:5"], transport=httpx.MockTransport(handler))
     assert client.check(0.5)["http://127.0.0.1:5"]["ref_weight"] == 0.5
+
+
+@pytest.mark.parametrize("status", [400, 401, 409, 413, 422])
+def test_no_4xx_is_retried_on_any_server(sleeps, status):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.url.port, request.url.path))
+        return httpx.Response(status, json={"error": {"message": f"refused with {status}"}})
+
+    client = RolloutClient(["127.0.0.1:5", "127.0.0.1:6"], transport=httpx.MockTransport(handler))
+    with pytest.raises(RolloutRequestError, match=f"refused with {status}"):
+        client.generate([[1]], n=1, max_tokens=1)
+    assert len(calls) == 1 and sleeps == []
+    calls.clear()
+    with pytest.raises(RolloutRequestError, match=f"refused with {status}"):
+        client.load_weights("weights", 3)
+    assert len(calls) <= 2 and all(path == "/v1/load_weights" for _, path in calls) and sleeps == []

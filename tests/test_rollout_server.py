@@ -3,6 +3,7 @@ the RolloutClient failing over between two servers and coming back to a restarte
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -285,3 +286,24 @@ def test_token_travels_in_the_environment_and_defaults_to_random(dirs, tmp_path)
     finally:
         chosen.stop()
         drawn.stop()
+
+
+@pytest.mark.slow
+def test_temperature_below_the_floor_is_refused_and_never_retried(server, dirs, tmp_path):
+    url = server.url + "/v1/completions"
+    body = {"prompt": [5, 6], "max_tokens": 8, "ignore_eos": True, "seed": 1}
+    r = httpx.post(url, json={**body, "temperature": 1e-44}, headers=AUTH, timeout=60)
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    at_floor = httpx.post(url, json={**body, "temperature": 1e-3}, headers=AUTH, timeout=60).json()
+    logprobs = at_floor["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(logprobs) == 8 and all(math.isfinite(x) and x <= 0 for x in logprobs)
+    # Two servers: a 4xx is the request's fault, raised at once, not tried on the other server or again.
+    other = Server(dirs, str(tmp_path)).wait()
+    try:
+        with RolloutClient([server.url, other.url], token=TOKEN, timeout=60, backoff=5.0) as client:
+            start = time.monotonic()
+            with pytest.raises(RolloutRequestError, match="temperature"):
+                client.generate([[5, 6]], n=1, max_tokens=8, temperature=1e-44)
+            assert time.monotonic() - start < 5.0  # one backoff (5 s) would already exceed this
+    finally:
+        other.stop()

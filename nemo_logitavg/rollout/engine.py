@@ -10,6 +10,9 @@ Conventions every engine follows (DESIGN.md §7, wire format and determinism):
   truncation, in float32: the quantity the trainer's ``mixed_logprobs`` recomputes. With top_p < 1 the tokens
   come from the truncated distribution, so ratios against these log-probs are off-policy (the client warns).
 - Greedy decoding when ``temperature == 0``: the argmax of ``m``; its log-prob is then log pi_mix at ``T = 1``.
+  A temperature in ``(0, MIN_TEMPERATURE)`` is refused (ValueError; the server answers 400) rather than quietly
+  made greedy: ``m / T`` overflows float32 near ``T = 1e-38`` (NaN log-probs), and a caller asking for such a
+  ``T`` should say ``0`` if greedy is what it means.
 - Each sequence (sample ``j`` of a request with seed ``s``) draws its randomness from its own
   ``torch.Generator`` seeded with ``derive_seed(s, j)``, one uniform number per generated token (inverse-CDF
   sampling), so a completion does not depend on which other sequences share its batch.
@@ -57,6 +60,9 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0 (see the module docstring)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -69,8 +75,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 

@@ -6,9 +6,10 @@
 Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401 otherwise):
 
 - ``POST /v1/completions``: the OpenAI completions protocol for what GRPO needs. ``prompt`` is a text, a list of
-  texts, a list of token ids or a list of token-id lists; ``n``, ``max_tokens``, ``temperature`` (0: greedy),
-  ``top_p``, ``seed``, ``stop`` (string or list), ``logprobs`` (accepted; the log-prob of every sampled token is
-  always returned, ``top_logprobs`` is null); vLLM-style extensions ``stop_token_ids`` and ``ignore_eos``.
+  texts, a list of token ids or a list of token-id lists; ``n``, ``max_tokens``, ``temperature`` (0: greedy; else
+  at least ``engine.MIN_TEMPERATURE`` = 1e-3: smaller ones get a 400), ``top_p``, ``seed``, ``stop`` (string or
+  list), ``logprobs`` (accepted; the log-prob of every sampled token is always returned, ``top_logprobs`` is
+  null); vLLM-style extensions ``stop_token_ids`` and ``ignore_eos``.
   Choices are ordered prompt-major (``index = prompt * n + sample``); each has ``text``, ``token_ids``,
   ``logprobs`` (``tokens``, ``token_logprobs``: log pi_mix at the request temperature before top-p truncation,
   ``top_logprobs: null``, ``text_offset``) and ``finish_reason`` (``stop`` / ``length``). The response adds
@@ -56,7 +57,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemo_logitavg.rollout.engine import Engine, GenerationRequest, SamplingParams, derive_seed
+from nemo_logitavg.rollout.engine import MIN_TEMPERATURE, Engine, GenerationRequest, SamplingParams, derive_seed
 from nemo_logitavg.rollout.process import TOKEN_ENV
 
 
@@ -253,8 +254,8 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
         raise BadRequest(f"max_tokens={max_tokens} is outside this server's limits [1, {limits.max_tokens}]")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise BadRequest(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
+        raise BadRequest(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise BadRequest(f"top_p must lie in (0, 1], got {top_p}")
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
