@@ -3,6 +3,7 @@ the RolloutClient failing over between two servers and coming back to a restarte
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -25,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token"
 REF_WEIGHT = 0.5
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON_AUTH = {**AUTH, "Content-Type": "application/json"}
 
 
 class Server:
@@ -307,3 +309,98 @@ def test_temperature_below_the_floor_is_refused_and_never_retried(server, dirs, 
             assert time.monotonic() - start < 5.0  # one backoff (5 s) would already exceed this
     finally:
         other.stop()
+
+
+@pytest.mark.slow
+def test_health_answers_while_a_maximal_request_is_parsed(server):
+    limits = httpx.get(server.url + "/v1/models", headers=AUTH).json()["limits"]
+    # The largest body the server takes: 512 prompts of token ids (each far too long, refused after parsing).
+    per_prompt = (limits["max_body_bytes"] - 4096) // limits["max_prompts"] // 3
+    ids = json.dumps({"prompt": [[47] * per_prompt] * limits["max_prompts"], "max_tokens": 1}, separators=(",", ":"))
+    assert limits["max_body_bytes"] - 8192 < len(ids) <= limits["max_body_bytes"]
+    # The most text it tokenizes: 512 prompts at the character limit, each one unknown word (<unk>: 2 tokens).
+    texts = {"prompt": ["w" * limits["max_prompt_chars"]] * limits["max_prompts"], "max_tokens": 1}
+    # A text prompt of 3.9M characters (tokenizing 4M on the event loop held /health for 9.4 s).
+    huge = {"prompt": "w5 " * 1_300_000, "max_tokens": 1}
+    bodies = [ids.encode(), json.dumps(texts).encode(), json.dumps(huge).encode()]
+    results: list = []
+
+    def big() -> None:
+        for body in bodies:
+            start = time.monotonic()
+            r = httpx.post(server.url + "/v1/completions", content=body, headers=JSON_AUTH, timeout=120)
+            results.append((r.status_code, r.text[:200], time.monotonic() - start))
+
+    latencies, answered = [], []
+    with httpx.Client(headers=AUTH, timeout=60) as health:
+        health.get(server.url + "/health")  # connected before the big requests start
+        runner = threading.Thread(target=big)
+        runner.start()
+        while runner.is_alive():
+            start = time.monotonic()
+            assert health.get(server.url + "/health").status_code == 200
+            latencies.append(time.monotonic() - start)
+            answered.append(runner.is_alive())  # this answer came while a big request was still open
+            time.sleep(0.02)
+    runner.join()
+    assert max(latencies) < 1.0, (max(latencies), results)
+    assert sum(answered) >= 3, (latencies, results)
+    assert [status for status, _, _ in results] == [400, 200, 400], results
+    assert "context length" in results[0][1] and "characters" in results[2][1]
+
+
+@pytest.mark.slow
+def test_limits_are_checked_before_work(server):
+    url = server.url + "/v1/completions"
+    limits = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0]["limits"]
+    assert limits["max_n"] == 8 and limits["max_tokens"] == 64 and limits["max_prompt_chars"] == 32 * 128
+    over = b"[" + b"1," * (limits["max_body_bytes"] // 2) + b"1]"
+    r = httpx.post(url, content=over, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: the server counts while reading
+        for _ in range(limits["max_body_bytes"] // (1 << 16) + 2):
+            yield b" " * (1 << 16)
+
+    r = httpx.post(url, content=chunked(), headers=AUTH, timeout=60)
+    assert r.status_code == 413
+    # A 3.9M-character text prompt is refused by its length, before tokenizing (4M took 9.4 s and 770 MB).
+    start = time.monotonic()
+    r = httpx.post(url, json={"prompt": "w5 " * 1_300_000, "max_tokens": 1}, headers=AUTH, timeout=60)
+    assert r.status_code == 400 and "characters" in r.json()["error"]["message"]
+    refused_in = time.monotonic() - start
+    start = time.monotonic()
+    assert httpx.post(url, json={"prompt": "w5 " * 40, "max_tokens": 1}, headers=AUTH, timeout=60).status_code == 200
+    assert refused_in < 10 * max(time.monotonic() - start, 0.1)  # refusing costs about a small request
+    good = {"prompt": [5, 6], "max_tokens": 2}
+    too_many = {
+        "stop string too long": {**good, "stop": ["x" * (limits["max_stop_chars"] + 1)]},
+        "too many stop strings": {**good, "stop": ["x"] * (limits["max_stop"] + 1)},
+        "too many stop_token_ids": {**good, "stop_token_ids": [3] * (limits["max_stop_token_ids"] + 1)},
+        "too many prompts": {"prompt": [[5]] * (limits["max_prompts"] + 1), "max_tokens": 1},
+    }
+    for name, body in too_many.items():
+        r = httpx.post(url, json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 400 and "limit" in r.json()["error"]["message"] or "at most" in r.text, name
+
+
+@pytest.mark.slow
+def test_client_sizes_its_requests_to_the_advertised_limits(server, dirs, tmp_path):
+    small = Server(dirs, str(tmp_path), None, "--max-prompts", "3", "--max-work-tokens", "100").wait()
+    try:
+        prompts = [[5 + i, 17, 33][: 1 + i % 3] for i in range(10)]
+        kwargs = dict(n=2, max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+        over = {"prompt": prompts[:3], "n": 4, "max_tokens": 12}  # 4 x (6 + 36) = 168 work tokens
+        r = httpx.post(small.url + "/v1/completions", json=over, headers=AUTH, timeout=60)
+        assert r.status_code == 400 and "100 tokens" in r.json()["error"]["message"]
+        with RolloutClient([small.url], token=TOKEN, timeout=60) as client:
+            with pytest.raises(RolloutRequestError, match="limit"):
+                client.generate(prompts, **kwargs)  # limits unknown before check(): 10 prompts in one request
+            client.check(REF_WEIGHT)
+            sized = client.generate(prompts, **kwargs)
+        with RolloutClient([server.url], token=TOKEN, timeout=60) as client:
+            whole = client.generate(prompts, **kwargs)
+        assert [[c.token_ids for c in g] for g in sized] == [[c.token_ids for c in g] for g in whole]
+        assert all(len(c.token_ids) == 12 for g in sized for c in g)
+    finally:
+        small.stop()

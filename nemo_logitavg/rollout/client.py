@@ -1,14 +1,16 @@
 """The trainer's client for the rollout servers (DESIGN.md §7, rollout client API).
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
-    client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs from the trainer's
+    client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs; learn their limits
     client.load_weights(path, step)                    # after each update (GRPOTrainer.push_policy)
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
 - The prompts of a call are cut into consecutive chunks, one request each (a chunk's prompts and their ``n``
   samples decode together as one batch on one server): ``ceil(len(prompts) / len(urls))`` prompts a chunk, at
-  most ``prompts_per_request``, so every server gets work. Chunks go round-robin over the servers, concurrently
+  most ``prompts_per_request``, so every server gets work; and within the limits the servers advertise
+  (``/v1/models``: ``max_prompts``, ``max_work_tokens``, ``max_body_bytes``; learned by ``check``, the tightest
+  server's apply). Chunks go round-robin over the servers, concurrently
   from a thread pool. Prompt ``i`` of a call with seed ``s`` carries its own seed ``derive_seed(s, i)`` (the
   request's ``seeds`` field), so results depend neither on the chunking, nor on how many servers there are, nor
   on which one answers: the same as one request of all prompts with seed ``s`` (bit-identical on one server;
@@ -130,6 +132,7 @@ class RolloutClient:
         self._lock = threading.Lock()
         self._failed_at: dict[str, float] = {}
         self._next = 0
+        self._limits: dict[str, dict] = {}  # per server: its /v1/models "limits" (learned by check)
         self.policy_step: int | None = None  # the last step pushed with load_weights
         self.policy_path: str | None = None
 
@@ -254,8 +257,7 @@ class RolloutClient:
                 "truncation, so the GRPO importance ratios are off-policy",
                 stacklevel=2,
             )
-        size = max(1, min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls))))
-        chunks = [range(lo, min(lo + size, len(prompts))) for lo in range(0, len(prompts), size)]
+        chunks = self._chunks(prompts, n, max_tokens, len(stop_token_ids or ()))
         with self._lock:
             first = self._next
             self._next += len(chunks)
@@ -280,6 +282,33 @@ class RolloutClient:
             return self._parse(url, payload, len(chunk), n)
 
         return [group for groups in self._pool.map(one, range(len(chunks))) for group in groups]
+
+    def _limit(self, key: str) -> int | None:
+        """The tightest advertised ``key`` over the servers whose limits are known (None: none advertises it)."""
+        values = [lim[key] for lim in self._limits.values() if isinstance(lim.get(key), int) and lim[key] > 0]
+        return min(values) if values else None
+
+    def _chunks(self, prompts: list[list[int]], n: int, max_tokens: int, stop_ids: int) -> list[range]:
+        """Consecutive prompt ranges, one request each: at most ``prompts_per_request`` (and an even share per
+        server) prompts, and within every server's ``max_prompts``, ``max_work_tokens`` and ``max_body_bytes``.
+        A single prompt over a limit still goes alone (the server then says which limit)."""
+        count = max(1, min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls))))
+        count = min(count, self._limit("max_prompts") or count)
+        work_cap, body_cap = self._limit("max_work_tokens"), self._limit("max_body_bytes")
+        overhead = 512 + 12 * stop_ids  # the body's other fields
+        chunks, lo = [], 0
+        while lo < len(prompts):
+            hi, work, size = lo, 0, overhead
+            while hi < len(prompts) and hi - lo < count:
+                p = prompts[hi]
+                w = n * (len(p) + max_tokens)
+                b = sum(len(str(t)) for t in p) + len(p) + 24  # compact JSON ids and commas, its seed, brackets
+                if hi > lo and ((work_cap and work + w > work_cap) or (body_cap and size + b > body_cap)):
+                    break
+                work, size, hi = work + w, size + b, hi + 1
+            chunks.append(range(lo, hi))
+            lo = hi
+        return chunks
 
     @staticmethod
     def _parse(url: str, payload: dict, prompts: int, n: int) -> list[list[Completion]]:
@@ -336,12 +365,17 @@ class RolloutClient:
         return loaded
 
     def check(self, ref_weight: float) -> dict[str, dict]:
-        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight``."""
+        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight``; remember each
+        server's advertised request limits (``generate`` sizes its requests to them)."""
 
         def models(url: str):
             return url, self._request("GET", "/v1/models", None, pin=url)[1]
 
         infos = dict(self._pool.map(models, self.urls))
+        for url, info in infos.items():
+            limits = info.get("limits") if isinstance(info, dict) else None
+            if isinstance(limits, dict):
+                self._limits[url] = limits
         wrong = []
         for url, info in infos.items():
             served = info.get("ref_weight") if isinstance(info, dict) else None
