@@ -68,7 +68,8 @@ def main() -> None:
             # ref_weight 0 (the KL baseline) samples from the policy alone: the server need not load the reference.
             served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
             server = ServerProcess(
-                cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log, token=cfg.rollout.token
+                cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log, token=cfg.rollout.token,
+                weights_root=cfg.run.dir,  # the trainer pushes policies written under run.dir
             ).wait_ready()  # no rollout.token: a random one, known only to this process and its server
             urls = [server.url]
         token = server.token if server is not None else cfg.rollout.token

@@ -41,6 +41,8 @@ class Server:
             "--reference", dirs["reference"], "--ref-weight", str(REF_WEIGHT), "--port", str(self.port),
             "--token", TOKEN, "--threads", "1", "--max-n", "8", "--max-tokens", "64", *extra,
         ]  # fmt: skip
+        if "root" in dirs:
+            cmd += ["--weights-root", dirs["root"]]
         env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -152,7 +154,8 @@ def test_malformed_requests_and_auth(server):
     r = httpx.post(url, content=b'{"prompt": [5, 6', headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     assert "48" in httpx.post(url, json={"prompt": [5, 48]}, headers=AUTH).json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/load_weights", json={"path": "/nonexistent", "step": 1}, headers=AUTH)
+    missing = {"path": "nonexistent", "step": 1, "run_id": "x"}
+    r = httpx.post(server.url + "/v1/load_weights", json=missing, headers=AUTH)
     assert r.status_code == 400 and "nonexistent" in r.json()["error"]["message"]
     for path in ("/health", "/v1/models"):
         assert httpx.get(server.url + path).status_code == 401
@@ -399,8 +402,63 @@ def test_client_sizes_its_requests_to_the_advertised_limits(server, dirs, tmp_pa
             client.check(REF_WEIGHT)
             sized = client.generate(prompts, **kwargs)
         with RolloutClient([server.url], token=TOKEN, timeout=60) as client:
+            client.load_weights(dirs["policy"], 0)  # what the small server serves (another test may have pushed)
             whole = client.generate(prompts, **kwargs)
         assert [[c.token_ids for c in g] for g in sized] == [[c.token_ids for c in g] for g in whole]
         assert all(len(c.token_ids) == 12 for g in sized for c in g)
     finally:
         small.stop()
+
+
+@pytest.mark.slow
+def test_load_weights_stays_in_its_root_and_steps_rise(server, dirs, tmp_path):
+    import shutil
+
+    def load(path: str, step: int, run_id: str = "run-a") -> httpx.Response:
+        body = {"path": path, "step": step, "run_id": run_id}
+        return httpx.post(server.url + "/v1/load_weights", json=body, headers=AUTH, timeout=60)
+
+    root = dirs["root"]
+    # Outside the root: an absolute path elsewhere, a relative escape, a symlink out of the root.
+    outside = shutil.copytree(dirs["policy2"], tmp_path / "outside")
+    os.symlink(outside, os.path.join(root, "link_out"))
+    for path in (str(outside), "../" + os.path.basename(tmp_path) + "/outside", "link_out"):
+        r = load(path, 1)
+        assert r.status_code == 403 and "outside" in r.json()["error"]["message"], path
+    # An index naming another model's file (inside the root, outside the directory): refused, not served.
+    evil = os.path.join(root, "evil")
+    os.makedirs(evil)
+    shutil.copy(os.path.join(dirs["policy2"], "config.json"), evil)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(dirs["policy2"], "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    with open(os.path.join(evil, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {name: "../policy2/model.safetensors" for name in names}}, f)
+    r = load("evil", 1)
+    assert r.status_code == 400 and "outside the directory" in r.json()["error"]["message"]
+    # A corrupt file: a 500 that names neither the file nor the exception (the server's log has them).
+    corrupt = os.path.join(root, "corrupt")
+    os.makedirs(corrupt)
+    shutil.copy(os.path.join(dirs["policy2"], "config.json"), corrupt)
+    with open(os.path.join(corrupt, "model.safetensors"), "wb") as f:
+        f.write(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    r = load("corrupt", 1)
+    message = r.json()["error"]["message"]
+    assert r.status_code == 500 and "corrupt" not in message and "rror" not in message.replace("error", "")
+    # Steps rise within a run; an exact repeat is a no-op; a new run starts anywhere.
+    assert load("policy2", 7).json()["policy_step"] == 7
+    assert load("policy2", 7).status_code == 200  # a retried push
+    assert load("policy2", 6).status_code == 409
+    assert load("policy", 7).status_code == 409  # the same step with other weights
+    assert load("policy", 8).json()["policy_step"] == 8
+    assert load("policy2", 2, run_id="run-b").json()["policy_step"] == 2
+    assert httpx.get(server.url + "/v1/models", headers=AUTH).json()["policy_step"] == 2
+    # Without --weights-root the endpoint is refused.
+    bare = Server({k: v for k, v in dirs.items() if k != "root"}, str(tmp_path)).wait()
+    try:
+        r = httpx.post(bare.url + "/v1/load_weights", json={"path": dirs["policy2"], "step": 1, "run_id": "a"},
+                       headers=AUTH, timeout=60)  # fmt: skip
+        assert r.status_code == 403 and "--weights-root" in r.json()["error"]["message"]
+    finally:
+        bare.stop()

@@ -335,6 +335,7 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
     server = ServerProcess(
         model_dirs["policy"], model_dirs["reference"], 0.7, str(tmp_path / "server.log"),
         extra_args=["--engine", "vllm", "--config", str(config)],
+        weights_root=os.path.dirname(model_dirs["policy2"]),
     )  # fmt: skip
     children: list = []
     try:
@@ -347,7 +348,7 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
         prompt = [1, 7, 8, 9, 10]
         for policy_key, step in (("policy", 0), ("policy2", 3)):
             if step:
-                load = {"path": model_dirs[policy_key], "step": step}
+                load = {"path": model_dirs[policy_key], "step": step, "run_id": "test"}
                 assert _post(server.url + "/v1/load_weights", load, headers=auth) == {
                     "policy_step": step, "path": model_dirs[policy_key]}  # fmt: skip
             body = {"prompt": prompt, "n": 3, "max_tokens": 8, "temperature": 0.9, "seed": 4, "logprobs": 1}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +134,7 @@ class RolloutClient:
         self._failed_at: dict[str, float] = {}
         self._next = 0
         self._limits: dict[str, dict] = {}  # per server: its /v1/models "limits" (learned by check)
+        self.run_id = uuid.uuid4().hex  # one trainer run: the servers refuse a step that does not rise within it
         self.policy_step: int | None = None  # the last step pushed with load_weights
         self.policy_path: str | None = None
 
@@ -227,7 +229,8 @@ class RolloutClient:
             return None
         reason = f"served policy step {step}, older than the pushed step {self.policy_step}"
         if self.policy_path is not None:
-            _, error = self._call(url, "POST", "/v1/load_weights", {"path": self.policy_path, "step": self.policy_step})
+            body = {"path": self.policy_path, "step": self.policy_step, "run_id": self.run_id}
+            _, error = self._call(url, "POST", "/v1/load_weights", body)
             reason += " (weights pushed again)" if error is None else f" (pushing the weights again failed: {error})"
         return reason
 
@@ -335,13 +338,16 @@ class RolloutClient:
         return [out[k * n : (k + 1) * n] for k in range(prompts)]
 
     def load_weights(self, path: str, step: int) -> dict[str, int]:
-        """Make every server serve the policy in ``path`` (a directory they can read) as ``step``.
+        """Make every server serve the policy in ``path`` (inside the servers' ``--weights-root``) as ``step``.
+
+        Requests carry this client's ``run_id``: a server refuses (409) a step not above the last one it loaded for
+        this client, so a late push can never roll a server back.
 
         Servers that cannot be reached after the retries are reported in a warning and receive the weights when
         they next answer (stale-step check); if no server loads them, RolloutError.
         """
         self.policy_path, self.policy_step = str(path), int(step)
-        body = {"path": str(path), "step": int(step)}
+        body = {"path": str(path), "step": int(step), "run_id": self.run_id}
 
         def push(url: str):
             try:

@@ -62,6 +62,7 @@ class ServerProcess:
         port: int | None = None,
         extra_args: list[str] | None = None,
         token: str | None = None,
+        weights_root: str | None = None,
     ) -> None:
         port = free_port(host) if port is None else port
         if not port_is_free(host, port):
@@ -74,6 +75,8 @@ class ServerProcess:
                "--ref-weight", str(ref_weight), "--host", host, "--port", str(port), *(extra_args or [])]  # fmt: skip
         if reference is not None:  # None: the policy alone (ref_weight must be 0)
             cmd += ["--reference", reference]
+        if weights_root is not None:  # where /v1/load_weights may load from (else it is refused)
+            cmd += ["--weights-root", weights_root]
         env = {**os.environ, TOKEN_ENV: self.token}
         self._log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.proc = subprocess.Popen(

@@ -21,9 +21,14 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   gets what one request with seed ``s`` would give.
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``
   and ``limits``: the ``ServerLimits`` a request must keep to).
-- ``POST /v1/load_weights`` ``{"path": DIR, "step": K}``: reload the policy half from a Hugging Face safetensors
-  directory between requests (requests and reloads are serialised by one lock, so no request sees half-loaded
-  weights) and answer ``{"policy_step": K}``.
+- ``POST /v1/load_weights`` ``{"path": DIR, "step": K, "run_id": R}``: reload the policy half from a Hugging Face
+  safetensors directory between requests (requests and reloads are serialised by one lock, so no request sees
+  half-loaded weights) and answer ``{"policy_step": K}``. For operators and the evaluation: refused (403) unless
+  the server was started with ``--weights-root ROOT``; ``DIR`` resolves against ROOT (symlinks followed) and must
+  stay inside it, as must every file the directory's safetensors index names (else 400). Steps rise within one
+  run: a step not above the last one loaded for the same ``run_id`` is refused (409), except an exact repeat of
+  the weights being served (same run, step and path: a no-op, so a retried push succeeds); a new ``run_id`` may
+  start from any step.
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status for bad requests (bad JSON, wrong types,
 unknown token ids, limits exceeded; 413 for a body over ``max_body_bytes``) and 500 for engine failures; the
@@ -32,12 +37,13 @@ checks, tokenizing and rendering run in worker threads, not on the event loop.
 
 A ``--config`` YAML may hold the same settings under their long names with underscores (``policy``, ``reference``,
 ``ref_weight``, ``host``, ``port``, ``token``, every ``ServerLimits`` field (``max_n``, ``max_tokens``,
-``max_prompts``, ``max_work_tokens``, ``max_body_bytes``, ...), ``max_batch_size``, ``threads``, ``engine``,
-``policy_step``, ``vllm``); flags win over the file. ``engine`` is ``torch`` (default: ``TorchEngine``, CPUs and
-tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build); ``vllm`` is a mapping of further ``vllm.LLM``
-arguments for the vLLM engine (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``, ``enforce_eager``,
-``max_model_len``, ...). The token may also come from the environment variable ``NEMO_LOGITAVG_ROLLOUT_TOKEN``
-(keeps it out of the process list). The server refuses to start on a port that is held.
+``max_prompts``, ``max_work_tokens``, ``max_body_bytes``, ...), ``weights_root``, ``max_batch_size``, ``threads``,
+``engine``, ``policy_step``, ``vllm``); flags win over the file. ``engine`` is ``torch`` (default: ``TorchEngine``,
+CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build); ``vllm`` is a mapping of further
+``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``,
+``enforce_eager``, ``max_model_len``, ...). The token may also come from the environment variable
+``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server refuses to start on a port that is
+held.
 Only the ``__main__`` block parses arguments.
 """
 
@@ -46,7 +52,9 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import logging
 import math
+import os
 import secrets
 import socket
 import sys
@@ -65,6 +73,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nemo_logitavg.rollout.engine import MIN_TEMPERATURE, Engine, GenerationRequest, SamplingParams, derive_seed
 from nemo_logitavg.rollout.process import TOKEN_ENV
+
+logger = logging.getLogger("nemo_logitavg.rollout.server")
 
 
 @dataclass
@@ -118,6 +128,31 @@ class CompletionRequest(BaseModel):
 class LoadWeightsRequest(BaseModel):
     path: StrictStr
     step: StrictInt
+    run_id: StrictStr
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def _weights_dir(root: str, path: str) -> str:
+    """``path`` resolved against the weights ``root`` (both real paths); BadRequest (naming only the request's own
+    path) when it or a safetensors file its index names leaves the root or the directory."""
+    resolved = os.path.realpath(os.path.join(root, path))
+    if not _inside(root, resolved):
+        raise BadRequest(f"{path!r} lies outside this server's weights root", 403)
+    index = os.path.join(resolved, "model.safetensors.index.json")
+    files = ["model.safetensors"]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadRequest(f"{path!r}: unreadable model.safetensors.index.json ({type(exc).__name__})") from exc
+    for name in files:
+        if not isinstance(name, str) or not _inside(resolved, os.path.realpath(os.path.join(resolved, name))):
+            raise BadRequest(f"{path!r}: safetensors file {name!r} lies outside the directory")
+    return resolved
 
 
 class BadRequest(Exception):
@@ -204,9 +239,19 @@ class _BearerAuth:
 
 
 def create_app(
-    engine: Engine, *, token: str | None = None, limits: ServerLimits | None = None, model_name: str = "pi_mix"
+    engine: Engine,
+    *,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+    model_name: str = "pi_mix",
+    weights_root: str | None = None,
 ) -> FastAPI:
-    """The ASGI app serving ``engine``. ``token``: the bearer token every endpoint requires (None: no auth)."""
+    """The ASGI app serving ``engine``. ``token``: the bearer token every endpoint requires (None: no auth).
+    ``weights_root``: the directory ``/v1/load_weights`` may load from (None: that endpoint is refused)."""
+    if weights_root is not None:
+        weights_root = os.path.realpath(weights_root)
+        if not os.path.isdir(weights_root):
+            raise ValueError(f"--weights-root {weights_root} is not a directory")
     limits = (limits or ServerLimits()).resolved(engine.max_model_len)
     app = FastAPI(title="nemo_logitavg rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     serve_lock = threading.Lock()  # one generate or one weight load at a time
@@ -228,7 +273,9 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
-        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+        # The message stays in the server's log: exception texts reveal paths and internals to the caller.
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal server error (the server's log has the details)", "server_error")
 
     def model_card() -> dict:
         info = engine.info()
@@ -259,18 +306,35 @@ def create_app(
             "limits": card["limits"],
         }
 
-    @app.post("/v1/load_weights")
-    async def load_weights(body: LoadWeightsRequest):
-        def load() -> int:
-            with serve_lock:
-                engine.load_policy(body.path, body.step)
-                return engine.policy_step
+    loaded_steps: dict[str, int] = {}  # run_id -> the last step loaded for it (newest runs kept)
 
-        try:
-            step = await run_in_threadpool(load)
-        except (FileNotFoundError, ValueError) as exc:
-            raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
-        return {"policy_step": step, "path": body.path}
+    @app.post("/v1/load_weights")
+    async def load_weights(request: Request):
+        if weights_root is None:
+            raise BadRequest("this server loads no weights by path: start it with --weights-root DIR", 403)
+        raw = await _read_body(request, 1 << 16)
+
+        def load() -> tuple[int, str]:
+            body = _validate(LoadWeightsRequest, raw)
+            path = _weights_dir(weights_root, body.path)
+            with serve_lock:
+                last = loaded_steps.get(body.run_id)
+                repeat = last == body.step == engine.policy_step and engine.info().get("policy_path") == path
+                if last is not None and body.step <= last and not repeat:
+                    raise BadRequest(f"step {body.step} is not above step {last}, loaded for run {body.run_id!r}", 409)
+                if not repeat:
+                    try:
+                        engine.load_policy(path, body.step)
+                    except (FileNotFoundError, ValueError) as exc:
+                        raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
+                loaded_steps.pop(body.run_id, None)
+                loaded_steps[body.run_id] = body.step
+                while len(loaded_steps) > 64:
+                    loaded_steps.pop(next(iter(loaded_steps)))
+                return engine.policy_step, body.path
+
+        step, path = await run_in_threadpool(load)
+        return {"policy_step": step, "path": path}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -456,11 +520,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, host: str, port: int, token: str | None, limits: ServerLimits, log_level: str = "warning"):
+def serve(
+    engine: Engine,
+    host: str,
+    port: int,
+    token: str | None,
+    limits: ServerLimits,
+    log_level: str = "warning",
+    weights_root: str | None = None,
+):
     import uvicorn
 
     sock = bind_socket(host, port)
-    app = create_app(engine, token=token, limits=limits)
+    app = create_app(engine, token=token, limits=limits, weights_root=weights_root)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
     actual_port = sock.getsockname()[1]
     print(
@@ -474,7 +546,6 @@ def serve(engine: Engine, host: str, port: int, token: str | None, limits: Serve
 
 if __name__ == "__main__":
     import argparse
-    import os
 
     import torch
     import yaml
@@ -493,6 +564,7 @@ if __name__ == "__main__":
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"request limit (default {default})")
     parser.add_argument("--max-batch-size", type=int, help="sequences decoded together (default 256)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--weights-root", help="directory /v1/load_weights may load from (default: refused)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
     parser.add_argument("--log-level", default="warning")
@@ -511,7 +583,7 @@ if __name__ == "__main__":
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
         "policy", "reference", "ref_weight", "host", "port", "token", "max_batch_size", "threads", "policy_step",
-        "engine", "vllm", *limit_names,
+        "engine", "vllm", "weights_root", *limit_names,
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -530,6 +602,8 @@ if __name__ == "__main__":
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
 
+    if settings.get("weights_root") and not os.path.isdir(settings["weights_root"]):
+        parser.error(f"--weights-root {settings['weights_root']} is not a directory")
     host = settings.get("host", "127.0.0.1")
     port = int(settings.get("port", 8000))
     held = bind_socket(host, port)  # fail fast, before loading models, when the port is taken
@@ -555,7 +629,10 @@ if __name__ == "__main__":
         # uvicorn re-raises SIGTERM after its graceful shutdown; as an exception it lets the finally below run.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        serve(served_engine, host, port, settings.get("token"), server_limits, log_level=args.log_level)
+        serve(
+            served_engine, host, port, settings.get("token"), server_limits, log_level=args.log_level,
+            weights_root=settings.get("weights_root"),
+        )  # fmt: skip
     finally:
         if hasattr(served_engine, "close"):
             served_engine.close()
