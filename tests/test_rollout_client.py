@@ -80,7 +80,7 @@ def test_fails_over_then_names_every_server(sleeps):
     seen = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.port)
+        seen.append(request.url.port if request.url.path == "/v1/completions" else request.url.path)
         if request.url.port == 2:
             raise httpx.ConnectError("connection refused", request=request)
         return httpx.Response(200, json=completion(request, 0))
@@ -90,6 +90,7 @@ def test_fails_over_then_names_every_server(sleeps):
     out = client.generate([[1]] * 4, n=1, max_tokens=1)
     assert all(g[0].server == urls[1] for g in out)
     assert seen.count(2) == 1 and sleeps == []  # one refused connection, then the healthy server only
+    assert seen.count("/health") == 1 and client.is_down(urls[0])  # one probe, then it is marked down
 
     def down(request: httpx.Request) -> httpx.Response:
         return httpx.Response(502, text="bad gateway")

@@ -462,3 +462,33 @@ def test_load_weights_stays_in_its_root_and_steps_rise(server, dirs, tmp_path):
         assert r.status_code == 403 and "--weights-root" in r.json()["error"]["message"]
     finally:
         bare.stop()
+
+
+@pytest.mark.slow
+def test_a_dead_server_is_skipped_not_waited_for(dirs, tmp_path):
+    """With one of two servers killed, the next three steps (push + rollout, as the trainer does) take about as
+    long as a healthy one, not the ~60 s of backoff a push to a dead server took (8 attempts, 0.5 s doubling)."""
+    a, b = Server(dirs, str(tmp_path)), Server(dirs, str(tmp_path))
+    try:
+        a.wait(300), b.wait(300)
+        client = RolloutClient([a.url, b.url], token=TOKEN, timeout=60, prompts_per_request=2)  # default backoff
+        prompts = [[5 + i, 7, 9] for i in range(8)]
+
+        def step(k: int) -> float:
+            start = time.monotonic()
+            client.load_weights(dirs["policy2"], k)
+            groups = client.generate(prompts, n=2, max_tokens=16, seed=k, ignore_eos=True)
+            assert all(c.policy_step == k for g in groups for c in g)
+            return time.monotonic() - start
+
+        healthy = step(1)
+        a.kill()
+        for k in (2, 3, 4):
+            with pytest.warns(UserWarning, match="not loaded by"):
+                took = step(k)
+            assert took < 3 * healthy + 5.0, (k, took, healthy)  # the old push alone slept 61.5 s
+        assert client.is_down(a.url) and not client.is_down(b.url)
+        client.close()
+    finally:
+        a.stop()
+        b.stop()

@@ -20,6 +20,11 @@
   waits with exponential backoff (``backoff * 2**k``, capped by ``max_backoff``) before trying again, up to
   ``max_attempts`` tries in all; the final error names every server tried and its error. A 4xx is the
   request's fault: raised at once with the server's message.
+- A dead server: after a failed request the client probes the server's ``/health`` once (``probe_timeout``); if
+  that fails too, the server is marked down: requests skip it (while any other server is up) and pushes and
+  ``check`` do not wait for it (a push warns that it missed the step), and a background thread re-probes it every
+  ``probe_interval`` seconds until it answers again (it then gets the weights through the stale-step check).
+  Only when every server is down does the backoff below apply.
 - Weight sync: ``load_weights`` pushes (path, step) to every server. Completions that report an older
   ``policy_step`` than the last push are never returned: the client pushes the weights to that server again
   (e.g. one that was restarted) and retries.
@@ -86,6 +91,7 @@ class RolloutClient:
     max_attempts: tries per request over all servers.
     backoff, max_backoff: the exponential backoff once every server has failed (seconds).
     cooldown: seconds a failed server is tried after the others.
+    probe_timeout: seconds a ``/health`` probe may take; probe_interval: seconds between re-probes of a down server.
     max_workers: concurrent requests (default 4 per server).
     prompts_per_request: the most prompts one request carries (the server's ``max_prompts`` must allow it).
     transport: an httpx transport (tests).
@@ -101,6 +107,8 @@ class RolloutClient:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         cooldown: float = 10.0,
+        probe_timeout: float = 5.0,
+        probe_interval: float = 5.0,
         max_workers: int | None = None,
         prompts_per_request: int = 64,
         model: str = "pi_mix",
@@ -121,6 +129,11 @@ class RolloutClient:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.cooldown = float(cooldown)
+        self.probe_timeout = float(probe_timeout)
+        self.probe_interval = float(probe_interval)
+        self._down: set[str] = set()
+        self._closed = threading.Event()
+        self._prober: threading.Thread | None = None
         self.model = model
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
@@ -141,6 +154,9 @@ class RolloutClient:
     # -------------------------------------------------------------------------------------------- plumbing
 
     def close(self) -> None:
+        self._closed.set()
+        if self._prober is not None:
+            self._prober.join()
         self._pool.shutdown(wait=True)
         self._http.close()
 
@@ -151,13 +167,15 @@ class RolloutClient:
         self.close()
 
     def _pick(self, start: int) -> str:
-        """The server to try: the start-th in rotation among those with no recent failure, else the one whose
-        last failure is oldest."""
+        """The server to try: the start-th in rotation among those up and with no recent failure, else the one
+        whose last failure is oldest (a down server only when every server is down)."""
         now = time.monotonic()
         k = len(self.urls)
         rotation = [self.urls[(start + i) % k] for i in range(k)]
         with self._lock:
-            recent = {u: t for u, t in self._failed_at.items() if now - t < self.cooldown}
+            up = [u for u in rotation if u not in self._down]
+            rotation = up or rotation
+            recent = {u: t for u, t in self._failed_at.items() if now - t < self.cooldown and u in rotation}
         healthy = [u for u in rotation if u not in recent]
         return healthy[0] if healthy else min(rotation, key=lambda u: recent[u])
 
@@ -167,6 +185,43 @@ class RolloutClient:
                 self._failed_at.pop(url, None)
             else:
                 self._failed_at[url] = time.monotonic()
+
+    def is_down(self, url: str) -> bool:
+        """Whether ``url`` failed a request and then a probe, and has not answered a re-probe since."""
+        with self._lock:
+            return _normalise(url) in self._down
+
+    def _probe(self, url: str) -> bool:
+        try:
+            response = self._http.get(url + "/health", timeout=self.probe_timeout)
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    def _failed(self, url: str) -> bool:
+        """After a failed request to ``url``: probe it; mark it down (and start re-probing) unless it answers.
+        Returns whether it is now down."""
+        if self._probe(url):
+            return False
+        with self._lock:
+            self._down.add(url)
+            if self._prober is None or not self._prober.is_alive():
+                self._prober = threading.Thread(target=self._reprobe, name="rollout-probe", daemon=True)
+                self._prober.start()
+        return True
+
+    def _reprobe(self) -> None:
+        """Background: re-probe down servers until none is down (or the client closes)."""
+        while not self._closed.wait(self.probe_interval):
+            with self._lock:
+                down = sorted(self._down)
+            if not down:
+                return
+            for url in down:
+                if self._probe(url):
+                    with self._lock:
+                        self._down.discard(url)
+                        self._failed_at.pop(url, None)
 
     def _recently_failed(self, url: str) -> bool:
         with self._lock:
@@ -203,17 +258,25 @@ class RolloutClient:
         failures = 0
         for attempt in range(self.max_attempts):
             url = pin or self._pick(start)
+            if pin is not None and self.is_down(pin):
+                errors.append(f"{pin}: marked down (failed a request and a health probe)")
+                break
             if attempt > 0 and (pin is not None or self._recently_failed(url)):
                 time.sleep(min(self.max_backoff, self.backoff * 2 ** max(0, failures - 1)))
             payload, error = self._call(url, method, path, body)
+            stale = False
             if error is None and check_step:
                 error = self._stale(url, payload)
+                stale = error is not None
             if error is None:
                 self._mark(url, True)
                 return url, payload
             errors.append(f"{url}: {error}")
             failures += 1
             self._mark(url, False)
+            transport = not stale and not error.startswith("HTTP ")  # no answer at all (a 5xx is an answer)
+            if transport and not self.is_down(url) and self._failed(url):
+                failures = 0 if pin is None else failures  # another server is tried next without backoff
         tried = sorted({e.split(": ", 1)[0] for e in errors})
         detail = "; ".join(errors[-2 * len(self.urls) :])
         raise RolloutError(
