@@ -492,3 +492,54 @@ def test_a_dead_server_is_skipped_not_waited_for(dirs, tmp_path):
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.slow
+def test_a_dropped_request_stops_decoding(server):
+    url = server.url + "/v1/completions"
+    small = {"prompt": [5, 6], "max_tokens": 8, "ignore_eos": True, "seed": 1}
+    start = time.monotonic()
+    assert httpx.post(url, json=small, headers=AUTH, timeout=120).status_code == 200
+    t_small = time.monotonic() - start
+    # 4096 sequences of 64 tokens: far longer than the client waits for it.
+    long = {"prompt": [[5 + i % 40, 6] for i in range(512)], "n": 8, "max_tokens": 64, "ignore_eos": True}
+    start = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=long, headers=AUTH, timeout=httpx.Timeout(60, read=2.0))
+    dropped_after = time.monotonic() - start
+    start = time.monotonic()
+    assert httpx.post(url, json=small, headers=AUTH, timeout=300).status_code == 200
+    t_after = time.monotonic() - start
+    assert t_after < 3 * t_small + 3.0, (t_after, t_small, dropped_after)
+
+
+@pytest.mark.slow
+def test_wait_ready_accepts_only_its_own_child(dirs, tmp_path):
+    """Another process takes the picked port before the child binds it: wait_ready must not take that process's
+    /health for the child's (the child then fails to bind and wait_ready says so)."""
+    import http.server
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b'{"status": "ok", "policy_step": 0}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = _start_process(dirs, tmp_path)
+    port = int(server.url.rsplit(":", 1)[1])
+    impostor = http.server.HTTPServer(("127.0.0.1", port), Impostor)  # before the child's interpreter is up
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            server.wait_ready(120)
+        assert "cannot listen" in server._tail()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+        server.stop()

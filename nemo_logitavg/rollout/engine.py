@@ -91,6 +91,11 @@ class GenerationRequest:
     params: SamplingParams
     n: int = 1
     seed: int = 0
+    cancel: threading.Event | None = None  # set: stop decoding (the client went away); generate raises Cancelled
+
+
+class Cancelled(Exception):
+    """``generate`` stopped because a request's ``cancel`` event was set."""
 
 
 @dataclass
@@ -125,6 +130,9 @@ class Engine(Protocol):
         """One string per token for the OpenAI ``logprobs.tokens`` field."""
 
     def info(self) -> dict: ...
+
+    def alive(self) -> bool:
+        """False once the engine cannot serve any more (e.g. vLLM's engine process died): /health answers 503."""
 
 
 def _has_tokenizer(path: str | None) -> bool:
@@ -179,6 +187,12 @@ class EngineCommon:
             "engine": self.engine_name,
             "has_tokenizer": self.has_tokenizer,
         }
+
+    def alive(self) -> bool:
+        """The torch engine decodes in the calling thread and keeps no state across calls: while the process
+        answers it can serve (a failed call is that request's 500). Engines with processes of their own
+        override this."""
+        return True
 
     def _check_request(self, request: GenerationRequest) -> None:
         ids = request.prompt_token_ids
@@ -368,9 +382,14 @@ class TorchEngine(EngineCommon):
                 ]
             )
         flat = [seq for group in sequences for seq in group]
+        events = {id(r.cancel): r.cancel for r in requests if r.cancel is not None}.values()
+
+        def cancelled() -> bool:
+            return any(event.is_set() for event in events)
+
         with self._lock, torch.inference_mode():
             for start in range(0, len(flat), self.max_batch_size):
-                self._decode(flat[start : start + self.max_batch_size])
+                self._decode(flat[start : start + self.max_batch_size], cancelled)
         return [
             [GeneratedSequence(s.token_ids, s.logprobs, s.text or "", s.finish_reason or "length") for s in group]
             for group in sequences
@@ -386,7 +405,7 @@ class TorchEngine(EngineCommon):
         a = self.ref_weight
         return ((1.0 - a) * z_pol + a * z_ref)[:, : self.vocab_size]
 
-    def _decode(self, seqs: list[_Sequence]) -> None:
+    def _decode(self, seqs: list[_Sequence], cancelled=lambda: False) -> None:
         """Decode ``seqs`` together: one left-padded prefill of their distinct prompts (the n samples of a prompt
         share it; the caches are then expanded row by row), then one token per live row per step; finished rows
         leave the batch and the caches."""
@@ -416,6 +435,8 @@ class TorchEngine(EngineCommon):
         temps = torch.tensor([s.params.temperature for s in active], dtype=torch.float32)
         top_ps = torch.tensor([s.params.top_p for s in active], dtype=torch.float32)
         while True:
+            if cancelled():  # checked between decoding steps: a dropped request stops within one step
+                raise Cancelled("the request was cancelled")
             tokens, logps = sample_tokens(logits, temps, top_ps, [s.generator for s in active])
             keep = []
             for i, s in enumerate(active):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -91,9 +92,10 @@ class ServerProcess:
                 raise RuntimeError(f"rollout server exited with {self.proc.returncode}:\n{self._tail()}")
             try:
                 with urllib.request.urlopen(request, timeout=2) as response:
-                    if response.status == 200:
+                    # Only our child counts: another process could hold the port we picked.
+                    if response.status == 200 and json.loads(response.read()).get("pid") == self.proc.pid:
                         return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
                 pass
             time.sleep(0.5)
         self.stop()

@@ -49,6 +49,7 @@ Only the ``__main__`` block parses arguments.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -71,7 +72,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemo_logitavg.rollout.engine import MIN_TEMPERATURE, Engine, GenerationRequest, SamplingParams, derive_seed
+from nemo_logitavg.rollout.engine import (
+    MIN_TEMPERATURE,
+    Cancelled,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    derive_seed,
+)
 from nemo_logitavg.rollout.process import TOKEN_ENV
 
 logger = logging.getLogger("nemo_logitavg.rollout.server")
@@ -293,7 +301,11 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "policy_step": engine.policy_step, "ref_weight": engine.ref_weight}
+        # pid: lets whoever started this process check that it is the one answering on the port.
+        state = {"policy_step": engine.policy_step, "ref_weight": engine.ref_weight, "pid": os.getpid()}
+        if not engine.alive():
+            return JSONResponse(status_code=503, content={"status": "engine dead", **state})
+        return {"status": "ok", **state}
 
     @app.get("/v1/models")
     async def models():
@@ -342,20 +354,36 @@ def create_app(
         # rendering the response run in worker threads, so /health keeps answering during a large request.
         raw = await _read_body(request, limits.max_body_bytes)
 
+        cancel = threading.Event()
+
         def prepare() -> tuple[CompletionRequest, list[list[int]], int, list[GenerationRequest]]:
             body = _validate(CompletionRequest, raw)
             prompts, params, n, seeds = _parse_completion(body, engine, limits)
-            requests = [GenerationRequest(p, params, n=n, seed=seed) for p, seed in zip(prompts, seeds, strict=True)]
+            requests = [
+                GenerationRequest(p, params, n=n, seed=seed, cancel=cancel)
+                for p, seed in zip(prompts, seeds, strict=True)
+            ]
             return body, prompts, n, requests
 
         body, prompts, n, requests = await run_in_threadpool(prepare)
 
         def run():
             with serve_lock:
+                if cancel.is_set():  # dropped while it waited for the lock
+                    raise Cancelled("the request was cancelled")
                 return engine.generate(requests), engine.policy_step
 
+        task = asyncio.ensure_future(run_in_threadpool(run))
+        # A client that disconnects cancels the rest of its decoding (the torch engine checks between steps),
+        # so the next request does not wait behind work nobody will read.
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                cancel.set()
         try:
-            outputs, step = await run_in_threadpool(run)
+            outputs, step = await task
+        except Cancelled:
+            return Response(status_code=499)  # nobody reads it
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
         content = await run_in_threadpool(_render, engine, body.model or model_name, prompts, n, outputs, step)
@@ -522,16 +550,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(
     engine: Engine,
-    host: str,
-    port: int,
+    sock: socket.socket,
     token: str | None,
     limits: ServerLimits,
     log_level: str = "warning",
     weights_root: str | None = None,
 ):
+    """Serve ``engine`` on the listening socket ``sock`` (bound once, before the models were loaded)."""
     import uvicorn
 
-    sock = bind_socket(host, port)
+    host = sock.getsockname()[0]
     app = create_app(engine, token=token, limits=limits, weights_root=weights_root)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
     actual_port = sock.getsockname()[1]
@@ -606,8 +634,8 @@ if __name__ == "__main__":
         parser.error(f"--weights-root {settings['weights_root']} is not a directory")
     host = settings.get("host", "127.0.0.1")
     port = int(settings.get("port", 8000))
-    held = bind_socket(host, port)  # fail fast, before loading models, when the port is taken
-    held.close()
+    # Bound once, before loading the models: a held port fails fast, and nobody can take it while they load.
+    listening = bind_socket(host, port)
 
     engine_kwargs = {
         "max_batch_size": int(settings.get("max_batch_size", 256)),
@@ -630,7 +658,7 @@ if __name__ == "__main__":
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         serve(
-            served_engine, host, port, settings.get("token"), server_limits, log_level=args.log_level,
+            served_engine, listening, settings.get("token"), server_limits, log_level=args.log_level,
             weights_root=settings.get("weights_root"),
         )  # fmt: skip
     finally:
