@@ -543,3 +543,32 @@ def test_wait_ready_accepts_only_its_own_child(dirs, tmp_path):
         impostor.shutdown()
         impostor.server_close()
         server.stop()
+
+
+@pytest.mark.slow
+def test_health_is_not_ok_when_the_engine_is_dead(dirs):
+    """A real engine and uvicorn on 127.0.0.1; the engine reports itself dead as vLLM's does when its engine
+    process exits (VLLMEngine.alive), and /health says so instead of "ok"."""
+    import uvicorn
+
+    from nemo_logitavg.rollout.engine import TorchEngine
+    from nemo_logitavg.rollout.server import bind_socket, create_app
+
+    engine = TorchEngine(dirs["policy"], dirs["reference"], REF_WEIGHT)
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
+    thread = threading.Thread(target=lambda: uv.run(sockets=[sock]), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not uv.started and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(url + "/health", timeout=30).json()["status"] == "ok"
+        engine.alive = lambda: False
+        r = httpx.get(url + "/health", timeout=30)
+        assert r.status_code == 503 and r.json()["status"] == "engine dead"
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+        sock.close()
