@@ -47,7 +47,7 @@ class Server:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-    def wait(self, timeout: float = 90.0) -> Server:
+    def wait(self, timeout: float = 240.0) -> Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -58,6 +58,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
+        self.kill()  # never left running behind a failed test
         raise TimeoutError(f"server on {self.url} did not come up:\n{open(self.log).read()}")
 
     def kill(self) -> None:
