@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import uuid
@@ -409,8 +410,9 @@ class RolloutClient:
         Servers that cannot be reached after the retries are reported in a warning and receive the weights when
         they next answer (stale-step check); if no server loads them, RolloutError.
         """
-        self.policy_path, self.policy_step = str(path), int(step)
-        body = {"path": str(path), "step": int(step), "run_id": self.run_id}
+        # Absolute: the caller means its own working directory (servers resolve relative paths against their root).
+        self.policy_path, self.policy_step = os.path.abspath(path), int(step)
+        body = {"path": self.policy_path, "step": int(step), "run_id": self.run_id}
 
         def push(url: str):
             try:
