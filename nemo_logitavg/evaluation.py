@@ -354,7 +354,7 @@ def evaluate_model(
     num_resamples: int = 10_000, server_args: Sequence[str] = (), ready_timeout: float = 600.0,
 ) -> list[Run]:  # fmt: skip
     """Serve the model at ``path`` (see ``resolve_model``) with a rollout server on 127.0.0.1 (a child process,
-    stopped at the end; its log is ``workdir/<name>.server.log``) and evaluate it."""
+    stopped at the end; its log is ``workdir/<name>.server.log``; a random bearer token) and evaluate it."""
     from transformers import AutoTokenizer
 
     from nemo_logitavg.rollout.client import RolloutClient
@@ -368,7 +368,7 @@ def evaluate_model(
     server = ServerProcess(served.policy, served.reference, served.ref_weight, log, extra_args=list(server_args))
     try:
         server.wait_ready(ready_timeout)
-        with RolloutClient(server.url, timeout=3600.0) as client:
+        with RolloutClient(server.url, token=server.token, timeout=3600.0) as client:
             client.check(served.ref_weight)
             return evaluate_served(
                 client, tokenizer, name, records, modes, seeds, max_tokens, math_timeout, num_resamples

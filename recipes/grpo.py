@@ -67,9 +67,13 @@ def main() -> None:
             log = os.path.join(cfg.run.dir, "rollout_server.log")
             # ref_weight 0 (the KL baseline) samples from the policy alone: the server need not load the reference.
             served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
-            server = ServerProcess(cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log).wait_ready()
+            server = ServerProcess(
+                cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log, token=cfg.rollout.token,
+                weights_root=cfg.run.dir,  # the trainer pushes policies written under run.dir
+            ).wait_ready()  # no rollout.token: a random one, known only to this process and its server
             urls = [server.url]
-        client = RolloutClient(urls, token=cfg.rollout.token, timeout=cfg.rollout.timeout)
+        token = server.token if server is not None else cfg.rollout.token
+        client = RolloutClient(urls, token=token, timeout=cfg.rollout.timeout)
         client.check(cfg.algorithm.ref_weight)
 
     def score(texts: list[str], answers: list[str]) -> list[float]:

@@ -80,7 +80,7 @@ def test_fails_over_then_names_every_server(sleeps):
     seen = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.url.port)
+        seen.append(request.url.port if request.url.path == "/v1/completions" else request.url.path)
         if request.url.port == 2:
             raise httpx.ConnectError("connection refused", request=request)
         return httpx.Response(200, json=completion(request, 0))
@@ -90,6 +90,7 @@ def test_fails_over_then_names_every_server(sleeps):
     out = client.generate([[1]] * 4, n=1, max_tokens=1)
     assert all(g[0].server == urls[1] for g in out)
     assert seen.count(2) == 1 and sleeps == []  # one refused connection, then the healthy server only
+    assert seen.count("/health") == 1 and client.is_down(urls[0])  # one probe, then it is marked down
 
     def down(request: httpx.Request) -> httpx.Response:
         return httpx.Response(502, text="bad gateway")
@@ -146,3 +147,21 @@ def test_check_refuses_other_ref_weight():
         client.check(0.5)
     client = RolloutClient(["127.0.0.1:5"], transport=httpx.MockTransport(handler))
     assert client.check(0.5)["http://127.0.0.1:5"]["ref_weight"] == 0.5
+
+
+@pytest.mark.parametrize("status", [400, 401, 409, 413, 422])
+def test_no_4xx_is_retried_on_any_server(sleeps, status):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.url.port, request.url.path))
+        return httpx.Response(status, json={"error": {"message": f"refused with {status}"}})
+
+    client = RolloutClient(["127.0.0.1:5", "127.0.0.1:6"], transport=httpx.MockTransport(handler))
+    with pytest.raises(RolloutRequestError, match=f"refused with {status}"):
+        client.generate([[1]], n=1, max_tokens=1)
+    assert len(calls) == 1 and sleeps == []
+    calls.clear()
+    with pytest.raises(RolloutRequestError, match=f"refused with {status}"):
+        client.load_weights("weights", 3)
+    assert len(calls) <= 2 and all(path == "/v1/load_weights" for _, path in calls) and sleeps == []

@@ -316,8 +316,9 @@ def test_next_token_frequencies_match_pi_mix(engines, model_dirs, ref_weight, te
     assert_samples_follow_pi_mix(samples, model_dirs, CONTEXT, ref_weight, temperature, VOCAB)
 
 
-def _post(url: str, body: dict, timeout: float = 120.0) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict, timeout: float = 120.0, headers: dict | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -334,20 +335,24 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
     server = ServerProcess(
         model_dirs["policy"], model_dirs["reference"], 0.7, str(tmp_path / "server.log"),
         extra_args=["--engine", "vllm", "--config", str(config)],
+        weights_root=os.path.dirname(model_dirs["policy2"]),
     )  # fmt: skip
     children: list = []
     try:
         server.wait_ready(timeout=900)
-        with urllib.request.urlopen(server.url + "/v1/models", timeout=30) as response:
+        auth = server.auth_headers()  # ServerProcess always sets a token
+        models = urllib.request.Request(server.url + "/v1/models", headers=server.auth_headers())
+        with urllib.request.urlopen(models, timeout=30) as response:
             card = json.loads(response.read())["data"][0]
         assert card["engine"] == "vllm" and card["ref_weight"] == 0.7
         prompt = [1, 7, 8, 9, 10]
         for policy_key, step in (("policy", 0), ("policy2", 3)):
             if step:
-                assert _post(server.url + "/v1/load_weights", {"path": model_dirs[policy_key], "step": step}) == {
+                load = {"path": model_dirs[policy_key], "step": step, "run_id": "test"}
+                assert _post(server.url + "/v1/load_weights", load, headers=auth) == {
                     "policy_step": step, "path": model_dirs[policy_key]}  # fmt: skip
             body = {"prompt": prompt, "n": 3, "max_tokens": 8, "temperature": 0.9, "seed": 4, "logprobs": 1}
-            response = _post(server.url + "/v1/completions", body)
+            response = _post(server.url + "/v1/completions", body, headers=auth)
             assert response["policy_step"] == step and len(response["choices"]) == 3
             for choice in response["choices"]:
                 expected = teacher_forced(
@@ -357,9 +362,9 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
                 assert (got - expected).abs().max() < 1e-4
         # A malformed request is refused and the server keeps serving.
         with pytest.raises(urllib.error.HTTPError) as err:
-            _post(server.url + "/v1/completions", {"prompt": [VOCAB + 1], "max_tokens": 2})
+            _post(server.url + "/v1/completions", {"prompt": [VOCAB + 1], "max_tokens": 2}, headers=auth)
         assert err.value.code == 400
-        assert _post(server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 2})["choices"]
+        assert _post(server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 2}, headers=auth)["choices"]
         children = psutil.Process(server.proc.pid).children(recursive=True)  # vLLM's engine core and worker
         assert children
     finally:

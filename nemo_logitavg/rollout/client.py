@@ -1,14 +1,16 @@
 """The trainer's client for the rollout servers (DESIGN.md §7, rollout client API).
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
-    client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs from the trainer's
+    client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs; learn their limits
     client.load_weights(path, step)                    # after each update (GRPOTrainer.push_policy)
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
 - The prompts of a call are cut into consecutive chunks, one request each (a chunk's prompts and their ``n``
   samples decode together as one batch on one server): ``ceil(len(prompts) / len(urls))`` prompts a chunk, at
-  most ``prompts_per_request``, so every server gets work. Chunks go round-robin over the servers, concurrently
+  most ``prompts_per_request``, so every server gets work; and within the limits the servers advertise
+  (``/v1/models``: ``max_prompts``, ``max_work_tokens``, ``max_body_bytes``; learned by ``check``, the tightest
+  server's apply). Chunks go round-robin over the servers, concurrently
   from a thread pool. Prompt ``i`` of a call with seed ``s`` carries its own seed ``derive_seed(s, i)`` (the
   request's ``seeds`` field), so results depend neither on the chunking, nor on how many servers there are, nor
   on which one answers: the same as one request of all prompts with seed ``s`` (bit-identical on one server;
@@ -18,6 +20,11 @@
   waits with exponential backoff (``backoff * 2**k``, capped by ``max_backoff``) before trying again, up to
   ``max_attempts`` tries in all; the final error names every server tried and its error. A 4xx is the
   request's fault: raised at once with the server's message.
+- A dead server: after a failed request the client probes the server's ``/health`` once (``probe_timeout``); if
+  that fails too, the server is marked down: requests skip it (while any other server is up) and pushes and
+  ``check`` do not wait for it (a push warns that it missed the step), and a background thread re-probes it every
+  ``probe_interval`` seconds until it answers again (it then gets the weights through the stale-step check).
+  Only when every server is down does the backoff below apply.
 - Weight sync: ``load_weights`` pushes (path, step) to every server. Completions that report an older
   ``policy_step`` than the last push are never returned: the client pushes the weights to that server again
   (e.g. one that was restarted) and retries.
@@ -26,8 +33,10 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +92,7 @@ class RolloutClient:
     max_attempts: tries per request over all servers.
     backoff, max_backoff: the exponential backoff once every server has failed (seconds).
     cooldown: seconds a failed server is tried after the others.
+    probe_timeout: seconds a ``/health`` probe may take; probe_interval: seconds between re-probes of a down server.
     max_workers: concurrent requests (default 4 per server).
     prompts_per_request: the most prompts one request carries (the server's ``max_prompts`` must allow it).
     transport: an httpx transport (tests).
@@ -98,6 +108,8 @@ class RolloutClient:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         cooldown: float = 10.0,
+        probe_timeout: float = 5.0,
+        probe_interval: float = 5.0,
         max_workers: int | None = None,
         prompts_per_request: int = 64,
         model: str = "pi_mix",
@@ -118,6 +130,11 @@ class RolloutClient:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.cooldown = float(cooldown)
+        self.probe_timeout = float(probe_timeout)
+        self.probe_interval = float(probe_interval)
+        self._down: set[str] = set()
+        self._closed = threading.Event()
+        self._prober: threading.Thread | None = None
         self.model = model
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(
@@ -130,12 +147,17 @@ class RolloutClient:
         self._lock = threading.Lock()
         self._failed_at: dict[str, float] = {}
         self._next = 0
+        self._limits: dict[str, dict] = {}  # per server: its /v1/models "limits" (learned by check)
+        self.run_id = uuid.uuid4().hex  # one trainer run: the servers refuse a step that does not rise within it
         self.policy_step: int | None = None  # the last step pushed with load_weights
         self.policy_path: str | None = None
 
     # -------------------------------------------------------------------------------------------- plumbing
 
     def close(self) -> None:
+        self._closed.set()
+        if self._prober is not None:
+            self._prober.join()
         self._pool.shutdown(wait=True)
         self._http.close()
 
@@ -146,13 +168,15 @@ class RolloutClient:
         self.close()
 
     def _pick(self, start: int) -> str:
-        """The server to try: the start-th in rotation among those with no recent failure, else the one whose
-        last failure is oldest."""
+        """The server to try: the start-th in rotation among those up and with no recent failure, else the one
+        whose last failure is oldest (a down server only when every server is down)."""
         now = time.monotonic()
         k = len(self.urls)
         rotation = [self.urls[(start + i) % k] for i in range(k)]
         with self._lock:
-            recent = {u: t for u, t in self._failed_at.items() if now - t < self.cooldown}
+            up = [u for u in rotation if u not in self._down]
+            rotation = up or rotation
+            recent = {u: t for u, t in self._failed_at.items() if now - t < self.cooldown and u in rotation}
         healthy = [u for u in rotation if u not in recent]
         return healthy[0] if healthy else min(rotation, key=lambda u: recent[u])
 
@@ -162,6 +186,43 @@ class RolloutClient:
                 self._failed_at.pop(url, None)
             else:
                 self._failed_at[url] = time.monotonic()
+
+    def is_down(self, url: str) -> bool:
+        """Whether ``url`` failed a request and then a probe, and has not answered a re-probe since."""
+        with self._lock:
+            return _normalise(url) in self._down
+
+    def _probe(self, url: str) -> bool:
+        try:
+            response = self._http.get(url + "/health", timeout=self.probe_timeout)
+        except httpx.TransportError:
+            return False
+        return response.status_code == 200
+
+    def _failed(self, url: str) -> bool:
+        """After a failed request to ``url``: probe it; mark it down (and start re-probing) unless it answers.
+        Returns whether it is now down."""
+        if self._probe(url):
+            return False
+        with self._lock:
+            self._down.add(url)
+            if self._prober is None or not self._prober.is_alive():
+                self._prober = threading.Thread(target=self._reprobe, name="rollout-probe", daemon=True)
+                self._prober.start()
+        return True
+
+    def _reprobe(self) -> None:
+        """Background: re-probe down servers until none is down (or the client closes)."""
+        while not self._closed.wait(self.probe_interval):
+            with self._lock:
+                down = sorted(self._down)
+            if not down:
+                return
+            for url in down:
+                if self._probe(url):
+                    with self._lock:
+                        self._down.discard(url)
+                        self._failed_at.pop(url, None)
 
     def _recently_failed(self, url: str) -> bool:
         with self._lock:
@@ -198,17 +259,25 @@ class RolloutClient:
         failures = 0
         for attempt in range(self.max_attempts):
             url = pin or self._pick(start)
+            if pin is not None and self.is_down(pin):
+                errors.append(f"{pin}: marked down (failed a request and a health probe)")
+                break
             if attempt > 0 and (pin is not None or self._recently_failed(url)):
                 time.sleep(min(self.max_backoff, self.backoff * 2 ** max(0, failures - 1)))
             payload, error = self._call(url, method, path, body)
+            stale = False
             if error is None and check_step:
                 error = self._stale(url, payload)
+                stale = error is not None
             if error is None:
                 self._mark(url, True)
                 return url, payload
             errors.append(f"{url}: {error}")
             failures += 1
             self._mark(url, False)
+            transport = not stale and not error.startswith("HTTP ")  # no answer at all (a 5xx is an answer)
+            if transport and not self.is_down(url) and self._failed(url):
+                failures = 0 if pin is None else failures  # another server is tried next without backoff
         tried = sorted({e.split(": ", 1)[0] for e in errors})
         detail = "; ".join(errors[-2 * len(self.urls) :])
         raise RolloutError(
@@ -224,7 +293,8 @@ class RolloutClient:
             return None
         reason = f"served policy step {step}, older than the pushed step {self.policy_step}"
         if self.policy_path is not None:
-            _, error = self._call(url, "POST", "/v1/load_weights", {"path": self.policy_path, "step": self.policy_step})
+            body = {"path": self.policy_path, "step": self.policy_step, "run_id": self.run_id}
+            _, error = self._call(url, "POST", "/v1/load_weights", body)
             reason += " (weights pushed again)" if error is None else f" (pushing the weights again failed: {error})"
         return reason
 
@@ -254,8 +324,7 @@ class RolloutClient:
                 "truncation, so the GRPO importance ratios are off-policy",
                 stacklevel=2,
             )
-        size = max(1, min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls))))
-        chunks = [range(lo, min(lo + size, len(prompts))) for lo in range(0, len(prompts), size)]
+        chunks = self._chunks(prompts, n, max_tokens, len(stop_token_ids or ()))
         with self._lock:
             first = self._next
             self._next += len(chunks)
@@ -280,6 +349,33 @@ class RolloutClient:
             return self._parse(url, payload, len(chunk), n)
 
         return [group for groups in self._pool.map(one, range(len(chunks))) for group in groups]
+
+    def _limit(self, key: str) -> int | None:
+        """The tightest advertised ``key`` over the servers whose limits are known (None: none advertises it)."""
+        values = [lim[key] for lim in self._limits.values() if isinstance(lim.get(key), int) and lim[key] > 0]
+        return min(values) if values else None
+
+    def _chunks(self, prompts: list[list[int]], n: int, max_tokens: int, stop_ids: int) -> list[range]:
+        """Consecutive prompt ranges, one request each: at most ``prompts_per_request`` (and an even share per
+        server) prompts, and within every server's ``max_prompts``, ``max_work_tokens`` and ``max_body_bytes``.
+        A single prompt over a limit still goes alone (the server then says which limit)."""
+        count = max(1, min(self.prompts_per_request, math.ceil(len(prompts) / len(self.urls))))
+        count = min(count, self._limit("max_prompts") or count)
+        work_cap, body_cap = self._limit("max_work_tokens"), self._limit("max_body_bytes")
+        overhead = 512 + 12 * stop_ids  # the body's other fields
+        chunks, lo = [], 0
+        while lo < len(prompts):
+            hi, work, size = lo, 0, overhead
+            while hi < len(prompts) and hi - lo < count:
+                p = prompts[hi]
+                w = n * (len(p) + max_tokens)
+                b = sum(len(str(t)) for t in p) + len(p) + 24  # compact JSON ids and commas, its seed, brackets
+                if hi > lo and ((work_cap and work + w > work_cap) or (body_cap and size + b > body_cap)):
+                    break
+                work, size, hi = work + w, size + b, hi + 1
+            chunks.append(range(lo, hi))
+            lo = hi
+        return chunks
 
     @staticmethod
     def _parse(url: str, payload: dict, prompts: int, n: int) -> list[list[Completion]]:
@@ -306,13 +402,17 @@ class RolloutClient:
         return [out[k * n : (k + 1) * n] for k in range(prompts)]
 
     def load_weights(self, path: str, step: int) -> dict[str, int]:
-        """Make every server serve the policy in ``path`` (a directory they can read) as ``step``.
+        """Make every server serve the policy in ``path`` (inside the servers' ``--weights-root``) as ``step``.
+
+        Requests carry this client's ``run_id``: a server refuses (409) a step not above the last one it loaded for
+        this client, so a late push can never roll a server back.
 
         Servers that cannot be reached after the retries are reported in a warning and receive the weights when
         they next answer (stale-step check); if no server loads them, RolloutError.
         """
-        self.policy_path, self.policy_step = str(path), int(step)
-        body = {"path": str(path), "step": int(step)}
+        # Absolute: the caller means its own working directory (servers resolve relative paths against their root).
+        self.policy_path, self.policy_step = os.path.abspath(path), int(step)
+        body = {"path": self.policy_path, "step": int(step), "run_id": self.run_id}
 
         def push(url: str):
             try:
@@ -336,12 +436,17 @@ class RolloutClient:
         return loaded
 
     def check(self, ref_weight: float) -> dict[str, dict]:
-        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight``."""
+        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight``; remember each
+        server's advertised request limits (``generate`` sizes its requests to them)."""
 
         def models(url: str):
             return url, self._request("GET", "/v1/models", None, pin=url)[1]
 
         infos = dict(self._pool.map(models, self.urls))
+        for url, info in infos.items():
+            limits = info.get("limits") if isinstance(info, dict) else None
+            if isinstance(limits, dict):
+                self._limits[url] = limits
         wrong = []
         for url, info in infos.items():
             served = info.get("ref_weight") if isinstance(info, dict) else None

@@ -10,6 +10,9 @@ Conventions every engine follows (DESIGN.md §7, wire format and determinism):
   truncation, in float32: the quantity the trainer's ``mixed_logprobs`` recomputes. With top_p < 1 the tokens
   come from the truncated distribution, so ratios against these log-probs are off-policy (the client warns).
 - Greedy decoding when ``temperature == 0``: the argmax of ``m``; its log-prob is then log pi_mix at ``T = 1``.
+  A temperature in ``(0, MIN_TEMPERATURE)`` is refused (ValueError; the server answers 400) rather than quietly
+  made greedy: ``m / T`` overflows float32 near ``T = 1e-38`` (NaN log-probs), and a caller asking for such a
+  ``T`` should say ``0`` if greedy is what it means.
 - Each sequence (sample ``j`` of a request with seed ``s``) draws its randomness from its own
   ``torch.Generator`` seeded with ``derive_seed(s, j)``, one uniform number per generated token (inverse-CDF
   sampling), so a completion does not depend on which other sequences share its batch.
@@ -57,6 +60,9 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0 (see the module docstring)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -69,8 +75,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
 
@@ -83,6 +91,11 @@ class GenerationRequest:
     params: SamplingParams
     n: int = 1
     seed: int = 0
+    cancel: threading.Event | None = None  # set: stop decoding (the client went away); generate raises Cancelled
+
+
+class Cancelled(Exception):
+    """``generate`` stopped because a request's ``cancel`` event was set."""
 
 
 @dataclass
@@ -117,6 +130,9 @@ class Engine(Protocol):
         """One string per token for the OpenAI ``logprobs.tokens`` field."""
 
     def info(self) -> dict: ...
+
+    def alive(self) -> bool:
+        """False once the engine cannot serve any more (e.g. vLLM's engine process died): /health answers 503."""
 
 
 def _has_tokenizer(path: str | None) -> bool:
@@ -171,6 +187,12 @@ class EngineCommon:
             "engine": self.engine_name,
             "has_tokenizer": self.has_tokenizer,
         }
+
+    def alive(self) -> bool:
+        """The torch engine decodes in the calling thread and keeps no state across calls: while the process
+        answers it can serve (a failed call is that request's 500). Engines with processes of their own
+        override this."""
+        return True
 
     def _check_request(self, request: GenerationRequest) -> None:
         ids = request.prompt_token_ids
@@ -360,9 +382,14 @@ class TorchEngine(EngineCommon):
                 ]
             )
         flat = [seq for group in sequences for seq in group]
+        events = {id(r.cancel): r.cancel for r in requests if r.cancel is not None}.values()
+
+        def cancelled() -> bool:
+            return any(event.is_set() for event in events)
+
         with self._lock, torch.inference_mode():
             for start in range(0, len(flat), self.max_batch_size):
-                self._decode(flat[start : start + self.max_batch_size])
+                self._decode(flat[start : start + self.max_batch_size], cancelled)
         return [
             [GeneratedSequence(s.token_ids, s.logprobs, s.text or "", s.finish_reason or "length") for s in group]
             for group in sequences
@@ -378,7 +405,7 @@ class TorchEngine(EngineCommon):
         a = self.ref_weight
         return ((1.0 - a) * z_pol + a * z_ref)[:, : self.vocab_size]
 
-    def _decode(self, seqs: list[_Sequence]) -> None:
+    def _decode(self, seqs: list[_Sequence], cancelled=lambda: False) -> None:
         """Decode ``seqs`` together: one left-padded prefill of their distinct prompts (the n samples of a prompt
         share it; the caches are then expanded row by row), then one token per live row per step; finished rows
         leave the batch and the caches."""
@@ -408,6 +435,8 @@ class TorchEngine(EngineCommon):
         temps = torch.tensor([s.params.temperature for s in active], dtype=torch.float32)
         top_ps = torch.tensor([s.params.top_p for s in active], dtype=torch.float32)
         while True:
+            if cancelled():  # checked between decoding steps: a dropped request stops within one step
+                raise Cancelled("the request was cancelled")
             tokens, logps = sample_tokens(logits, temps, top_ps, [s.generator for s in active])
             keep = []
             for i, s in enumerate(active):

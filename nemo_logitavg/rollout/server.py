@@ -1,14 +1,15 @@
 """An OpenAI-style completions server that samples from pi_mix (FastAPI + uvicorn).
 
     python -m nemo_logitavg.rollout.server --policy DIR --reference DIR --ref-weight A \
-        [--host 127.0.0.1] [--port 8000] [--config YAML] [--token T] [--max-n N] [--max-tokens M]
+        [--host 127.0.0.1] [--port 8000] [--config YAML] [--max-n N] [--max-tokens M] [--max-...]
 
 Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401 otherwise):
 
 - ``POST /v1/completions``: the OpenAI completions protocol for what GRPO needs. ``prompt`` is a text, a list of
-  texts, a list of token ids or a list of token-id lists; ``n``, ``max_tokens``, ``temperature`` (0: greedy),
-  ``top_p``, ``seed``, ``stop`` (string or list), ``logprobs`` (accepted; the log-prob of every sampled token is
-  always returned, ``top_logprobs`` is null); vLLM-style extensions ``stop_token_ids`` and ``ignore_eos``.
+  texts, a list of token ids or a list of token-id lists; ``n``, ``max_tokens``, ``temperature`` (0: greedy; else
+  at least ``engine.MIN_TEMPERATURE`` = 1e-3: smaller ones get a 400), ``top_p``, ``seed``, ``stop`` (string or
+  list), ``logprobs`` (accepted; the log-prob of every sampled token is always returned, ``top_logprobs`` is
+  null); vLLM-style extensions ``stop_token_ids`` and ``ignore_eos``.
   Choices are ordered prompt-major (``index = prompt * n + sample``); each has ``text``, ``token_ids``,
   ``logprobs`` (``tokens``, ``token_logprobs``: log pi_mix at the request temperature before top-p truncation,
   ``top_logprobs: null``, ``text_offset``) and ``finish_reason`` (``stop`` / ``length``). The response adds
@@ -18,28 +19,43 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   The extension ``seeds`` (one integer per prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]``
   itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
   gets what one request with seed ``s`` would give.
-- ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``).
-- ``POST /v1/load_weights`` ``{"path": DIR, "step": K}``: reload the policy half from a Hugging Face safetensors
-  directory between requests (requests and reloads are serialised by one lock, so no request sees half-loaded
-  weights) and answer ``{"policy_step": K}``.
+- ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``
+  and ``limits``: the ``ServerLimits`` a request must keep to).
+- ``POST /v1/load_weights`` ``{"path": DIR, "step": K, "run_id": R}``: reload the policy half from a Hugging Face
+  safetensors directory between requests (requests and reloads are serialised by one lock, so no request sees
+  half-loaded weights) and answer ``{"policy_step": K}``. For operators and the evaluation: refused (403) unless
+  the server was started with ``--weights-root ROOT``; ``DIR`` resolves against ROOT (symlinks followed) and must
+  stay inside it, as must every file the directory's safetensors index names (else 400). Steps rise within one
+  run: a step not above the last one loaded for the same ``run_id`` is refused (409), except an exact repeat of
+  the weights being served (same run, step and path: a no-op, so a retried push succeeds); a new ``run_id`` may
+  start from any step.
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status for bad requests (bad JSON, wrong types,
-unknown token ids, limits exceeded) and 500 for engine failures; the server keeps serving either way.
+unknown token ids, limits exceeded; 413 for a body over ``max_body_bytes``) and 500 for engine failures; the
+server keeps serving either way. Every limit is checked before the work it bounds, and a request's parsing,
+checks, tokenizing and rendering run in worker threads, not on the event loop.
 
-A ``--config`` YAML may hold the same settings under their long names with underscores (``policy``,
-``reference``, ``ref_weight``, ``host``, ``port``, ``token``, ``max_n``, ``max_tokens``, ``max_prompts``,
-``max_batch_size``, ``threads``, ``engine``, ``policy_step``, ``vllm``); flags win over the file. ``engine`` is
-``torch`` (default: ``TorchEngine``, CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build);
-``vllm`` is a mapping of further ``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``,
-``gpu_memory_utilization``, ``dtype``, ``enforce_eager``, ``max_model_len``, ...). The token may also come
-from the environment variable ``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server
-refuses to start on a port that is held. Only the ``__main__`` block parses arguments.
+A ``--config`` YAML may hold the same settings under their long names with underscores (``policy``, ``reference``,
+``ref_weight``, ``host``, ``port``, ``token``, every ``ServerLimits`` field (``max_n``, ``max_tokens``,
+``max_prompts``, ``max_work_tokens``, ``max_body_bytes``, ...), ``weights_root``, ``max_batch_size``, ``threads``,
+``engine``, ``policy_step``, ``vllm``); flags win over the file. ``engine`` is ``torch`` (default: ``TorchEngine``,
+CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build); ``vllm`` is a mapping of further
+``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``,
+``enforce_eager``, ``max_model_len``, ...). The token may also come from the environment variable
+``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server refuses to start on a port that is
+held.
+Only the ``__main__`` block parses arguments.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
+import json
+import logging
 import math
+import os
 import secrets
 import socket
 import sys
@@ -47,33 +63,62 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemo_logitavg.rollout.engine import Engine, GenerationRequest, SamplingParams, derive_seed
+from nemo_logitavg.rollout.engine import (
+    MIN_TEMPERATURE,
+    Cancelled,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    derive_seed,
+)
+from nemo_logitavg.rollout.process import TOKEN_ENV
 
-TOKEN_ENV = "NEMO_LOGITAVG_ROLLOUT_TOKEN"
+logger = logging.getLogger("nemo_logitavg.rollout.server")
 
 
 @dataclass
 class ServerLimits:
+    """What one request may ask, checked before any work (GET /v1/models advertises them, and the client sizes its
+    requests to them). The defaults admit every shipped config with one server (the largest, 64 prompts x 8
+    samples x 4096 tokens = 2.1M work tokens; the evaluation's 256 prompts x 4 samples x 4096 = 4.2M).
+
+    max_work_tokens bounds ``n * sum(len(prompt) + max_tokens)`` over the request's prompts; max_prompt_chars bounds
+    each text prompt before it is tokenized (None: 32 x the model's context length, far above any real text of
+    fewer tokens than the context); max_body_bytes bounds the request body (413 beyond it).
+    """
+
     max_n: int = 64
     max_tokens: int = 4096
     max_prompts: int = 512
     max_stop: int = 16
+    max_stop_chars: int = 256
+    max_stop_token_ids: int = 256
+    max_prompt_chars: int | None = None
+    max_work_tokens: int = 1 << 23
+    max_body_bytes: int = 4 << 20
+
+    def resolved(self, max_model_len: int) -> ServerLimits:
+        """These limits with ``max_prompt_chars`` filled in for a model of context ``max_model_len``."""
+        chars = self.max_prompt_chars
+        if chars is None:
+            chars = min(32 * max_model_len, self.max_body_bytes)
+        return dataclasses.replace(self, max_prompt_chars=int(chars))
 
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr | None = None
-    prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]  # noqa: UP007
+    prompt: Any  # a text, texts, token ids or lists of token ids: checked by _prompts (see _validate)
     n: StrictInt = 1
     max_tokens: StrictInt | None = 16
     temperature: StrictFloat | StrictInt | None = 1.0
@@ -91,6 +136,31 @@ class CompletionRequest(BaseModel):
 class LoadWeightsRequest(BaseModel):
     path: StrictStr
     step: StrictInt
+    run_id: StrictStr
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def _weights_dir(root: str, path: str) -> str:
+    """``path`` resolved against the weights ``root`` (both real paths); BadRequest (naming only the request's own
+    path) when it or a safetensors file its index names leaves the root or the directory."""
+    resolved = os.path.realpath(os.path.join(root, path))
+    if not _inside(root, resolved):
+        raise BadRequest(f"{path!r} lies outside this server's weights root", 403)
+    index = os.path.join(resolved, "model.safetensors.index.json")
+    files = ["model.safetensors"]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BadRequest(f"{path!r}: unreadable model.safetensors.index.json ({type(exc).__name__})") from exc
+    for name in files:
+        if not isinstance(name, str) or not _inside(resolved, os.path.realpath(os.path.join(resolved, name))):
+            raise BadRequest(f"{path!r}: safetensors file {name!r} lies outside the directory")
+    return resolved
 
 
 class BadRequest(Exception):
@@ -103,39 +173,103 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def _validation_message(errors: list[dict]) -> str:
     parts = []
-    for err in exc.errors()[:6]:
+    for err in errors[:6]:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", "JSON decode error")
-            return f"invalid JSON body: {detail} (at character {err.get('loc', ('', '?'))[-1]})"
+            return f"invalid JSON body: {detail}"
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
     return "invalid request: " + "; ".join(parts)
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw request body, refused with a 413 as soon as it exceeds ``limit`` bytes (before it is parsed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadRequest(f"the request body ({declared} bytes) exceeds this server's limit of {limit} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(f"the request body exceeds this server's limit of {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validate(model: type[BaseModel], raw: bytes) -> Any:
+    """``raw`` JSON as ``model``; BadRequest naming the field at fault. Runs in a worker thread. A C or Rust
+    parser holds the GIL for its whole call (pydantic's ``validate_json`` of an 8 MB body held the event loop for
+    1.9 s here), so the only long call is ``json.loads`` of a capped body, and the big ``prompt`` field is checked
+    by Python loops (``_prompts``), during which the event loop gets its turns."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"invalid JSON body: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(_validation_message(exc.errors())) from exc
+
+
+def _prompts(prompt: Any) -> list:
+    """The request's prompts as a list whose items are texts or lists of int token ids, else BadRequest."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list):
+        raise BadRequest("prompt: must be a text, a list of texts, a list of token ids or a list of token-id lists")
+    if prompt and all(type(t) is int for t in prompt):
+        return [prompt]
+    for k, p in enumerate(prompt):
+        if not isinstance(p, str) and not (isinstance(p, list) and all(type(t) is int for t in p)):
+            raise BadRequest(f"prompt.{k}: must be a text or a list of int token ids")
+    return prompt
+
+
+class _BearerAuth:
+    """Pure ASGI middleware: every request carries ``Authorization: Bearer <token>`` or gets a 401 (a pure ASGI
+    middleware passes the client's disconnect through to the endpoint, which BaseHTTPMiddleware may not)."""
+
+    def __init__(self, app, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                reason = "missing" if not given else "wrong"
+                message = f"{reason} bearer token (send 'Authorization: Bearer <token>')"
+                await _error(401, message, "authentication_error")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
-    engine: Engine, *, token: str | None = None, limits: ServerLimits | None = None, model_name: str = "pi_mix"
+    engine: Engine,
+    *,
+    token: str | None = None,
+    limits: ServerLimits | None = None,
+    model_name: str = "pi_mix",
+    weights_root: str | None = None,
 ) -> FastAPI:
-    """The ASGI app serving ``engine``. ``token``: the bearer token every endpoint requires (None: no auth)."""
-    limits = limits or ServerLimits()
+    """The ASGI app serving ``engine``. ``token``: the bearer token every endpoint requires (None: no auth).
+    ``weights_root``: the directory ``/v1/load_weights`` may load from (None: that endpoint is refused)."""
+    if weights_root is not None:
+        weights_root = os.path.realpath(weights_root)
+        if not os.path.isdir(weights_root):
+            raise ValueError(f"--weights-root {weights_root} is not a directory")
+    limits = (limits or ServerLimits()).resolved(engine.max_model_len)
     app = FastAPI(title="nemo_logitavg rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     serve_lock = threading.Lock()  # one generate or one weight load at a time
     created = int(time.time())
-
-    @app.middleware("http")
-    async def bearer_auth(request: Request, call_next):
-        if token is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                reason = "missing" if not given else "wrong"
-                message = f"{reason} bearer token (send 'Authorization: Bearer <token>')"
-                return _error(401, message, "authentication_error")
-        return await call_next(request)
+    if token is not None:
+        app.add_middleware(_BearerAuth, token=token)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
-        return _error(400, _validation_message(exc))
+        return _error(400, _validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
@@ -147,7 +281,9 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
-        return _error(500, f"{type(exc).__name__}: {exc}", "server_error")
+        # The message stays in the server's log: exception texts reveal paths and internals to the caller.
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, "internal server error (the server's log has the details)", "server_error")
 
     def model_card() -> dict:
         info = engine.info()
@@ -160,89 +296,149 @@ def create_app(
             "policy_step": engine.policy_step,
             "max_model_len": engine.max_model_len,
             "engine": info.get("engine"),
+            "limits": dataclasses.asdict(limits),
         }
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "policy_step": engine.policy_step, "ref_weight": engine.ref_weight}
+        # pid: lets whoever started this process check that it is the one answering on the port.
+        state = {"policy_step": engine.policy_step, "ref_weight": engine.ref_weight, "pid": os.getpid()}
+        if not engine.alive():
+            return JSONResponse(status_code=503, content={"status": "engine dead", **state})
+        return {"status": "ok", **state}
 
     @app.get("/v1/models")
     async def models():
         card = model_card()
-        return {"object": "list", "data": [card], "ref_weight": card["ref_weight"], "policy_step": card["policy_step"]}
+        return {
+            "object": "list",
+            "data": [card],
+            "ref_weight": card["ref_weight"],
+            "policy_step": card["policy_step"],
+            "limits": card["limits"],
+        }
+
+    loaded_steps: dict[str, int] = {}  # run_id -> the last step loaded for it (newest runs kept)
 
     @app.post("/v1/load_weights")
-    async def load_weights(body: LoadWeightsRequest):
-        def load() -> int:
-            with serve_lock:
-                engine.load_policy(body.path, body.step)
-                return engine.policy_step
+    async def load_weights(request: Request):
+        if weights_root is None:
+            raise BadRequest("this server loads no weights by path: start it with --weights-root DIR", 403)
+        raw = await _read_body(request, 1 << 16)
 
-        try:
-            step = await run_in_threadpool(load)
-        except (FileNotFoundError, ValueError) as exc:
-            raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
-        return {"policy_step": step, "path": body.path}
+        def load() -> tuple[int, str]:
+            body = _validate(LoadWeightsRequest, raw)
+            path = _weights_dir(weights_root, body.path)
+            with serve_lock:
+                last = loaded_steps.get(body.run_id)
+                repeat = last == body.step == engine.policy_step and engine.info().get("policy_path") == path
+                if last is not None and body.step <= last and not repeat:
+                    raise BadRequest(f"step {body.step} is not above step {last}, loaded for run {body.run_id!r}", 409)
+                if not repeat:
+                    try:
+                        engine.load_policy(path, body.step)
+                    except (FileNotFoundError, ValueError) as exc:
+                        raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
+                loaded_steps.pop(body.run_id, None)
+                loaded_steps[body.run_id] = body.step
+                while len(loaded_steps) > 64:
+                    loaded_steps.pop(next(iter(loaded_steps)))
+                return engine.policy_step, body.path
+
+        step, path = await run_in_threadpool(load)
+        return {"policy_step": step, "path": path}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        prompts, params, n, seeds = _parse_completion(body, engine, limits)
-        requests = [
-            GenerationRequest(prompt, params, n=n, seed=seed) for prompt, seed in zip(prompts, seeds, strict=True)
-        ]
+    async def completions(request: Request):
+        # Only reading the (capped) body happens on the event loop; parsing, checks, tokenizing, decoding and
+        # rendering the response run in worker threads, so /health keeps answering during a large request.
+        raw = await _read_body(request, limits.max_body_bytes)
+
+        cancel = threading.Event()
+
+        def prepare() -> tuple[CompletionRequest, list[list[int]], int, list[GenerationRequest]]:
+            body = _validate(CompletionRequest, raw)
+            prompts, params, n, seeds = _parse_completion(body, engine, limits)
+            requests = [
+                GenerationRequest(p, params, n=n, seed=seed, cancel=cancel)
+                for p, seed in zip(prompts, seeds, strict=True)
+            ]
+            return body, prompts, n, requests
+
+        body, prompts, n, requests = await run_in_threadpool(prepare)
 
         def run():
             with serve_lock:
+                if cancel.is_set():  # dropped while it waited for the lock
+                    raise Cancelled("the request was cancelled")
                 return engine.generate(requests), engine.policy_step
 
+        task = asyncio.ensure_future(run_in_threadpool(run))
+        # A client that disconnects cancels the rest of its decoding (the torch engine checks between steps),
+        # so the next request does not wait behind work nobody will read.
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                cancel.set()
         try:
-            outputs, step = await run_in_threadpool(run)
+            outputs, step = await task
+        except Cancelled:
+            return Response(status_code=499)  # nobody reads it
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
-        choices = []
-        completion_tokens = 0
-        for i, group in enumerate(outputs):
-            for j, out in enumerate(group):
-                completion_tokens += len(out.token_ids)
-                tokens = engine.token_strings(out.token_ids)
-                offsets, pos = [], 0
-                for t in tokens:
-                    offsets.append(pos)
-                    pos += len(t)
-                choices.append(
-                    {
-                        "index": i * n + j,
-                        "text": out.text,
-                        "token_ids": out.token_ids,
-                        "logprobs": {
-                            "tokens": tokens,
-                            "token_logprobs": out.logprobs,
-                            "top_logprobs": None,
-                            "text_offset": offsets,
-                        },
-                        "finish_reason": out.finish_reason,
-                    }
-                )
-        prompt_tokens = sum(len(p) for p in prompts) * n
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model or model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-            "policy_step": step,
-            "ref_weight": engine.ref_weight,
-        }
+        content = await run_in_threadpool(_render, engine, body.model or model_name, prompts, n, outputs, step)
+        return Response(content, media_type="application/json")
 
     return app
 
 
+def _render(engine: Engine, model: str, prompts: list[list[int]], n: int, outputs, step: int) -> bytes:
+    """The completions response as JSON bytes (in a worker thread: a large response takes a while)."""
+    choices = []
+    completion_tokens = 0
+    for i, group in enumerate(outputs):
+        for j, out in enumerate(group):
+            completion_tokens += len(out.token_ids)
+            tokens = engine.token_strings(out.token_ids)
+            offsets, pos = [], 0
+            for t in tokens:
+                offsets.append(pos)
+                pos += len(t)
+            choices.append(
+                {
+                    "index": i * n + j,
+                    "text": out.text,
+                    "token_ids": out.token_ids,
+                    "logprobs": {
+                        "tokens": tokens,
+                        "token_logprobs": out.logprobs,
+                        "top_logprobs": None,
+                        "text_offset": offsets,
+                    },
+                    "finish_reason": out.finish_reason,
+                }
+            )
+    prompt_tokens = sum(len(p) for p in prompts) * n
+    payload = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "policy_step": step,
+        "ref_weight": engine.ref_weight,
+    }
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLimits):
+    """The request's prompts (token ids), sampling parameters, n and per-prompt seeds; BadRequest naming the first
+    limit exceeded. Cheap checks come first: nothing is tokenized before the sizes are known to fit."""
     if body.stream:
         raise BadRequest("stream=true is not supported by this server")
     if body.echo:
@@ -254,8 +450,8 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
         raise BadRequest(f"max_tokens={max_tokens} is outside this server's limits [1, {limits.max_tokens}]")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise BadRequest(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
+        raise BadRequest(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise BadRequest(f"top_p must lie in (0, 1], got {top_p}")
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
@@ -263,20 +459,39 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > limits.max_stop:
         raise BadRequest(f"at most {limits.max_stop} stop strings, got {len(stop)}")
+    long_stop = [k for k, text in enumerate(stop) if len(text) > limits.max_stop_chars]
+    if long_stop:
+        raise BadRequest(f"stop string {long_stop[0]} is longer than this server's limit of {limits.max_stop_chars}")
     if stop and not engine.has_tokenizer:
         raise BadRequest("stop strings need a tokenizer; this server runs in token-id mode (no tokenizer files)")
+    stop_token_ids = body.stop_token_ids or []
+    if len(stop_token_ids) > limits.max_stop_token_ids:
+        raise BadRequest(f"at most {limits.max_stop_token_ids} stop_token_ids, got {len(stop_token_ids)}")
 
-    prompt: Any = body.prompt
-    if isinstance(prompt, str):
-        prompts_raw: list = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts_raw = [list(prompt)]
-    else:
-        prompts_raw = list(prompt)
+    prompts_raw = _prompts(body.prompt)
     if not prompts_raw:
         raise BadRequest("prompt is empty")
     if len(prompts_raw) > limits.max_prompts:
         raise BadRequest(f"{len(prompts_raw)} prompts exceed this server's limit of {limits.max_prompts}")
+    n = body.n
+
+    def work(lengths) -> int:
+        return n * sum(length + max_tokens for length in lengths)
+
+    def check_work(lengths, what: str) -> None:
+        if work(lengths) > limits.max_work_tokens:
+            raise BadRequest(
+                f"{what} n x sum(prompt tokens + max_tokens) = {work(lengths)} exceeds this server's limit of "
+                f"{limits.max_work_tokens} tokens: send fewer prompts or samples per request"
+            )
+
+    check_work([0] * len(prompts_raw), "even with empty prompts,")
+    for k, p in enumerate(prompts_raw):
+        if isinstance(p, str) and len(p) > limits.max_prompt_chars:
+            raise BadRequest(
+                f"prompt {k} has {len(p)} characters, above this server's limit of {limits.max_prompt_chars}"
+            )
+    check_work([0 if isinstance(p, str) else len(p) for p in prompts_raw], "before tokenizing the text prompts,")
     prompts: list[list[int]] = []
     for k, p in enumerate(prompts_raw):
         if isinstance(p, str):
@@ -291,7 +506,8 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
         if len(p) >= engine.max_model_len:
             raise BadRequest(f"prompt {k} has {len(p)} tokens; the model's context length is {engine.max_model_len}")
         prompts.append(list(p))
-    bad_stop = [t for t in body.stop_token_ids or () if not 0 <= t < engine.vocab_size]
+    check_work([len(p) for p in prompts], "")
+    bad_stop = [t for t in stop_token_ids if not 0 <= t < engine.vocab_size]
     if bad_stop:
         raise BadRequest(f"unknown stop_token_ids {bad_stop[:8]} (vocabulary size {engine.vocab_size})")
     params = SamplingParams(
@@ -299,7 +515,7 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
         temperature=temperature,
         top_p=top_p,
         stop=stop,
-        stop_token_ids=tuple(body.stop_token_ids or ()),
+        stop_token_ids=tuple(stop_token_ids),
         ignore_eos=body.ignore_eos,
     )
     if body.seeds is None:
@@ -311,7 +527,7 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
         raise BadRequest(f"seeds has {len(body.seeds)} entries for {len(prompts)} prompts: give one per prompt")
     else:
         seeds = list(body.seeds)
-    return prompts, params, body.n, seeds
+    return prompts, params, n, seeds
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -332,11 +548,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(engine: Engine, host: str, port: int, token: str | None, limits: ServerLimits, log_level: str = "warning"):
+def serve(
+    engine: Engine,
+    sock: socket.socket,
+    token: str | None,
+    limits: ServerLimits,
+    log_level: str = "warning",
+    weights_root: str | None = None,
+):
+    """Serve ``engine`` on the listening socket ``sock`` (bound once, before the models were loaded)."""
     import uvicorn
 
-    sock = bind_socket(host, port)
-    app = create_app(engine, token=token, limits=limits)
+    host = sock.getsockname()[0]
+    app = create_app(engine, token=token, limits=limits, weights_root=weights_root)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
     actual_port = sock.getsockname()[1]
     print(
@@ -350,7 +574,6 @@ def serve(engine: Engine, host: str, port: int, token: str | None, limits: Serve
 
 if __name__ == "__main__":
     import argparse
-    import os
 
     import torch
     import yaml
@@ -362,12 +585,14 @@ if __name__ == "__main__":
     parser.add_argument("--ref-weight", type=float, help="reference weight a in [0, 1]")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--token", help=f"bearer token required on every endpoint (or set {TOKEN_ENV})")
-    parser.add_argument("--max-n", type=int, help="largest n per request (default 64)")
-    parser.add_argument("--max-tokens", type=int, help="largest max_tokens per request (default 4096)")
-    parser.add_argument("--max-prompts", type=int, help="most prompts per request (default 512)")
+    parser.add_argument("--token", help=f"bearer token required on every endpoint (visible in ps: prefer {TOKEN_ENV})")
+    limit_names = [f.name for f in dataclasses.fields(ServerLimits)]
+    for name in limit_names:  # --max-n, --max-tokens, --max-prompts, --max-work-tokens, --max-body-bytes, ...
+        default = getattr(ServerLimits, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"request limit (default {default})")
     parser.add_argument("--max-batch-size", type=int, help="sequences decoded together (default 256)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--weights-root", help="directory /v1/load_weights may load from (default: refused)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
     parser.add_argument("--log-level", default="warning")
@@ -385,8 +610,8 @@ if __name__ == "__main__":
             settings[key] = value
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
-        "policy", "reference", "ref_weight", "host", "port", "token", "max_n", "max_tokens", "max_prompts",
-        "max_batch_size", "threads", "policy_step", "engine", "vllm",
+        "policy", "reference", "ref_weight", "host", "port", "token", "max_batch_size", "threads", "policy_step",
+        "engine", "vllm", "weights_root", *limit_names,
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -405,10 +630,12 @@ if __name__ == "__main__":
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
 
+    if settings.get("weights_root") and not os.path.isdir(settings["weights_root"]):
+        parser.error(f"--weights-root {settings['weights_root']} is not a directory")
     host = settings.get("host", "127.0.0.1")
     port = int(settings.get("port", 8000))
-    held = bind_socket(host, port)  # fail fast, before loading models, when the port is taken
-    held.close()
+    # Bound once, before loading the models: a held port fails fast, and nobody can take it while they load.
+    listening = bind_socket(host, port)
 
     engine_kwargs = {
         "max_batch_size": int(settings.get("max_batch_size", 256)),
@@ -423,18 +650,17 @@ if __name__ == "__main__":
     served_engine = engine_class(
         settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
     )
-    server_limits = ServerLimits(
-        max_n=int(settings.get("max_n", 64)),
-        max_tokens=int(settings.get("max_tokens", 4096)),
-        max_prompts=int(settings.get("max_prompts", 512)),
-    )
+    server_limits = ServerLimits(**{name: int(settings[name]) for name in limit_names if name in settings})
     if hasattr(served_engine, "close"):  # the vLLM engine has processes of its own to stop on the way out
         import signal
 
         # uvicorn re-raises SIGTERM after its graceful shutdown; as an exception it lets the finally below run.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        serve(served_engine, host, port, settings.get("token"), server_limits, log_level=args.log_level)
+        serve(
+            served_engine, listening, settings.get("token"), server_limits, log_level=args.log_level,
+            weights_root=settings.get("weights_root"),
+        )  # fmt: skip
     finally:
         if hasattr(served_engine, "close"):
             served_engine.close()

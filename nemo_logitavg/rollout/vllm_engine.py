@@ -108,6 +108,12 @@ def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, 
     return out
 
 
+def _child_processes() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
 class VLLMEngine(EngineCommon):
     """pi_mix from a policy and a reference Hugging Face directory, served by ``vllm.LLM``.
 
@@ -233,6 +239,7 @@ class VLLMEngine(EngineCommon):
             self._remove_view()
             raise
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._children = _child_processes()  # vLLM's engine core and workers (none when it runs in-process)
         import vllm
 
         self.vllm_version = getattr(vllm, "__version__", "unknown")
@@ -341,6 +348,17 @@ class VLLMEngine(EngineCommon):
         if self._view_dir is not None:
             shutil.rmtree(self._view_dir, ignore_errors=True)
             self._view_dir = None
+
+    def alive(self) -> bool:
+        """False once closed or once a process vLLM started (engine core, workers) has exited."""
+        import psutil
+
+        if getattr(self, "llm", None) is None:
+            return False
+        try:
+            return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in self._children)
+        except psutil.NoSuchProcess:
+            return False
 
     def close(self) -> None:
         """Stop vLLM's engine processes and remove the bundle view."""

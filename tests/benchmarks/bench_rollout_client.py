@@ -63,8 +63,8 @@ def main() -> None:
         results = []
         try:
             clients = {
-                "per_prompt": RolloutClient(server.url, prompts_per_request=1),
-                "chunked": RolloutClient(server.url),
+                "per_prompt": RolloutClient(server.url, token=server.token, prompts_per_request=1),
+                "chunked": RolloutClient(server.url, token=server.token),
             }
             for name, w in WORKLOADS.items():
                 prompts = torch.randint(3, args.vocab, (w["prompts"], args.prompt_len), generator=gen).tolist()
