@@ -2,7 +2,7 @@
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
     client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs from the trainer's
-    client.load_weights(path, step)                    # after each update (GRPOTrainer.push_policy)
+    client.mark_pushed(step, urls)                     # by the collective push (weight_push.PolicyPusher)
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
@@ -18,9 +18,12 @@
   waits with exponential backoff (``backoff * 2**k``, capped by ``max_backoff``) before trying again, up to
   ``max_attempts`` tries in all; the final error names every server tried and its error. A 4xx is the
   request's fault: raised at once with the server's message.
-- Weight sync: ``load_weights`` pushes (path, step) to every server. Completions that report an older
-  ``policy_step`` than the last push are never returned: the client pushes the weights to that server again
-  (e.g. one that was restarted) and retries.
+- Weight sync: the trainer's collective push (``weight_push.PolicyPusher``) lands the policy in the servers and
+  calls ``mark_pushed(step, urls)`` with the servers that confirmed it; ``load_weights`` (operators, the
+  evaluation) does the same by path. After a push only those servers get requests: a server that missed it
+  (died, restarted, timed out) is stale until a later push lands in it. A completion that reports another
+  ``policy_step`` than the pushed one is never returned: its server is marked stale and the request goes to
+  another server.
 """
 
 from __future__ import annotations
@@ -130,8 +133,8 @@ class RolloutClient:
         self._lock = threading.Lock()
         self._failed_at: dict[str, float] = {}
         self._next = 0
-        self.policy_step: int | None = None  # the last step pushed with load_weights
-        self.policy_path: str | None = None
+        self.policy_step: int | None = None  # the last step pushed (None: serve whatever the servers hold)
+        self.server_steps: dict[str, int] = {}  # server -> the step it confirmed; the others are stale
 
     # -------------------------------------------------------------------------------------------- plumbing
 
@@ -145,12 +148,32 @@ class RolloutClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def serving(self) -> list[str]:
+        """The servers that hold the pushed policy (all of them before any push)."""
+        with self._lock:
+            if self.policy_step is None:
+                return list(self.urls)
+            return [u for u in self.urls if self.server_steps.get(u) == self.policy_step]
+
+    def mark_pushed(self, step: int, urls: Sequence[str]) -> None:
+        """``urls`` now serve the policy of ``step``; every other server is stale until a push lands in it."""
+        with self._lock:
+            self.policy_step = int(step)
+            self.server_steps = {u: int(step) for u in urls}
+
+    def _mark_stale(self, url: str) -> None:
+        with self._lock:
+            self.server_steps.pop(url, None)
+
     def _pick(self, start: int) -> str:
-        """The server to try: the start-th in rotation among those with no recent failure, else the one whose
-        last failure is oldest."""
+        """The server to try: the start-th in rotation among the serving ones with no recent failure, else the
+        one whose last failure is oldest."""
         now = time.monotonic()
-        k = len(self.urls)
-        rotation = [self.urls[(start + i) % k] for i in range(k)]
+        urls = self.serving()
+        if not urls:
+            raise RolloutError(f"no rollout server holds the pushed policy step {self.policy_step}")
+        k = len(urls)
+        rotation = [urls[(start + i) % k] for i in range(k)]
         with self._lock:
             recent = {u: t for u, t in self._failed_at.items() if now - t < self.cooldown}
         healthy = [u for u in rotation if u not in recent]
@@ -197,7 +220,10 @@ class RolloutClient:
         errors: list[str] = []
         failures = 0
         for attempt in range(self.max_attempts):
-            url = pin or self._pick(start)
+            try:
+                url = pin or self._pick(start)
+            except RolloutError as exc:  # every server is stale: say why they became so
+                raise RolloutError("; ".join([str(exc), *errors])) from None
             if attempt > 0 and (pin is not None or self._recently_failed(url)):
                 time.sleep(min(self.max_backoff, self.backoff * 2 ** max(0, failures - 1)))
             payload, error = self._call(url, method, path, body)
@@ -216,17 +242,36 @@ class RolloutClient:
         )
 
     def _stale(self, url: str, payload: dict) -> str | None:
-        """None if ``payload`` comes from the pushed policy step; else re-push the weights and say why."""
+        """None if ``payload`` comes from the pushed policy step; else mark the server stale and say why."""
         step = payload.get("policy_step") if isinstance(payload, dict) else None
         if not isinstance(step, int):
             return "the response carries no integer policy_step"
-        if self.policy_step is None or step >= self.policy_step:
+        if self.policy_step is None or step == self.policy_step:
             return None
-        reason = f"served policy step {step}, older than the pushed step {self.policy_step}"
-        if self.policy_path is not None:
-            _, error = self._call(url, "POST", "/v1/load_weights", {"path": self.policy_path, "step": self.policy_step})
-            reason += " (weights pushed again)" if error is None else f" (pushing the weights again failed: {error})"
-        return reason
+        self._mark_stale(url)
+        return f"served policy step {step}, not the pushed step {self.policy_step} (stale until the next push)"
+
+    def models(self, url: str, timeout: float = 10.0) -> dict | None:
+        """One ``GET /v1/models`` without retries: the server's card, or None when it does not answer."""
+        try:
+            response = self._http.get(url + "/v1/models", timeout=timeout)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError):
+            return None
+
+    def post_once(self, url: str, path: str, body: dict, timeout: float) -> tuple[dict | None, str | None]:
+        """One POST without retries (the push's join and update: retrying half a collective cannot help):
+        ``(payload, None)``, or ``(None, error)`` for any failure, a 4xx included."""
+        try:
+            response = self._http.post(url + path, json=body, timeout=httpx.Timeout(timeout, connect=10.0))
+        except httpx.TransportError as exc:
+            return None, f"{type(exc).__name__}: {exc or 'no detail'}"
+        if response.status_code != 200:
+            return None, f"HTTP {response.status_code}: {_message(response)}"
+        try:
+            return response.json(), None
+        except ValueError:
+            return None, f"a body that is not JSON: {response.text[:200]!r}"
 
     # -------------------------------------------------------------------------------------------- public
 
@@ -308,10 +353,9 @@ class RolloutClient:
     def load_weights(self, path: str, step: int) -> dict[str, int]:
         """Make every server serve the policy in ``path`` (a directory they can read) as ``step``.
 
-        Servers that cannot be reached after the retries are reported in a warning and receive the weights when
-        they next answer (stale-step check); if no server loads them, RolloutError.
+        Servers that cannot be reached after the retries are reported in a warning and are stale (no requests)
+        until weights land in them again; if no server loads them, RolloutError.
         """
-        self.policy_path, self.policy_step = str(path), int(step)
         body = {"path": str(path), "step": int(step)}
 
         def push(url: str):
@@ -330,9 +374,10 @@ class RolloutClient:
                 failed.append(f"{url} ({error})")
         if not loaded:
             raise RolloutError(f"no server loaded step {step} from {path}: {'; '.join(failed)}")
+        self.mark_pushed(step, list(loaded))
         if failed:
             missed = "; ".join(failed)
-            warnings.warn(f"step {step} not loaded by: {missed}; they get it when they next answer", stacklevel=2)
+            warnings.warn(f"step {step} not loaded by: {missed}; they get no requests until it lands", stacklevel=2)
         return loaded
 
     def check(self, ref_weight: float) -> dict[str, dict]:

@@ -19,6 +19,13 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
   gets what one request with seed ``s`` would give.
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``).
+- The collective policy push (``weight_push``): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
+  "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
+  ``POST /v1/weights/update`` ``{"step", "run_id", "dtype", "plan", "timeout_s"}`` lands a push between requests
+  and answers ``{"policy_step": K}`` once every bucket is in (409 when the step does not rise within the run id;
+  after a failed push completions answer 503 until a complete push lands); ``GET /v1/weights/digest``: sha256 of
+  every served tensor (policy and reference halves). ``/v1/models`` reports ``server_id`` (new at each start),
+  ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``.
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K}``: reload the policy half from a Hugging Face safetensors
   directory between requests (requests and reloads are serialised by one lock, so no request sees half-loaded
   weights) and answer ``{"policy_step": K}``.
@@ -67,6 +74,7 @@ class ServerLimits:
     max_tokens: int = 4096
     max_prompts: int = 512
     max_stop: int = 16
+    push_timeout: float = 600.0  # seconds a policy push may take to land
 
 
 class CompletionRequest(BaseModel):
@@ -91,6 +99,19 @@ class CompletionRequest(BaseModel):
 class LoadWeightsRequest(BaseModel):
     path: StrictStr
     step: StrictInt
+
+
+class JoinRequest(BaseModel):
+    groups: list[dict]
+    rank: StrictInt
+
+
+class UpdateRequest(BaseModel):
+    step: StrictInt
+    run_id: StrictStr
+    dtype: StrictStr
+    plan: dict
+    timeout_s: StrictFloat | StrictInt | None = None  # the trainer's rollout.push_timeout (capped by the server's)
 
 
 class BadRequest(Exception):
@@ -122,6 +143,8 @@ def create_app(
     app = FastAPI(title="nemo_logitavg rollout server", docs_url=None, redoc_url=None, openapi_url=None)
     serve_lock = threading.Lock()  # one generate or one weight load at a time
     created = int(time.time())
+    server_id = uuid.uuid4().hex  # per start: the trainer rebuilds its weight-update groups when it changes
+    push = {"stale": False, "run_steps": {}}  # stale: a push failed or is landing; run id -> its last step
 
     @app.middleware("http")
     async def bearer_auth(request: Request, call_next):
@@ -160,6 +183,11 @@ def create_app(
             "policy_step": engine.policy_step,
             "max_model_len": engine.max_model_len,
             "engine": info.get("engine"),
+            "server_id": server_id,
+            "policy_manifest": engine.policy_manifest,
+            "weight_receivers": engine.weight_receivers,
+            "device": _device_info(engine),
+            "stale": push["stale"],
         }
 
     @app.get("/health")
@@ -176,6 +204,7 @@ def create_app(
         def load() -> int:
             with serve_lock:
                 engine.load_policy(body.path, body.step)
+                push["stale"] = False  # a whole policy landed
                 return engine.policy_step
 
         try:
@@ -183,6 +212,59 @@ def create_app(
         except (FileNotFoundError, ValueError) as exc:
             raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
         return {"policy_step": step, "path": body.path}
+
+    @app.get("/v1/weights/digest")
+    async def weights_digest():
+        def digests() -> dict:
+            with serve_lock:
+                return {"policy_step": engine.policy_step, **engine.weight_digests()}
+
+        return await run_in_threadpool(digests)
+
+    @app.post("/v1/weights/join")
+    async def weights_join(body: JoinRequest):
+        from nemo_logitavg.rollout.weight_push import GroupSpec
+
+        try:
+            specs = [GroupSpec.from_dict(g) for g in body.groups]
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        if not specs or len({s.stage for s in specs}) != len(specs):
+            raise BadRequest("groups must name each pipeline stage once")
+        if any(not 1 <= body.rank <= s.world_size - engine.weight_receivers for s in specs):
+            raise BadRequest(f"rank {body.rank} does not fit the groups (this engine takes {engine.weight_receivers})")
+        engine.join_weight_groups(specs, body.rank)
+        return {"joined": specs[0].name, "rank": body.rank}
+
+    @app.post("/v1/weights/update")
+    async def weights_update(body: UpdateRequest):
+        from nemo_logitavg.rollout.weight_push import parse_dtype, plan_from_wire
+
+        try:
+            plans, dtype = plan_from_wire(body.plan), parse_dtype(body.dtype)
+        except ValueError as exc:
+            raise BadRequest(f"bad push: {exc}") from exc
+        last = push["run_steps"].get(body.run_id)
+        if last is not None and body.step <= last:
+            raise BadRequest(f"step {body.step} does not rise above this run's last pushed step {last}", 409)
+
+        def land() -> int:
+            with serve_lock:  # between requests: no completion ever mixes two policies
+                push["stale"] = True
+                timeout = min(float(body.timeout_s or limits.push_timeout), limits.push_timeout)
+                engine.receive_policy(plans, dtype, body.step, timeout_s=timeout)
+                push["stale"] = False
+                push["run_steps"][body.run_id] = body.step
+                return engine.policy_step
+
+        try:
+            step = await run_in_threadpool(land)
+        except ValueError as exc:
+            raise BadRequest(f"bad push: {exc}") from exc
+        except Exception as exc:
+            print(f"nemo_logitavg rollout server: policy push failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return _error(500, "the policy push failed; no rollouts until a complete push lands", "server_error")
+        return {"policy_step": step}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -193,12 +275,16 @@ def create_app(
 
         def run():
             with serve_lock:
+                if push["stale"]:  # checked under the lock: a push may have failed while this request waited
+                    return None, None
                 return engine.generate(requests), engine.policy_step
 
         try:
             outputs, step = await run_in_threadpool(run)
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
+        if outputs is None:
+            return _error(503, "this server missed a policy push; no rollouts until a complete push lands", "stale")
         choices = []
         completion_tokens = 0
         for i, group in enumerate(outputs):
@@ -240,6 +326,17 @@ def create_app(
         }
 
     return app
+
+
+def _device_info(engine: Engine) -> dict:
+    """Where the engine's weights live: the trainer picks NCCL only between GPUs that are not the same one."""
+    import torch
+
+    device = torch.device(getattr(engine, "device", "cpu"))
+    uuid_ = None
+    if device.type == "cuda":
+        uuid_ = str(torch.cuda.get_device_properties(device).uuid)
+    return {"type": device.type, "gpu_uuid": uuid_}
 
 
 def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLimits):
