@@ -109,9 +109,9 @@ def _push_world(dirs: dict, work: str) -> dict:
             out["steps_2"] = sorted({c.policy_step for g in groups for c in g})
 
         # New weights, then the next push resyncs the restarted server (the group is rebuilt).
-        with torch.no_grad():
-            for param in actor.gpt_policy.parameters():
-                param.add_(0.01 * torch.randn_like(param))
+        with torch.no_grad():  # the same noise on every TP rank: replicated tensors (norms) stay equal
+            for i, param in enumerate(actor.gpt_policy.parameters()):
+                param.add_(0.01 * torch.randn(param.shape, generator=torch.Generator().manual_seed(i)))
         out["confirmed_3"] = pusher.push(3)
         export_model_hf(actor.gpt_policy, cfg, os.path.join(work, "export_3"))
         out["mismatch_3"] = _served_vs_trainer(actor, client, rank)

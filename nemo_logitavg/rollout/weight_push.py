@@ -211,10 +211,12 @@ class WeightReceiver:
         self._joining: list[threading.Thread] = []
         self._join_errors: list[str] = []
         self.build: str | None = None
+        self.backends: dict[int, str] = {}
 
     def join(self, specs: Sequence[GroupSpec], rank: int) -> None:
         self._groups, self._join_errors = {}, []
         self.build = specs[0].name if specs else None
+        self.backends = {s.stage: s.backend for s in specs}
 
         def one(spec: GroupSpec) -> None:
             try:
@@ -225,6 +227,17 @@ class WeightReceiver:
         self._joining = [threading.Thread(target=one, args=(s,), daemon=True) for s in specs]
         for thread in self._joining:
             thread.start()
+
+    def joined(self, plans: dict[int, BucketPlan], timeout_s: float) -> dict[int, dist.ProcessGroup]:
+        """The groups, once joined (waits up to ``timeout_s``), checked against the stages of ``plans``."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._joining:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._join_errors or any(t.is_alive() for t in self._joining):
+            raise RuntimeError(f"weight-update groups not joined: {'; '.join(self._join_errors) or 'timed out'}")
+        if set(plans) != set(self._groups):
+            raise RuntimeError(f"the push plan names stages {sorted(plans)}, the groups are {sorted(self._groups)}")
+        return self._groups
 
     def receive(
         self,
@@ -240,12 +253,7 @@ class WeightReceiver:
             RuntimeError: the groups were not joined, a stage failed, or the push did not finish in time.
         """
         deadline = time.monotonic() + timeout_s
-        for thread in self._joining:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        if self._join_errors or any(t.is_alive() for t in self._joining):
-            raise RuntimeError(f"weight-update groups not joined: {'; '.join(self._join_errors) or 'timed out'}")
-        if set(plans) != set(self._groups):
-            raise RuntimeError(f"the push plan names stages {sorted(plans)}, the groups are {sorted(self._groups)}")
+        self.joined(plans, timeout_s)
         lock, loaded, errors = threading.Lock(), [0], []
 
         def stage(s: int) -> None:
@@ -267,9 +275,6 @@ class WeightReceiver:
         if errors:
             raise RuntimeError("; ".join(errors))
         return loaded[0]
-
-    def leave(self) -> None:
-        self._groups = {}
 
 
 def new_build_name() -> str:
