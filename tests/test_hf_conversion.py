@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -324,6 +325,148 @@ def test_megatron_matches_transformers_and_round_trips(hf_models, tmp_path):
             assert AutoTokenizer.from_pretrained(out_dir)("w5 w7")["input_ids"] == [5, 7]
     qwen = AutoModelForCausalLM.from_pretrained(tmp_path / "export_qwen2_tied")
     assert type(qwen).__name__ == "Qwen2ForCausalLM"
+
+
+# ------------------------------------------------------------------------------------ streaming export
+
+# (tensor, pipeline) layouts on 4 ranks and the models each streams; DP fills the rest. TP=2 x PP=2 without DP,
+# TP=1 x PP=1 at DP=4 and PP=2 (tied) at DP=2: every replica streams on its own, in its own TP group.
+STREAM_LAYOUTS = ((2, 2, ("llama", "qwen2", "llama_tied")), (1, 1, ("llama_tied",)), (1, 2, ("llama_tied",)))
+STREAM_BUCKET = 20_000  # bytes: several tensors share a bucket; the embedding and gate/up/down (32 KB) exceed it
+
+
+def _plain_grid(model) -> list[list[dict[str, torch.Tensor]]]:
+    """Every model-parallel rank's state dict (DP rank 0's) as [pp][tp], gathered with plain torch.distributed."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    mine = (ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (*mine, state))
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    grid: list[list] = [[None] * tp for _ in range(pp)]
+    for dp_rank, pp_rank, tp_rank, shard in everyone:
+        if dp_rank == 0:
+            grid[pp_rank][tp_rank] = shard
+    return grid
+
+
+def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
+    """Stream every layout's models; compare each yielded tensor with the source HF weights and with the offline
+    mapping of the plainly gathered shards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from nemo_logitavg.models.hf_conversion import iter_hf_buckets, load_hf_into_mcore
+    from nemo_logitavg.parallel import init_parallel, teardown
+
+    records = []
+    for tp, pp, names in STREAM_LAYOUTS:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        for name in names:
+            cfg = LlamaConfig.from_hf(dirs[name])
+            model = _build(cfg, tp, pp)
+            load_hf_into_mcore(model, dirs[name])
+            with torch.no_grad():  # training moves the padding rows too: the export must drop them
+                for key, param in model.named_parameters():
+                    if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                        start = cfg.vocab_size - param.shape[0] * ps.get_tensor_model_parallel_rank()
+                        param[max(0, start) :].fill_(7.0)
+            old = mcore_to_hf_state_dict(_plain_grid(model), cfg)
+            buckets = list(iter_hf_buckets(model, cfg, STREAM_BUCKET))
+            yielded = [[(n, tuple(t.shape), t.dtype) for n, t in bucket] for bucket in buckets]
+            tensors = [(n, t) for bucket in buckets for n, t in bucket]
+            records.append(
+                {
+                    "layout": (tp, pp),
+                    "model": name,
+                    "rank": dist.get_rank(),
+                    "tp": ps.get_tensor_model_parallel_rank(),
+                    "pp": ps.get_pipeline_model_parallel_rank(),
+                    "dp": ps.get_data_parallel_rank(),
+                    "yielded": yielded,
+                    "same as source": [n for n, t in tensors if not torch.equal(t, hf_states[name][n])],
+                    "same as old": [n for n, t in tensors if not torch.equal(t, old[n])],
+                    "fresh": all(
+                        t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+                        for _, t in tensors
+                        for p in model.parameters()
+                    ),
+                }
+            )
+    teardown()
+    return records
+
+
+@pytest.mark.slow
+def test_streamed_buckets_match_the_plan_and_the_gathered_export(hf_models):
+    from nemo_logitavg.models.hf_conversion import hf_bucket_plan, hf_shapes, stage_hf_names
+
+    _, models = hf_models
+    dirs = {name: str(m["dir"]) for name, m in models.items()}
+    ranks = run_distributed(_stream_worker, 4, dirs=dirs, hf_states={n: m["state"] for n, m in models.items()})
+    records = [record for rank in ranks for record in rank]
+    assert len(records) == 4 * sum(len(names) for _, _, names in STREAM_LAYOUTS)
+    for (tp, pp, names) in STREAM_LAYOUTS:
+        for name in names:
+            cfg = LlamaConfig.from_hf(dirs[name])
+            mine = [r for r in records if r["layout"] == (tp, pp) and r["model"] == name]
+            streamed: list[str] = []
+            for r in mine:
+                where = f"{name} at TP={tp} PP={pp}, rank {r['rank']}"
+                assert not r["same as source"] and not r["same as old"], (where, r)
+                assert r["fresh"], where
+                plan = hf_bucket_plan(cfg, r["pp"], pp, STREAM_BUCKET, torch.float32)
+                assert [[(n, s) for n, s, _ in b] for b in r["yielded"]] == plan, where
+                assert [n for b in r["yielded"] for n, _, _ in b] == stage_hf_names(cfg, r["pp"], pp), where
+                assert all(d == torch.float32 for b in r["yielded"] for _, _, d in b)
+                for bucket in r["yielded"]:
+                    size = sum(4 * math.prod(s) for _, s, _ in bucket)
+                    assert size <= STREAM_BUCKET or len(bucket) == 1, (where, bucket)
+                assert len(r["yielded"]) > 1, where
+                if r["tp"] == 0 and r["dp"] == 0:
+                    streamed += [n for b in r["yielded"] for n, _, _ in b]
+            assert sorted(streamed) == sorted(hf_shapes(cfg)), (name, tp, pp)  # every tensor exactly once
+
+
+def test_stage_names_and_bucket_plan():
+    from nemo_logitavg.models.hf_conversion import hf_bucket_plan, hf_shapes, stage_hf_names
+
+    for tied in (False, True):
+        cfg = LlamaConfig(
+            vocab_size=10, hidden_size=8, intermediate_size=4, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=tied,
+        )  # fmt: skip
+        shapes = hf_shapes(cfg)
+        assert stage_hf_names(cfg, 0, 1) == list(shapes)
+        stages = [stage_hf_names(cfg, r, 4) for r in range(4)]
+        assert sum(stages, []) == list(shapes)  # every name once, in order
+        assert stages[0][0] == "model.embed_tokens.weight" and stages[1][0] == "model.layers.1.input_layernorm.weight"
+        assert all(n.startswith("model.layers.2.") for n in stages[2])
+        assert stages[3][-1] == ("model.norm.weight" if tied else "lm_head.weight")
+        assert ("lm_head.weight" in sum(stages, [])) is not tied
+
+        assert hf_bucket_plan(cfg, 1, 2, 2**30, torch.float32) == [[(n, shapes[n]) for n in stage_hf_names(cfg, 1, 2)]]
+        singles = hf_bucket_plan(cfg, 0, 1, 1, torch.bfloat16)
+        assert singles == [[(n, shapes[n])] for n in shapes]
+        # 8x8 projections are 256 bytes in float32, 128 in bfloat16; norms 32 / 16.
+        plan = hf_bucket_plan(cfg, 1, 4, 300, torch.float32)
+        sizes = [sum(4 * math.prod(s) for _, s in bucket) for bucket in plan]
+        assert [n for bucket in plan for n, _ in bucket] == stages[1]
+        assert all(size <= 300 for size in sizes)
+        firsts = [4 * math.prod(bucket[0][1]) for bucket in plan[1:]]
+        assert all(size + first > 300 for size, first in zip(sizes, firsts, strict=False))  # greedy: none fits
+        assert len(hf_bucket_plan(cfg, 1, 4, 300, torch.bfloat16)) < len(plan)  # the dtype sets the bytes
+        assert hf_bucket_plan(cfg, 0, 1, 100, torch.float32)[0] == [("model.embed_tokens.weight", (10, 8))]
+    with pytest.raises(ValueError, match="pipeline rank 2 is outside pipeline_parallel_size=2"):
+        stage_hf_names(cfg, 2, 2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=3 does not divide num_hidden_layers=4"):
+        stage_hf_names(cfg, 0, 3)
+    with pytest.raises(ValueError, match="bucket_bytes must be >= 1"):
+        hf_bucket_plan(cfg, 0, 1, 0, torch.float32)
 
 
 # ------------------------------------------------------------------------------------- single process

@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -127,6 +128,47 @@ def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
+
+
+def stage_hf_names(cfg: LlamaConfig, pp_rank: int, pp_size: int) -> list[str]:
+    """The Hugging Face tensor names pipeline stage pp_rank owns, in a fixed order: model.embed_tokens.weight on
+    stage 0; its layers' tensors (global layer numbers, stage_layers()); model.norm.weight and lm_head.weight
+    (untied only) on the last stage. Tied embeddings appear once (stage 0)."""
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pipeline rank {pp_rank} is outside pipeline_parallel_size={pp_size}")
+    layers = stage_layers(cfg.num_hidden_layers, pp_rank, pp_size)
+    prefixes = tuple(f"model.layers.{i}." for i in layers)
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+
+    def owned(name: str) -> bool:
+        if name == "model.embed_tokens.weight":
+            return first
+        if name in ("model.norm.weight", "lm_head.weight"):
+            return last
+        return name.startswith(prefixes)
+
+    return [name for name in hf_shapes(cfg) if owned(name)]
+
+
+def hf_bucket_plan(
+    cfg: LlamaConfig, pp_rank: int, pp_size: int, bucket_bytes: int, dtype: torch.dtype
+) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """stage_hf_names grouped, in order, into buckets of at most bucket_bytes (a tensor larger than the bucket is a
+    bucket of its own); each entry (hf_name, full HF shape from hf_shapes(cfg)). Pure function of its arguments:
+    the receiving side computes the same plan."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    shapes, itemsize = hf_shapes(cfg), torch.empty((), dtype=dtype).element_size()
+    buckets: list[list[tuple[str, tuple[int, ...]]]] = []
+    size = 0
+    for name in stage_hf_names(cfg, pp_rank, pp_size):
+        nbytes = itemsize * math.prod(shapes[name])
+        if not buckets or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, shapes[name]))
+        size += nbytes
+    return buckets
 
 
 def _listing(keys: Sequence[str] | set[str], limit: int = 12) -> str:
@@ -264,6 +306,68 @@ def _layer_count(state: Mapping[str, torch.Tensor]) -> int:
     return len(numbers)
 
 
+@dataclasses.dataclass(frozen=True)
+class _HFSource:
+    """Where one Hugging Face tensor lives on its pipeline stage: the one mapping both directions of export use."""
+
+    mcore: str  # megatron-core name on the stage (local layer number, local-spec norm names)
+    piece: Callable[[torch.Tensor], torch.Tensor] | None  # this TP rank's part, cut from its shard (None: all of it)
+    dim: int | None  # TP ranks' parts are concatenated on this dimension; None: replicated (TP rank 0's copy)
+    rows: int | None = None  # keep the first rows only (vocabulary padding removed)
+
+
+def _stage_sources(
+    cfg: LlamaConfig, layers: Sequence[int], first: bool, last: bool, pp_size: int
+) -> tuple[dict[str, _HFSource], list[str]]:
+    """The Hugging Face tensors of one pipeline stage (in ``hf_shapes`` order) and where each comes from, plus the
+    megatron names the stage holds that export nothing (the last stage's copy of a tied embedding).
+
+    ``layers`` are the stage's global layer numbers; local layer ``j`` is ``layers[j]``.
+    """
+    groups, d, h, v = cfg.num_key_value_heads, _head_dim(cfg), cfg.hidden_size, cfg.vocab_size
+    q_rows = cfg.num_attention_heads // groups * d
+    per_group = q_rows + 2 * d
+    # linear_qkv holds, per query group, its query heads, key head and value head (rows of head_dim each).
+    spans = {"q": (0, q_rows), "k": (q_rows, q_rows + d), "v": (q_rows + d, per_group)}
+
+    def qkv_weight(which: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        lo, hi = spans[which]
+        return lambda t: t.reshape(-1, per_group, h)[:, lo:hi].reshape(-1, h)
+
+    def qkv_bias(which: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        lo, hi = spans[which]
+        return lambda t: t.reshape(-1, per_group)[:, lo:hi].reshape(-1)
+
+    def fc1(half: int) -> Callable[[torch.Tensor], torch.Tensor]:  # [gate_r; up_r] on each rank
+        return lambda t: t.chunk(2)[half]
+
+    sources: dict[str, _HFSource] = {}
+    if first:
+        sources["model.embed_tokens.weight"] = _HFSource("embedding.word_embeddings.weight", None, 0, v)
+    for local, i in enumerate(layers):
+        src, dst = f"decoder.layers.{local}.", f"model.layers.{i}."
+        qkv = src + "self_attention.linear_qkv."
+        sources[dst + "input_layernorm.weight"] = _HFSource(src + "input_layernorm.weight", None, None)
+        for which in "qkv":
+            sources[dst + f"self_attn.{which}_proj.weight"] = _HFSource(qkv + "weight", qkv_weight(which), 0)
+        sources[dst + "self_attn.o_proj.weight"] = _HFSource(src + "self_attention.linear_proj.weight", None, 1)
+        if cfg.qkv_bias:
+            for which in "qkv":
+                sources[dst + f"self_attn.{which}_proj.bias"] = _HFSource(qkv + "bias", qkv_bias(which), 0)
+        sources[dst + "post_attention_layernorm.weight"] = _HFSource(src + "pre_mlp_layernorm.weight", None, None)
+        sources[dst + "mlp.gate_proj.weight"] = _HFSource(src + "mlp.linear_fc1.weight", fc1(0), 0)
+        sources[dst + "mlp.up_proj.weight"] = _HFSource(src + "mlp.linear_fc1.weight", fc1(1), 0)
+        sources[dst + "mlp.down_proj.weight"] = _HFSource(src + "mlp.linear_fc2.weight", None, 1)
+    silent = []
+    if last:
+        sources["model.norm.weight"] = _HFSource("decoder.final_layernorm.weight", None, None)
+        if not cfg.tie_word_embeddings:
+            sources["lm_head.weight"] = _HFSource("output_layer.weight", None, 0, v)
+        elif pp_size > 1:
+            silent.append("output_layer.weight")  # the last stage's copy of the tied embedding
+    return sources, silent
+
+
 def mcore_to_hf_state_dict(
     shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], cfg: LlamaConfig
 ) -> dict[str, torch.Tensor]:
@@ -282,8 +386,6 @@ def mcore_to_hf_state_dict(
     if pp_size == 0 or tp_size == 0 or any(len(stage) != tp_size for stage in shards):
         raise ValueError("shards must be a non-empty [pp_rank][tp_rank] grid with the same TP size on every stage")
     check_parallel_layout(cfg, tp_size)
-    groups, d, h, v = cfg.num_key_value_heads, _head_dim(cfg), cfg.hidden_size, cfg.vocab_size
-    q_rows = cfg.num_attention_heads // groups * d
     grid = [[_local_names(s) for s in stage] for stage in shards]
     used: list[set[str]] = [set() for _ in range(pp_size)]
 
@@ -294,52 +396,26 @@ def mcore_to_hf_state_dict(
         used[pp].add(name)
         return [grid[pp][tp][name].detach().cpu() for tp in range(tp_size)]
 
-    out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": torch.cat(take(0, "embedding.word_embeddings.weight"))[:v]
-    }
+    out: dict[str, torch.Tensor] = {}
     offset = 0
     for pp in range(pp_size):
         count = _layer_count(grid[pp][0])
-        for local in range(count):
-            src, dst = f"decoder.layers.{local}.", f"model.layers.{offset + local}."
-            qkv = torch.cat(
-                [t.reshape(-1, q_rows + 2 * d, h) for t in take(pp, src + "self_attention.linear_qkv.weight")]
-            )
-            q, k, val = qkv.split([q_rows, d, d], dim=1)
-            if cfg.qkv_bias:
-                qkv_bias = torch.cat(
-                    [t.reshape(-1, q_rows + 2 * d) for t in take(pp, src + "self_attention.linear_qkv.bias")]
-                )
-                for name, bias in zip("qkv", qkv_bias.split([q_rows, d, d], dim=1), strict=True):
-                    out[dst + f"self_attn.{name}_proj.bias"] = bias.reshape(-1)
-            fc1 = [t.chunk(2) for t in take(pp, src + "mlp.linear_fc1.weight")]
-            out.update(
-                {
-                    dst + "input_layernorm.weight": take(pp, src + "input_layernorm.weight")[0],
-                    dst + "self_attn.q_proj.weight": q.reshape(-1, h),
-                    dst + "self_attn.k_proj.weight": k.reshape(-1, h),
-                    dst + "self_attn.v_proj.weight": val.reshape(-1, h),
-                    dst + "self_attn.o_proj.weight": torch.cat(take(pp, src + "self_attention.linear_proj.weight"), 1),
-                    dst + "post_attention_layernorm.weight": take(pp, src + "pre_mlp_layernorm.weight")[0],
-                    dst + "mlp.gate_proj.weight": torch.cat([gate for gate, _ in fc1]),
-                    dst + "mlp.up_proj.weight": torch.cat([up for _, up in fc1]),
-                    dst + "mlp.down_proj.weight": torch.cat(take(pp, src + "mlp.linear_fc2.weight"), 1),
-                }
-            )
+        sources, silent = _stage_sources(cfg, range(offset, offset + count), pp == 0, pp == pp_size - 1, pp_size)
+        for name, source in sources.items():
+            parts = [source.piece(t) if source.piece else t for t in take(pp, source.mcore)]
+            full = parts[0] if source.dim is None else torch.cat(parts, source.dim)
+            out[name] = (full[: source.rows] if source.rows is not None else full).clone()
+        for name in silent:
+            take(pp, name)
         offset += count
     if offset != cfg.num_hidden_layers:
         raise ValueError(f"the shards hold {offset} layers, the config has {cfg.num_hidden_layers}")
-    out["model.norm.weight"] = take(pp_size - 1, "decoder.final_layernorm.weight")[0]
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = torch.cat(take(pp_size - 1, "output_layer.weight"))[:v]
-    elif pp_size > 1:
-        take(pp_size - 1, "output_layer.weight")  # the last stage's copy of the tied embedding
     unexpected = {f"(pp={pp}) {k}" for pp in range(pp_size) for s in grid[pp] for k in s if k not in used[pp]}
     if unexpected:
         raise ValueError(
             f"megatron shards have keys the {cfg.model_type} mapping does not know: {_listing(unexpected)}"
         )
-    return {name: tensor.clone() for name, tensor in out.items()}
+    return {name: out[name] for name in hf_shapes(cfg)}
 
 
 # ----------------------------------------------------------------------------------- Hugging Face files
@@ -679,6 +755,121 @@ def gather_mcore_shards(model: torch.nn.Module, dst: int = 0) -> list[list[dict[
         if shard is not None:
             grid[pp][tp] = shard
     return grid
+
+
+_COLUMN_BLOCKS = 4  # column-split tensors are gathered in this many row blocks: a quarter in flight, not all
+_COLUMN_BLOCK_MAX_BYTES = 64 * 2**20
+
+
+def _gather_tp(local: torch.Tensor, source: _HFSource, group, tp_size: int) -> torch.Tensor:
+    """The full Hugging Face tensor ``source`` describes, from this rank's shard ``local`` (a collective over the
+    TP ``group``; every rank gets the same fresh tensor, on ``local``'s device)."""
+    import torch.distributed as dist
+
+    piece = (source.piece(local) if source.piece is not None else local).detach().contiguous()
+    if tp_size == 1:
+        full = piece if source.rows is None else piece[: source.rows]
+        shares = full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()
+        return full.clone() if shares or full.numel() != piece.numel() else full
+    ranks = [dist.get_global_rank(group, r) for r in range(tp_size)]
+    me = dist.get_rank(group)
+    if source.dim is None:  # replicated: TP rank 0's copy, as the offline mapping takes, on every rank
+        full = piece.clone()
+        dist.broadcast(full, src=ranks[0], group=group)
+        return full
+    if source.dim == 0 and source.rows is not None:
+        # Vocabulary: each rank broadcasts the rows it holds below the true size straight into the result, so no
+        # padded copy is ever made.
+        per_rank = piece.shape[0]
+        full = piece.new_empty((source.rows, *piece.shape[1:]))
+        for r in range(tp_size):
+            start = r * per_rank
+            count = min(per_rank, source.rows - start)
+            if count <= 0:
+                break
+            if r == me:
+                full[start : start + count].copy_(piece[:count])
+            dist.broadcast(full[start : start + count], src=ranks[r], group=group)
+        return full
+    if source.dim == 0:
+        full = piece.new_empty((tp_size * piece.shape[0], *piece.shape[1:]))
+        _all_gather_single(full, piece, group)
+        return full
+    # Split on columns: gather row blocks and interleave them, so only a block is in flight beside the result.
+    rows, cols = piece.shape
+    full = piece.new_empty((rows, tp_size * cols))
+    row_bytes = tp_size * cols * piece.element_size()
+    block = max(1, min(-(-rows // _COLUMN_BLOCKS), _COLUMN_BLOCK_MAX_BYTES // row_bytes))
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        gathered = piece.new_empty((tp_size * (stop - start), cols))  # gloo takes the concatenated form only
+        _all_gather_single(gathered, piece[start:stop], group)
+        blocks = gathered.view(tp_size, stop - start, cols).transpose(0, 1)
+        full[start:stop].view(stop - start, tp_size, cols).copy_(blocks)
+        del gathered
+    return full
+
+
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    import torch.distributed as dist
+
+    # all_gather_single is the newer name (torch >= 2.11); the older one warns there.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
+def iter_hf_buckets(
+    model: torch.nn.Module, cfg: LlamaConfig, bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """This pipeline stage's policy weights as Hugging Face-named FULL tensors, bucket by bucket, exactly following
+    hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, param dtype). A collective over this rank's tensor-parallel
+    group only (every TP rank of the stage calls it in lockstep, any DP replica may); TP shards are all-gathered per
+    tensor (vocab padding removed, q/k/v and gate/up split as the mapping does), never the whole model. Every TP
+    rank yields identical full tensors, on the model's device (CUDA tensors over NCCL on GPUs, CPU over gloo).
+    Peak extra memory: one bucket plus one tensor in flight.
+
+    The tensors are fresh (no views of the parameters); a consumer that drops each bucket before asking for the
+    next keeps the peak at one bucket. Checked before any collective (so every TP rank raises together): the
+    stage's layers are megatron's even split, its state dict has exactly the mapping's keys, one dtype.
+
+    Raises:
+        ValueError: naming the mismatched layers, keys or dtypes.
+    """
+    from megatron.core import parallel_state as ps
+
+    model = _unwrap(model)
+    tp_rank, tp_size, pp_rank, pp_size = _parallel_ranks()
+    check_parallel_layout(cfg, tp_size, pp_size)
+    layers = stage_layers(cfg.num_hidden_layers, pp_rank, pp_size)
+    if _model_layers(model) != list(layers):
+        raise ValueError(
+            f"pipeline stage {pp_rank} holds layers {_model_layers(model)}, the even split of "
+            f"{cfg.num_hidden_layers} layers over {pp_size} stages is {list(layers)}"
+        )
+    state = _local_names(model.state_dict())
+    sources, silent = _stage_sources(cfg, layers, pp_rank == 0, pp_rank == pp_size - 1, pp_size)
+    expected = {source.mcore for source in sources.values()} | set(silent)
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"stage {pp_rank}'s state dict does not match the {cfg.model_type} mapping: "
+            f"missing {_listing(missing) or 'none'}; unexpected {_listing(unexpected) or 'none'}"
+        )
+    dtypes = {tensor.dtype for name, tensor in state.items() if name in expected}
+    if len(dtypes) != 1:
+        raise ValueError(f"stage {pp_rank}'s weights mix dtypes {sorted(map(str, dtypes))}; the plan needs one")
+    dtype = dtypes.pop()
+    group = ps.get_tensor_model_parallel_group()
+    for planned in hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, dtype):
+        bucket = []
+        for name, shape in planned:
+            tensor = _gather_tp(state[sources[name].mcore], sources[name], group, tp_size)
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}: gathered shape {tuple(tensor.shape)}, the config gives {shape}")
+            bucket.append((name, tensor))
+            del tensor
+        yield bucket
+        del bucket
 
 
 # ------------------------------------------------------------------------------ converter's checkpoint
