@@ -244,3 +244,76 @@ def _served_shapes(hf_dir: str) -> dict[str, list[int]]:
 
     state = read_hf_state(hf_dir)
     return {n: list(t.shape) for n, t in state.items() if not n.endswith("rotary_emb.inv_freq")}
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def _memory_world(policy: str, work: str, bucket_bytes: int) -> dict:
+    import torch.distributed as dist
+
+    from nemo_logitavg.models import LlamaConfig
+    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.models.hf_conversion import iter_hf_buckets
+    from nemo_logitavg.parallel import init_parallel, teardown
+    from nemo_logitavg.rollout.client import RolloutClient
+    from nemo_logitavg.rollout.process import ServerProcess
+    from nemo_logitavg.rollout.weight_push import PolicyPusher
+    from tests.benchmarks.bench_weight_push import PeakRSS
+
+    init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
+    rank = dist.get_rank()
+    cfg = LlamaConfig.from_hf(policy)
+    actor = LogitAveragingActor(cfg, None, ActorConfig(ref_weight=0.0))
+    actor.load_hf(policy, None)
+    server, client = None, None
+    try:
+        if rank == 0:
+            server = ServerProcess(policy, None, 0.0, os.path.join(work, "memory-server.log"), token=TOKEN,
+                                   extra_args=["--threads", "1"]).wait_ready()  # fmt: skip
+            client = RolloutClient([server.url], token=TOKEN, timeout=60)
+        pusher = PolicyPusher(actor.gpt_policy, cfg, client, bucket_bytes=bucket_bytes, push_timeout=60)
+        pusher.push(1)  # builds the groups and starts the helper threads: one-off costs, not per push
+        dist.barrier()
+        with PeakRSS() as push:
+            confirmed = pusher.push(2)
+        dist.barrier()
+        # The control: holding the whole stage at once must show up, or the measurement sees nothing.
+        with PeakRSS() as whole:
+            held = list(iter_hf_buckets(actor.gpt_policy, cfg, bucket_bytes))
+        largest = max(t.numel() * t.element_size() for bucket in held for _, t in bucket)
+        stage_bytes = sum(t.numel() * t.element_size() for bucket in held for _, t in bucket)
+        del held
+        return {"push": push.growth, "whole": whole.growth, "largest": largest, "stage": stage_bytes,
+                "confirmed": confirmed}  # fmt: skip
+    finally:
+        if server is not None:
+            server.stop()
+        teardown()
+
+
+@pytest.mark.slow
+def test_push_memory_is_bounded_by_the_bucket(tmp_path, monkeypatch):
+    # A fixed mmap threshold: freed tensors go back to the OS, so RSS follows what is alive (glibc's dynamic
+    # threshold would keep them in the heap and hide both a leak and the control below).
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    shape = {"vocab_size": 4096, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+    policy = make_spread_llama(str(tmp_path / "policy"), 1, shape)
+    bucket = 8 << 20  # the largest tensor (the 4096 x 512 embedding) fills one
+    model_bytes = sum(t.numel() * 4 for t in _tensors(policy))
+    assert model_bytes >= 8 * bucket  # the model is at least eight buckets
+    results = run_distributed(_memory_world, 4, timeout_s=900, policy=policy, work=str(tmp_path), bucket_bytes=bucket)
+    assert len(results[0]["confirmed"]) == 1
+    for rank, r in enumerate(results):
+        bound = 2 * max(bucket, r["largest"])
+        assert r["push"] <= bound, (rank, [(x["push"], x["whole"], x["largest"]) for x in results])
+    # The control: some stage holds more than the bound when it keeps all its tensors, and the sampler saw it.
+    assert any(r["whole"] > 2 * max(bucket, r["largest"]) for r in results), results
+
+
+def _tensors(hf_dir: str) -> list[torch.Tensor]:
+    from nemo_logitavg.models.hf_conversion import read_hf_state
+
+    state = read_hf_state(hf_dir)
+    return [state[name] for name in state]

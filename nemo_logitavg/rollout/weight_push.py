@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -143,17 +144,21 @@ def send_buckets(
         RuntimeError: the buckets do not follow ``plan`` (the receivers would mis-assign tensors).
     """
     sent, count = 0, 0
-    for k, bucket in enumerate(buckets):
+    # No enumerate(): its cached result tuple would keep the previous bucket alive while the next is built.
+    for bucket in buckets:
+        k = count
         if k >= len(plan) or [name for name, _ in bucket] != [name for name, _ in plan[k]]:
             raise RuntimeError(f"bucket {k} of the policy does not follow the push plan")
         for (name, tensor), (_, shape) in zip(bucket, plan[k], strict=True):
             if tuple(tensor.shape) != tuple(shape):
                 raise RuntimeError(f"{name} has shape {tuple(tensor.shape)}, the push plan says {tuple(shape)}")
+        del tensor
         # gloo moves host memory: stage CUDA tensors on the host (the one-GPU case); NCCL sends them in place.
         staged = [t.detach().contiguous() if backend == "nccl" else t.detach().cpu().contiguous() for _, t in bucket]
         _broadcast_all(group, staged)
         sent += sum(t.numel() * t.element_size() for t in staged)
         count += 1
+        del bucket, staged  # before the iterator builds the next one: one bucket alive at a time
     if count != len(plan):
         raise RuntimeError(f"the policy yielded {count} buckets, the push plan has {len(plan)}")
     return sent
@@ -339,6 +344,7 @@ class PolicyPusher:
         self._group: dist.ProcessGroup | None = None
         self._backend = "gloo"
         self._dirty = True  # the group must be (re)built before the next push
+        self._posts: ThreadPoolExecutor | None = None
 
     # ---------------------------------------------------------------------------------------- collectives
 
@@ -413,20 +419,19 @@ class PolicyPusher:
         self.members = members
 
         # rank 0 posts the update to every member (each answers once the push landed); senders broadcast.
-        results: dict[str, tuple[dict | None, str | None]] = {}
-        threads = []
+        posts = {}
         if self.rank == 0:
             body = {
                 "step": int(step), "run_id": self.run_id, "dtype": dtype_name(self.dtype),
                 "plan": plan_to_wire(self.plans), "timeout_s": self.push_timeout,
             }  # fmt: skip
-
-            def post(url: str) -> None:
-                results[url] = self.client.post_once(url, "/v1/weights/update", body, self.push_timeout + 30.0)
-
-            threads = [threading.Thread(target=post, args=(m.url,), daemon=True) for m in members]
-            for thread in threads:
-                thread.start()
+            if self._posts is None:  # kept across pushes: a step starts no threads
+                self._posts = ThreadPoolExecutor(max_workers=8, thread_name_prefix="push")
+            posts = {
+                m.url: self._posts.submit(self.client.post_once, m.url, "/v1/weights/update", body,
+                                          self.push_timeout + 30.0)
+                for m in members
+            }  # fmt: skip
         send_error = None
         if self.streams:
             from nemo_logitavg.models.hf_conversion import iter_hf_buckets
@@ -436,12 +441,11 @@ class PolicyPusher:
                 if self.is_sender:
                     send_buckets(self._group, buckets, self.plans[self.stage], self._backend)
                 else:
-                    for _ in buckets:  # the TP peers take part in the per-tensor gathers
-                        pass
+                    for bucket in buckets:  # the TP peers take part in the per-tensor gathers
+                        del bucket  # dropped before the next one is built
             except RuntimeError as exc:  # a receiver died mid-push: gloo/NCCL raise, the group is broken
                 send_error = f"rank {self.rank}: {exc}"
-        for thread in threads:
-            thread.join()
+        results = {url: future.result() for url, future in posts.items()}
         outcome = None
         if self.rank == 0:
             confirmed = [u for u, (payload, _) in results.items() if payload and payload.get("policy_step") == step]
