@@ -96,6 +96,8 @@ class RolloutSection:
     prompts_per_step: int = 8
     max_tokens: int = 256
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
+    push_bucket_mb: float | None = None  # policy push bucket (MiB); None: 1024 on GPUs, 128 on CPUs
+    push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
 
 
 @dataclass
@@ -175,6 +177,8 @@ class GRPOConfig:
             (r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1"),
             (r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1"),
             (r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1"),
+            (r.push_bucket_mb is None or r.push_bucket_mb > 0, "rollout.push_bucket_mb", "must be > 0 (or null)"),
+            (r.push_timeout > 0, "rollout.push_timeout", "must be > 0"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16"),
             (self.data.reward in ("math", "mcq"), "data.reward", "must be math or mcq"),
             (self.run.steps >= 1, "run.steps", "must be >= 1"),

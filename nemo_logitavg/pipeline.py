@@ -250,13 +250,14 @@ def grpo_done(p: Plan, name: str) -> bool:
     from nemo_logitavg.checkpointing import latest_step
 
     cfg = p.methods[name]
-    return latest_step(os.path.join(cfg.run.dir, "checkpoints")) == cfg.run.steps
+    finished = latest_step(os.path.join(cfg.run.dir, "checkpoints")) == cfg.run.steps
+    return finished and os.path.isfile(os.path.join(final_policy(p, name), "config.json"))
 
 
 def final_policy(p: Plan, name: str) -> str:
-    """The policy a finished GRPO run served last: its final weight push, a Hugging Face directory."""
+    """The policy a finished GRPO run served last: the trainer's final save, a Hugging Face directory."""
     cfg = p.methods[name]
-    return os.path.join(cfg.run.dir, "policy_sync", f"step_{cfg.run.steps:08d}")
+    return os.path.join(cfg.run.dir, "policy_final")
 
 
 def run_grpo(p: Plan, name: str) -> None:

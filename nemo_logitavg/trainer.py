@@ -3,8 +3,9 @@
 Rank 0 talks to the rollout servers and grades the completions; every rank receives the step's batch. The
 actor recomputes the old log pi_mix before the update (the rollout's own log-probs are kept to report the
 train/rollout mismatch), then runs ``epochs x mini_batches`` optimiser steps with the clipped pi_mix loss, and
-the new policy is written once in Hugging Face format for the servers to reload. The KL-GRPO baseline is the
-same loop with ``ref_weight = 0`` and ``beta > 0``.
+the new policy streams into the servers over a collective (``rollout.weight_push``; nothing is written to disk
+per step). The final save also writes ``run.dir/policy_final/`` (a Hugging Face directory) for evaluation and
+release. The KL-GRPO baseline is the same loop with ``ref_weight = 0`` and ``beta > 0``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -253,7 +253,7 @@ class GRPOTrainer:
         client: a ``RolloutClient`` on rank 0 (None elsewhere).
         score: ``score(completion_texts, answers) -> list[float]`` (rank 0).
         export_policy: ``export_policy(out_dir)`` writes the current policy as a Hugging Face directory (a
-            collective; rank 0 writes).
+            collective): the final ``policy_final/``.
         eval_prompts: held-out records like ``prompts``, scored greedily every ``run.eval_every`` steps.
         stop: the signal watcher, created by the recipe before any thread or child process starts.
     """
@@ -268,7 +268,7 @@ class GRPOTrainer:
         self.step = 0
         self.position = 0  # index of the next prompt
         self.ckpt_dir = os.path.join(cfg.run.dir, "checkpoints")
-        self.sync_dir = os.path.join(cfg.run.dir, "policy_sync")
+        self.final_dir = os.path.join(cfg.run.dir, "policy_final")
         self.log = None
         if self.rank == 0:
             from dataclasses import asdict, is_dataclass
@@ -276,6 +276,10 @@ class GRPOTrainer:
             config = asdict(cfg) if is_dataclass(cfg) else None
             self.log = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.run.wandb_project, config)
         self.stop = stop or StopRequested()
+        from nemo_logitavg.rollout.weight_push import PolicyPusher
+
+        bucket = int(cfg.rollout.push_bucket_mb * 2**20) if cfg.rollout.push_bucket_mb else None
+        self.pusher = PolicyPusher(actor.gpt_policy, actor.policy_cfg, client, bucket, cfg.rollout.push_timeout)
 
     # --------------------------------------------------------------------------------------------- state
     def save(self) -> None:
@@ -298,18 +302,9 @@ class GRPOTrainer:
             print(f"[grpo] resumed from {loaded.path} (step {self.step})", flush=True)
         return True
 
-    def push_policy(self, keep: int = 2) -> None:
-        """Write the current policy once and make every server serve it as ``self.step``.
-
-        Only the newest ``keep`` written policies stay on disk (a server restarting mid-push still finds one).
-        """
-        path = os.path.join(self.sync_dir, f"step_{self.step:08d}")
-        self.export_policy(path)
-        if self.rank == 0:
-            self.client.load_weights(path, self.step)
-            for old in sorted(d for d in os.listdir(self.sync_dir) if d.startswith("step_"))[:-keep]:
-                shutil.rmtree(os.path.join(self.sync_dir, old), ignore_errors=True)
-        dist.barrier()
+    def push_policy(self) -> None:
+        """Make every reachable server serve the current policy as ``self.step`` (a collective)."""
+        self.pusher.push(self.step)
 
     # ---------------------------------------------------------------------------------------------- step
     def _rollout(self) -> dict:
@@ -450,5 +445,7 @@ class GRPOTrainer:
                 if self.rank == 0:
                     print(f"[grpo] stopped at step {self.step} on request; rerun to resume", flush=True)
                 break
+        if self.step >= self.cfg.run.steps:  # the final save: the policy as a Hugging Face directory
+            self.export_policy(self.final_dir)
         if self.log is not None:
             self.log.close()

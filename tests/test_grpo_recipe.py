@@ -99,19 +99,20 @@ def test_logit_averaging_grpo_runs(models, tmp_path):
     assert metrics[4]["eval/problems"] == 9
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "4"
     assert any((run_dir / "tensorboard").iterdir())
-    synced = run_dir / "policy_sync" / "step_00000004"
-    assert (synced / "config.json").is_file()
-    assert sorted(p.name for p in (run_dir / "policy_sync").iterdir()) == ["step_00000003", "step_00000004"]
+    # Nothing is written per step any more (the push is a collective); the final save writes policy_final/.
+    assert not (run_dir / "policy_sync").exists()
+    final = run_dir / "policy_final"
+    assert (final / "config.json").is_file()
 
-    # Release: the training checkpoint of step 4 exports to the same weights the servers were given.
-    from safetensors.torch import load_file
+    # Release: the training checkpoint of step 4 exports to the same weights as the final policy.
+    from nemo_logitavg.models.hf_conversion import read_hf_state
 
     out = tmp_path / "exported"
     subprocess.run([sys.executable, str(ROOT / "recipes" / "convert_mcore_to_hf.py"), "--ckpt",
                     str(run_dir / "checkpoints"), "--out", str(out)], check=True, timeout=300,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True)  # fmt: skip
-    exported, pushed = load_file(out / "model.safetensors"), load_file(synced / "model.safetensors")
-    assert exported.keys() == pushed.keys() and all(exported[k].equal(pushed[k]) for k in pushed)
+    exported, final_state = read_hf_state(out), read_hf_state(final)
+    assert set(exported) == set(final_state) and all(exported[k].equal(final_state[k]) for k in final_state)
 
 
 def test_killed_run_resumes_to_identical_metrics(models, tmp_path):

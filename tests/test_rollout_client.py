@@ -113,7 +113,7 @@ def test_real_connection_refused_names_the_server(sleeps):
         client.load_weights("/somewhere", 1)
 
 
-def test_4xx_is_not_retried_and_stale_steps_are_refused(sleeps):
+def test_4xx_is_not_retried_and_stale_servers_get_nothing(sleeps):
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -130,9 +130,14 @@ def test_4xx_is_not_retried_and_stale_steps_are_refused(sleeps):
         client.generate([[999]], n=1, max_tokens=1)
     assert calls == ["/v1/completions"]
     assert client.load_weights("/weights", 4) == {"http://127.0.0.1:9": 4}
-    with pytest.raises(RolloutError, match="older than the pushed step 4"):
+    with pytest.raises(RolloutError, match="not the pushed step 4"):
         client.generate([[1]], n=1, max_tokens=1)
-    assert calls.count("/v1/load_weights") == 3  # the push, then a re-push after each stale answer
+    # No re-push by path (the collective push resyncs stale servers): the stale server now gets nothing.
+    assert calls.count("/v1/load_weights") == 1 and client.serving() == []
+    served = len(calls)
+    with pytest.raises(RolloutError, match="no rollout server holds the pushed policy step 4"):
+        client.generate([[1]], n=1, max_tokens=1)
+    assert len(calls) == served
     with pytest.warns(UserWarning, match="off-policy"):
         with pytest.raises(RolloutError):
             client.generate([[1]], n=1, max_tokens=1, top_p=0.9)

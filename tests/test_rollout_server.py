@@ -236,13 +236,16 @@ def test_failover_to_another_server_and_back(dirs, tmp_path):
         after = client.generate(prompts[:4], **kwargs)
         assert {c.server for g in after for c in g} == {b.url}
 
-        # A restarts on the same port with its start-up policy (step 0): the client pushes step 3 to it again
-        # (it never returns completions of an older step) and uses it.
+        # A restarts on the same port with its start-up policy (step 0): it is stale, so it gets nothing (the
+        # client no longer re-pushes by path) until weights land in it again; then it serves.
         a = Server(dirs, str(tmp_path), a.port).wait()
         time.sleep(1.1)  # past the cooldown
+        stale = client.generate(prompts[:4], **kwargs)
+        assert {c.server for g in stale for c in g} == {b.url}
+        client.load_weights(dirs["policy2"], 4)
         back = client.generate(prompts, **kwargs)
         assert a.url in {c.server for g in back for c in g}
-        assert all(c.policy_step == 3 for g in back for c in g)
+        assert all(c.policy_step == 4 for g in back for c in g)
         assert [[c.token_ids for c in g] for g in back] == [[c.token_ids for c in g] for g in baseline]
         client.close()
     finally:

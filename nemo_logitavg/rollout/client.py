@@ -2,7 +2,7 @@
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
     client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs; learn their limits
-    client.load_weights(path, step)                    # after each update (GRPOTrainer.push_policy)
+    client.mark_pushed(step, urls)                     # by the collective push (weight_push.PolicyPusher)
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
@@ -23,11 +23,14 @@
 - A dead server: after a failed request the client probes the server's ``/health`` once (``probe_timeout``); if
   that fails too, the server is marked down: requests skip it (while any other server is up) and pushes and
   ``check`` do not wait for it (a push warns that it missed the step), and a background thread re-probes it every
-  ``probe_interval`` seconds until it answers again (it then gets the weights through the stale-step check).
+  ``probe_interval`` seconds until it answers again (it gets requests again once a push lands in it).
   Only when every server is down does the backoff below apply.
-- Weight sync: ``load_weights`` pushes (path, step) to every server. Completions that report an older
-  ``policy_step`` than the last push are never returned: the client pushes the weights to that server again
-  (e.g. one that was restarted) and retries.
+- Weight sync: the trainer's collective push (``weight_push.PolicyPusher``) lands the policy in the servers and
+  calls ``mark_pushed(step, urls)`` with the servers that confirmed it; ``load_weights`` (operators, the
+  evaluation) does the same by path. After a push only those servers get requests: a server that missed it
+  (died, restarted, timed out) is stale until a later push lands in it. A completion that reports another
+  ``policy_step`` than the pushed one is never returned: its server is marked stale and the request goes to
+  another server.
 """
 
 from __future__ import annotations
@@ -149,8 +152,8 @@ class RolloutClient:
         self._next = 0
         self._limits: dict[str, dict] = {}  # per server: its /v1/models "limits" (learned by check)
         self.run_id = uuid.uuid4().hex  # one trainer run: the servers refuse a step that does not rise within it
-        self.policy_step: int | None = None  # the last step pushed with load_weights
-        self.policy_path: str | None = None
+        self.policy_step: int | None = None  # the last step pushed (None: serve whatever the servers hold)
+        self.server_steps: dict[str, int] = {}  # server -> the step it confirmed; the others are stale
 
     # -------------------------------------------------------------------------------------------- plumbing
 
@@ -167,12 +170,32 @@ class RolloutClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def serving(self) -> list[str]:
+        """The servers that hold the pushed policy (all of them before any push)."""
+        with self._lock:
+            if self.policy_step is None:
+                return list(self.urls)
+            return [u for u in self.urls if self.server_steps.get(u) == self.policy_step]
+
+    def mark_pushed(self, step: int, urls: Sequence[str]) -> None:
+        """``urls`` now serve the policy of ``step``; every other server is stale until a push lands in it."""
+        with self._lock:
+            self.policy_step = int(step)
+            self.server_steps = {u: int(step) for u in urls}
+
+    def _mark_stale(self, url: str) -> None:
+        with self._lock:
+            self.server_steps.pop(url, None)
+
     def _pick(self, start: int) -> str:
-        """The server to try: the start-th in rotation among those up and with no recent failure, else the one
-        whose last failure is oldest (a down server only when every server is down)."""
+        """The server to try: the start-th in rotation among the serving ones that are up and have no recent
+        failure, else the one whose last failure is oldest (a down server only when every serving one is down)."""
         now = time.monotonic()
-        k = len(self.urls)
-        rotation = [self.urls[(start + i) % k] for i in range(k)]
+        urls = self.serving()
+        if not urls:
+            raise RolloutError(f"no rollout server holds the pushed policy step {self.policy_step}")
+        k = len(urls)
+        rotation = [urls[(start + i) % k] for i in range(k)]
         with self._lock:
             up = [u for u in rotation if u not in self._down]
             rotation = up or rotation
@@ -258,7 +281,10 @@ class RolloutClient:
         errors: list[str] = []
         failures = 0
         for attempt in range(self.max_attempts):
-            url = pin or self._pick(start)
+            try:
+                url = pin or self._pick(start)
+            except RolloutError as exc:  # every server is stale: say why they became so
+                raise RolloutError("; ".join([str(exc), *errors])) from None
             if pin is not None and self.is_down(pin):
                 errors.append(f"{pin}: marked down (failed a request and a health probe)")
                 break
@@ -285,18 +311,36 @@ class RolloutClient:
         )
 
     def _stale(self, url: str, payload: dict) -> str | None:
-        """None if ``payload`` comes from the pushed policy step; else re-push the weights and say why."""
+        """None if ``payload`` comes from the pushed policy step; else mark the server stale and say why."""
         step = payload.get("policy_step") if isinstance(payload, dict) else None
         if not isinstance(step, int):
             return "the response carries no integer policy_step"
-        if self.policy_step is None or step >= self.policy_step:
+        if self.policy_step is None or step == self.policy_step:
             return None
-        reason = f"served policy step {step}, older than the pushed step {self.policy_step}"
-        if self.policy_path is not None:
-            body = {"path": self.policy_path, "step": self.policy_step, "run_id": self.run_id}
-            _, error = self._call(url, "POST", "/v1/load_weights", body)
-            reason += " (weights pushed again)" if error is None else f" (pushing the weights again failed: {error})"
-        return reason
+        self._mark_stale(url)
+        return f"served policy step {step}, not the pushed step {self.policy_step} (stale until the next push)"
+
+    def models(self, url: str, timeout: float = 10.0) -> dict | None:
+        """One ``GET /v1/models`` without retries: the server's card, or None when it does not answer."""
+        try:
+            response = self._http.get(url + "/v1/models", timeout=timeout)
+            return response.json() if response.status_code == 200 else None
+        except (httpx.TransportError, ValueError):
+            return None
+
+    def post_once(self, url: str, path: str, body: dict, timeout: float) -> tuple[dict | None, str | None]:
+        """One POST without retries (the push's join and update: retrying half a collective cannot help):
+        ``(payload, None)``, or ``(None, error)`` for any failure, a 4xx included."""
+        try:
+            response = self._http.post(url + path, json=body, timeout=httpx.Timeout(timeout, connect=10.0))
+        except httpx.TransportError as exc:
+            return None, f"{type(exc).__name__}: {exc or 'no detail'}"
+        if response.status_code != 200:
+            return None, f"HTTP {response.status_code}: {_message(response)}"
+        try:
+            return response.json(), None
+        except ValueError:
+            return None, f"a body that is not JSON: {response.text[:200]!r}"
 
     # -------------------------------------------------------------------------------------------- public
 
@@ -407,12 +451,11 @@ class RolloutClient:
         Requests carry this client's ``run_id``: a server refuses (409) a step not above the last one it loaded for
         this client, so a late push can never roll a server back.
 
-        Servers that cannot be reached after the retries are reported in a warning and receive the weights when
-        they next answer (stale-step check); if no server loads them, RolloutError.
+        Servers that cannot be reached after the retries are reported in a warning and are stale (no requests)
+        until weights land in them again; if no server loads them, RolloutError.
         """
         # Absolute: the caller means its own working directory (servers resolve relative paths against their root).
-        self.policy_path, self.policy_step = os.path.abspath(path), int(step)
-        body = {"path": self.policy_path, "step": int(step), "run_id": self.run_id}
+        body = {"path": os.path.abspath(path), "step": int(step), "run_id": self.run_id}
 
         def push(url: str):
             try:
@@ -430,9 +473,10 @@ class RolloutClient:
                 failed.append(f"{url} ({error})")
         if not loaded:
             raise RolloutError(f"no server loaded step {step} from {path}: {'; '.join(failed)}")
+        self.mark_pushed(step, list(loaded))
         if failed:
             missed = "; ".join(failed)
-            warnings.warn(f"step {step} not loaded by: {missed}; they get it when they next answer", stacklevel=2)
+            warnings.warn(f"step {step} not loaded by: {missed}; they get no requests until it lands", stacklevel=2)
         return loaded
 
     def check(self, ref_weight: float) -> dict[str, dict]:

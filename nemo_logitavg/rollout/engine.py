@@ -122,6 +122,15 @@ class Engine(Protocol):
     def load_policy(self, path: str, step: int) -> None:
         """Replace the policy weights (only those) by the Hugging Face directory ``path``; serve ``step``."""
 
+    # The collective push (``weight_push``): ranks taken in a weight-update group, the digest of the tensors a
+    # push carries, joining the groups, and landing a push.
+    weight_receivers: int
+    policy_manifest: str
+
+    def join_weight_groups(self, specs: Sequence, rank: int) -> None: ...
+
+    def receive_policy(self, plans: dict, dtype: torch.dtype, step: int, timeout_s: float) -> None: ...
+
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
@@ -133,6 +142,14 @@ class Engine(Protocol):
 
     def alive(self) -> bool:
         """False once the engine cannot serve any more (e.g. vLLM's engine process died): /health answers 503."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (bit-identity checks across processes)."""
+    t = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _has_tokenizer(path: str | None) -> bool:
@@ -360,6 +377,74 @@ class TorchEngine(EngineCommon):
                     expected[name].copy_(tensor.to(expected[name].dtype))
             self.policy_path = path
             self.policy_step = int(step)
+
+    # -------------------------------------------------------------------------------- the collective push
+
+    weight_receivers = 1  # ranks this engine takes in a weight-update group (one process holds the weights)
+
+    def _pushed_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The policy tensors a push carries: its Hugging Face state minus the tied head and rotary buffers."""
+        state = self.policy.state_dict()
+        skip = {"lm_head.weight"} if self._shape["tie_word_embeddings"] else set()
+        return {n: tuple(t.shape) for n, t in state.items() if n not in skip and not n.endswith("rotary_emb.inv_freq")}
+
+    @property
+    def policy_manifest(self) -> str:
+        from nemo_logitavg.rollout.weight_push import policy_manifest
+
+        return policy_manifest(self._pushed_shapes().items())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def weight_digests(self) -> dict[str, dict[str, str]]:
+        """sha256 of every served tensor's bytes, by Hugging Face name, for ``policy`` and ``reference``: lets an
+        operator (and the tests) check that a push landed bit for bit and left the reference untouched."""
+        out = {}
+        for half, model in (("policy", self.policy), ("reference", self.reference)):
+            if model is not None:
+                out[half] = {name: tensor_digest(t) for name, t in model.state_dict().items()}
+        return out
+
+    def join_weight_groups(self, specs: Sequence, rank: int) -> None:
+        """Join the trainer's weight-update groups (``weight_push.GroupSpec`` per stage) as ``rank``; returns at
+        once, the groups form in the background."""
+        from nemo_logitavg.rollout.weight_push import WeightReceiver
+
+        if getattr(self, "_receiver", None) is None:
+            self._receiver = WeightReceiver()
+        self._receiver.join(specs, rank)
+        self._receive_device = self.device if all(s.backend == "nccl" for s in specs) else torch.device("cpu")
+
+    def receive_policy(self, plans: dict, dtype: torch.dtype, step: int, timeout_s: float) -> None:
+        """Land a push of the policy half (``plans``: stage -> buckets of (name, shape)) and serve it as ``step``.
+
+        The plan is checked against the served policy before anything moves. Buckets are copied into the
+        weights as they land, so a push that fails midway leaves the policy mixed: the caller (the server)
+        serves nothing until a complete push lands.
+
+        Raises:
+            ValueError: the plan names other tensors or shapes than the served policy's.
+            RuntimeError: no groups were joined, or the push failed or timed out.
+        """
+        expected = self._pushed_shapes()
+        planned = {name: tuple(shape) for plan in plans.values() for bucket in plan for name, shape in bucket}
+        if planned != expected:
+            wrong = sorted(set(planned) ^ set(expected)) or sorted(n for n in planned if planned[n] != expected[n])
+            raise ValueError(f"the push plan does not match the served policy: {wrong[:8]}")
+        if getattr(self, "_receiver", None) is None:
+            raise RuntimeError("no weight-update group was joined (POST /v1/weights/join first)")
+        state = self.policy.state_dict()
+
+        def load(bucket: list) -> None:
+            with torch.no_grad():
+                for name, tensor in bucket:
+                    state[name].copy_(tensor)
+
+        with self._lock:
+            self._receiver.receive(plans, dtype, load, timeout_s, device=self._receive_device)
+            self.policy_path, self.policy_step = None, int(step)
 
     # ------------------------------------------------------------------------------------------ decoding
 

@@ -26,7 +26,10 @@ def _server_child_signals() -> None:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """True unless something listens on ``host:port`` (connections of a dead server in TIME_WAIT do not count:
+    the server binds with SO_REUSEADDR too, so it can restart where it was)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -20,7 +20,14 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
   gets what one request with seed ``s`` would give.
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``
-  and ``limits``: the ``ServerLimits`` a request must keep to).
+  and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
+  ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``).
+- The collective policy push (``weight_push``): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
+  "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
+  ``POST /v1/weights/update`` ``{"step", "run_id", "dtype", "plan", "timeout_s"}`` lands a push between requests
+  and answers ``{"policy_step": K}`` once every bucket is in (409 when the step does not rise within the run id;
+  after a failed push completions answer 503 until a complete push lands); ``GET /v1/weights/digest``: sha256 of
+  every served tensor (policy and reference halves).
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K, "run_id": R}``: reload the policy half from a Hugging Face
   safetensors directory between requests (requests and reloads are serialised by one lock, so no request sees
   half-loaded weights) and answer ``{"policy_step": K}``. For operators and the evaluation: refused (403) unless
@@ -112,6 +119,7 @@ class ServerLimits:
         if chars is None:
             chars = min(32 * max_model_len, self.max_body_bytes)
         return dataclasses.replace(self, max_prompt_chars=int(chars))
+    push_timeout: float = 600.0  # seconds a policy push may take to land
 
 
 class CompletionRequest(BaseModel):
@@ -161,6 +169,19 @@ def _weights_dir(root: str, path: str) -> str:
         if not isinstance(name, str) or not _inside(resolved, os.path.realpath(os.path.join(resolved, name))):
             raise BadRequest(f"{path!r}: safetensors file {name!r} lies outside the directory")
     return resolved
+
+
+class JoinRequest(BaseModel):
+    groups: list[dict]
+    rank: StrictInt
+
+
+class UpdateRequest(BaseModel):
+    step: StrictInt
+    run_id: StrictStr
+    dtype: StrictStr
+    plan: dict
+    timeout_s: StrictFloat | StrictInt | None = None  # the trainer's rollout.push_timeout (capped by the server's)
 
 
 class BadRequest(Exception):
@@ -266,6 +287,8 @@ def create_app(
     created = int(time.time())
     if token is not None:
         app.add_middleware(_BearerAuth, token=token)
+    server_id = uuid.uuid4().hex  # per start: the trainer rebuilds its weight-update groups when it changes
+    push = {"stale": False}  # a push failed or is landing: no rollouts until a complete one lands
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -297,6 +320,11 @@ def create_app(
             "max_model_len": engine.max_model_len,
             "engine": info.get("engine"),
             "limits": dataclasses.asdict(limits),
+            "server_id": server_id,
+            "policy_manifest": engine.policy_manifest,
+            "weight_receivers": engine.weight_receivers,
+            "device": _device_info(engine),
+            "stale": push["stale"],
         }
 
     @app.get("/health")
@@ -337,6 +365,7 @@ def create_app(
                 if not repeat:
                     try:
                         engine.load_policy(path, body.step)
+                        push["stale"] = False  # a whole policy landed
                     except (FileNotFoundError, ValueError) as exc:
                         raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
                 loaded_steps.pop(body.run_id, None)
@@ -347,6 +376,60 @@ def create_app(
 
         step, path = await run_in_threadpool(load)
         return {"policy_step": step, "path": path}
+
+    @app.get("/v1/weights/digest")
+    async def weights_digest():
+        def digests() -> dict:
+            with serve_lock:
+                return {"policy_step": engine.policy_step, **engine.weight_digests()}
+
+        return await run_in_threadpool(digests)
+
+    @app.post("/v1/weights/join")
+    async def weights_join(body: JoinRequest):
+        from nemo_logitavg.rollout.weight_push import GroupSpec
+
+        try:
+            specs = [GroupSpec.from_dict(g) for g in body.groups]
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        if not specs or len({s.stage for s in specs}) != len(specs):
+            raise BadRequest("groups must name each pipeline stage once")
+        if any(not 1 <= body.rank <= s.world_size - engine.weight_receivers for s in specs):
+            raise BadRequest(f"rank {body.rank} does not fit the groups (this engine takes {engine.weight_receivers})")
+        engine.join_weight_groups(specs, body.rank)
+        return {"joined": specs[0].name, "rank": body.rank}
+
+    @app.post("/v1/weights/update")
+    async def weights_update(body: UpdateRequest):
+        from nemo_logitavg.rollout.weight_push import parse_dtype, plan_from_wire
+
+        try:
+            plans, dtype = plan_from_wire(body.plan), parse_dtype(body.dtype)
+        except ValueError as exc:
+            raise BadRequest(f"bad push: {exc}") from exc
+        last = loaded_steps.get(body.run_id)
+        if last is not None and body.step <= last:
+            raise BadRequest(f"step {body.step} does not rise above this run's last pushed step {last}", 409)
+
+        def land() -> int:
+            with serve_lock:  # between requests: no completion ever mixes two policies
+                push["stale"] = True
+                timeout = min(float(body.timeout_s or limits.push_timeout), limits.push_timeout)
+                engine.receive_policy(plans, dtype, body.step, timeout_s=timeout)
+                push["stale"] = False
+                loaded_steps.pop(body.run_id, None)
+                loaded_steps[body.run_id] = body.step
+                return engine.policy_step
+
+        try:
+            step = await run_in_threadpool(land)
+        except ValueError as exc:
+            raise BadRequest(f"bad push: {exc}") from exc
+        except Exception as exc:
+            print(f"nemo_logitavg rollout server: policy push failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return _error(500, "the policy push failed; no rollouts until a complete push lands", "server_error")
+        return {"policy_step": step}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -371,6 +454,8 @@ def create_app(
             with serve_lock:
                 if cancel.is_set():  # dropped while it waited for the lock
                     raise Cancelled("the request was cancelled")
+                if push["stale"]:  # checked under the lock: a push may have failed while this request waited
+                    return None, None
                 return engine.generate(requests), engine.policy_step
 
         task = asyncio.ensure_future(run_in_threadpool(run))
@@ -386,6 +471,8 @@ def create_app(
             return Response(status_code=499)  # nobody reads it
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
+        if outputs is None:
+            return _error(503, "this server missed a policy push; no rollouts until a complete push lands", "stale")
         content = await run_in_threadpool(_render, engine, body.model or model_name, prompts, n, outputs, step)
         return Response(content, media_type="application/json")
 
@@ -434,6 +521,15 @@ def _render(engine: Engine, model: str, prompts: list[list[int]], n: int, output
         "ref_weight": engine.ref_weight,
     }
     return json.dumps(payload, separators=(",", ":")).encode()
+def _device_info(engine: Engine) -> dict:
+    """Where the engine's weights live: the trainer picks NCCL only between GPUs that are not the same one."""
+    import torch
+
+    device = torch.device(getattr(engine, "device", "cpu"))
+    uuid_ = None
+    if device.type == "cuda":
+        uuid_ = str(torch.cuda.get_device_properties(device).uuid)
+    return {"type": device.type, "gpu_uuid": uuid_}
 
 
 def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLimits):

@@ -48,6 +48,9 @@ from nemo_logitavg.rollout.engine import (
 logger = logging.getLogger(__name__)
 
 RELOAD_METHOD = "nemo_logitavg_reload_policy"
+JOIN_METHOD, RECEIVE_METHOD, DIGEST_METHOD = (
+    "nemo_logitavg_join_groups", "nemo_logitavg_receive_policy", "nemo_logitavg_digests",
+)  # fmt: skip
 _FIXED_ARGS = {"model", "tokenizer", "skip_tokenizer_init", "logprobs_mode", "worker_extension_cls"}
 
 
@@ -286,6 +289,69 @@ class VLLMEngine(EngineCommon):
                 raise RuntimeError("vLLM refused to reset its prefix cache after the policy reload")
             self.policy_path = path
             self.policy_step = int(step)
+
+    # -------------------------------------------------------------------------------- the collective push
+
+    @property
+    def weight_receivers(self) -> int:
+        """Every TP worker joins the weight-update group: each receives full tensors and shards them itself."""
+        config = self.llm.llm_engine.vllm_config.parallel_config
+        return int(config.tensor_parallel_size) * int(config.pipeline_parallel_size)
+
+    def _pushed_shapes(self) -> dict[str, tuple[int, ...]]:
+        optional = {"lm_head.weight"} if self._shape["tie_word_embeddings"] else set()
+        return {n: tuple(s) for n, s in self._tensor_shapes.items() if n not in optional}
+
+    @property
+    def policy_manifest(self) -> str:
+        from nemo_logitavg.rollout.weight_push import policy_manifest
+
+        return policy_manifest(self._pushed_shapes().items())
+
+    @property
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def join_weight_groups(self, specs: Sequence, rank: int) -> None:
+        results = self.llm.collective_rpc(JOIN_METHOD, args=([s.as_dict() for s in specs], int(rank)))
+        errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
+        if errors:
+            raise RuntimeError(f"a vLLM worker could not join the weight-update groups: {errors[0]}")
+
+    def receive_policy(self, plans: dict, dtype: Any, step: int, timeout_s: float) -> None:
+        """Land a collective push in every worker's policy half, then reset the prefix cache (its blocks hold
+        keys and values of the old policy). Raises ValueError for a plan of another shape, RuntimeError when a
+        worker failed (the weights may then be partly replaced: the server serves nothing until a push lands)."""
+        from nemo_logitavg.rollout.weight_push import dtype_name, plan_to_wire
+
+        expected = self._pushed_shapes()
+        planned = {name: tuple(shape) for plan in plans.values() for bucket in plan for name, shape in bucket}
+        if planned != expected:
+            wrong = sorted(set(planned) ^ set(expected)) or sorted(n for n in planned if planned[n] != expected[n])
+            raise ValueError(f"the push plan does not match the served policy: {wrong[:8]}")
+        with self._lock:
+            results = self.llm.collective_rpc(RECEIVE_METHOD, args=(plan_to_wire(plans), dtype_name(dtype), timeout_s))
+            errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
+            if errors:
+                raise RuntimeError(f"the policy push failed on a vLLM worker: {errors[0]}")
+            if self.llm.reset_prefix_cache() is False:
+                raise RuntimeError("vLLM refused to reset its prefix cache after the policy push")
+            self.policy_path, self.policy_step = None, int(step)
+
+    def weight_digests(self) -> dict[str, dict[str, str]]:
+        """sha256 of every parameter of the first worker, by vLLM's (fused) names, split into the two halves."""
+        with self._lock:
+            names = self.llm.collective_rpc(DIGEST_METHOD)[0]
+        halves: dict[str, dict[str, str]] = {"policy": {}, "reference": {}}
+        for name, digest in names.items():
+            half, _, rest = name.partition(".")
+            if half in halves:
+                halves[half][rest] = digest
+            else:  # a lone policy (ref_weight 0): vLLM's own model class, plain names
+                halves["policy"][name] = digest
+        return {k: v for k, v in halves.items() if v}
 
     # ------------------------------------------------------------------------------------------ decoding
 

@@ -216,6 +216,12 @@ def _quiet(*names: str):
 
 def reload_policy(worker, path: str) -> int:
     """Load the policy weights of ``path`` into ``worker``'s model in place; returns the tensors read."""
+    return load_policy_weights(worker, lambda prefix: iter_safetensors(path, prefix))
+
+
+def load_policy_weights(worker, source) -> int:
+    """Load ``source(prefix)`` (an iterator of ``(name, tensor)`` with the given name prefix) into ``worker``'s
+    policy half in place; returns the tensors read."""
     runner = worker.model_runner
     model = runner.get_model()
     prefix = "policy." if isinstance(model, LogitAveragedForCausalLM) else ""  # a lone policy: plain names
@@ -223,7 +229,7 @@ def reload_policy(worker, path: str) -> int:
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         nonlocal count
-        for item in iter_safetensors(path, prefix):
+        for item in source(prefix):
             count += 1
             yield item
 
@@ -252,6 +258,49 @@ class PolicyWeightsExtension:
         except Exception as exc:  # noqa: BLE001 - reported to the caller instead
             logger.exception("nemo_logitavg: policy reload from %s failed", path)
             return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def nemo_logitavg_join_groups(self, specs: list, first_rank: int) -> dict:
+        """Join the trainer's weight-update groups as ``first_rank`` + this worker's rank (in the background)."""
+        try:
+            from nemo_logitavg.rollout.weight_push import GroupSpec, WeightReceiver
+
+            if getattr(self, "_nemo_logitavg_receiver", None) is None:
+                self._nemo_logitavg_receiver = WeightReceiver()
+            self._nemo_logitavg_receiver.join([GroupSpec.from_dict(s) for s in specs], first_rank + int(self.rank))
+            return {"rank": first_rank + int(self.rank)}
+        except Exception as exc:  # noqa: BLE001 - an exception inside collective_rpc kills the engine
+            logger.exception("nemo_logitavg: joining the weight-update groups failed")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def nemo_logitavg_receive_policy(self, plan: dict, dtype: str, timeout_s: float) -> dict:
+        """Land a collective push (``weight_push``) in the policy half: every worker receives the full tensors
+        (vLLM shards them itself while loading). Never raises (see ``nemo_logitavg_reload_policy``)."""
+        try:
+            from nemo_logitavg.rollout.weight_push import parse_dtype, plan_from_wire, receive_buckets
+
+            receiver = getattr(self, "_nemo_logitavg_receiver", None)
+            if receiver is None:
+                raise RuntimeError("no weight-update group was joined")
+            plans = plan_from_wire(plan)
+            groups = receiver.joined(plans, timeout_s)
+            device = "cuda" if all(s == "nccl" for s in receiver.backends.values()) else "cpu"
+
+            def source(prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+                for stage in sorted(plans):  # stages one after another: vLLM loads from a single iterator
+                    for bucket in receive_buckets(groups[stage], plans[stage], parse_dtype(dtype), device):
+                        for name, tensor in bucket:
+                            yield prefix + name, tensor
+
+            return {"tensors": load_policy_weights(self, source)}
+        except Exception as exc:  # noqa: BLE001 - reported to the caller instead
+            logger.exception("nemo_logitavg: receiving the policy push failed")
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def nemo_logitavg_digests(self) -> dict:
+        """sha256 of every parameter of the served model by vLLM's own (fused, sharded) names."""
+        from nemo_logitavg.rollout.engine import tensor_digest
+
+        return {name: tensor_digest(p) for name, p in self.model_runner.get_model().named_parameters()}
 
     def nemo_logitavg_describe(self) -> dict:
         """The served model's class, ``ref_weight``, top-level modules and, per attention layer, where its KV
