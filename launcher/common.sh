@@ -105,11 +105,17 @@ nla_run_step() {
 
 # The planner (recipes/plan.py --shell; its arguments are this function's) checks that the layout fits in
 # memory, prints the plan into the job log and describes the run as NLA_* variables; a refusal ends the job.
+# Only its lines marked "nla-shell: " that assign an NLA_* variable are evaluated: anything else on its stdout
+# (a library or the container printing at start-up) is shown, never run.
 nla_plan() {
-    local assignments
+    local output assignments
     nla_container_flags
-    assignments="$(srun --nodes=1 --ntasks=1 "${NLA_CONTAINER_FLAGS[@]}" python recipes/plan.py --shell "$@")" \
+    output="$(srun --nodes=1 --ntasks=1 "${NLA_CONTAINER_FLAGS[@]}" python recipes/plan.py --shell "$@")" \
         || nla_die "the capacity planner refused this run (its reason is above); nothing was started"
+    assignments="$(sed -n -E 's/^nla-shell: ((export )?NLA_[A-Z_]+=.*)$/\1/p' <<< "${output}")"
+    grep -v -E '^nla-shell: (export )?NLA_[A-Z_]+=' <<< "${output}" \
+        | sed 's/^/[launcher] ignored planner output: /' >&2 || true
+    [[ -n "${assignments}" ]] || nla_die "the capacity planner printed no nla-shell: assignments"
     eval "${assignments}"
     if (( NLA_SWEEP_RUNS > 0 )) && [[ "${SLURM_ARRAY_TASK_COUNT:-}" != "${NLA_SWEEP_RUNS}" ]]; then
         echo "[launcher] warning: the sweep has ${NLA_SWEEP_RUNS} runs but this array has" \

@@ -7,8 +7,10 @@
 
 `--model` (and `model.policy` in a config) is a preset (llama3-8b, llama3-70b) or a Hugging Face directory. With
 `--config` (or `--sweep` and the run's `--index`) the layout comes from the config's `cluster` section. The
-launchers run it with `--shell`: the plan goes to stderr, and stdout is shell assignments (`NLA_*`) describing
-the run for launcher/common.sh. The arithmetic is in nemo_logitavg/planning.py.
+launchers run it with `--shell`: the plan goes to stderr, and stdout carries shell assignments (`NLA_*`) describing
+the run for launcher/common.sh, each line marked with `SHELL_MARK` (common.sh evaluates those lines only, so
+whatever else reaches stdout, e.g. a library printing at import or a container banner, is never run). The
+arithmetic is in nemo_logitavg/planning.py.
 """
 
 from __future__ import annotations
@@ -29,9 +31,16 @@ from nemo_logitavg.planning import (
     resolve_model,
 )
 
+SHELL_MARK = "nla-shell: "  # launcher/common.sh nla_plan evaluates only the stdout lines that start with it
+
 
 def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int = 0) -> str:
-    """What a launcher needs of a run, as bash assignments (values quoted for `eval`)."""
+    """What a launcher needs of a run, as bash assignments (values quoted for `eval`), one a line, each line
+    starting with ``SHELL_MARK``.
+
+    Raises:
+        ValueError: a value holds a newline (its quoted form would span lines the launcher does not evaluate).
+    """
     c = cfg.cluster
     reference = (cfg.model.reference or cfg.model.policy) if cfg.algorithm.ref_weight > 0 else ""
     scalars = {
@@ -55,7 +64,11 @@ def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], s
     lines = [f"export {key}={shlex.quote(str(value))}" for key, value in scalars.items()]
     for key, values in (("NLA_OVERRIDES", overrides), ("NLA_SERVER_ARGS", c.server_args)):
         lines.append(f"{key}=({' '.join(shlex.quote(v) for v in values)})")
-    return "\n".join(lines)
+    for key, value in [*scalars.items(), *(("NLA_OVERRIDES", v) for v in overrides),
+                       *(("NLA_SERVER_ARGS", v) for v in c.server_args)]:  # fmt: skip
+        if "\n" in str(value) or "\r" in str(value):
+            raise ValueError(f"{key}: {str(value)!r} holds a line break, which the launcher cannot pass on")
+    return "\n".join(SHELL_MARK + line for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         print(format_plan(result), file=sys.stderr if args.shell else sys.stdout)
         check(result)
+        shell = shell_assignments(cfg, config_path, overrides, sweep_runs) if args.shell else None
     except (ValueError, FileNotFoundError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 1
-    if args.shell:
-        print(shell_assignments(cfg, config_path, overrides, sweep_runs))
+    if shell is not None:
+        print(shell)
     return 0
 
 

@@ -163,3 +163,17 @@ def test_evaluate_serves_each_model_with_vllm_over_the_node(tmp_path):
     assert f"recipes/evaluate.py --server-arg=--engine --server-arg=vllm --server-arg=--config={config}" in call
     assert call.endswith("--data d.jsonl --model sft=S --out r")
     assert config.read_text() == "vllm:\n  tensor_parallel_size: 8\n"
+
+
+def test_stray_planner_output_is_shown_not_evaluated(tmp_path):
+    """Whatever else reaches the planner's stdout (here a sitecustomize printing at start-up, as a library or
+    a container hook may) is never run by the batch shell: only the planner's marked assignments are."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    ran = tmp_path / "stray-line-ran"
+    (hook / "sitecustomize.py").write_text(f"print('touch {ran}')\nprint('export NLA_ROLLOUT_PORT=1')\n")
+    rc, out, calls = run_batch(tmp_path, "grpo_logitavg_8b.sh", 2, "model.policy=llama3-8b", PYTHONPATH=str(hook))
+    assert rc == 0, out
+    assert not ran.exists(), "a stray stdout line of the planner was evaluated by the batch shell"
+    assert f"[launcher] ignored planner output: touch {ran}" in out
+    assert any("rollout.urls=[http://gpu02:8000," in c for c in calls)  # the planned port, not the stray 1

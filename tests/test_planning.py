@@ -189,3 +189,20 @@ def test_plan_of_the_shipped_70b_configs() -> None:
     assert "log-prob buffers 0.4" in result.training.note  # the last stage, where the pi_mix loss runs
     kl = load_config(GRPOConfig, ROOT / "configs" / "grpo_kl_70b.yaml", ["model.policy=llama3-70b"])
     assert plan_config(kl).rollout.total == pytest.approx(result.rollout.total / 2)
+
+
+def test_shell_output_is_marked_and_refuses_line_breaks() -> None:
+    """Every stdout line of --shell carries the mark launcher/common.sh evaluates; a value with a line break (it
+    would spill onto an unmarked line) is refused, naming the variable."""
+    cfg = ["--config", "configs/grpo_logitavg_8b.yaml", "model.policy=llama3-8b"]
+    out = subprocess.run([sys.executable, "recipes/plan.py", "--shell", *cfg], capture_output=True, text=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines and all(line.startswith("nla-shell: ") for line in lines), lines
+    assert "nla-shell: export NLA_ROLLOUT_PORT=8000" in lines
+    bad = subprocess.run([sys.executable, "recipes/plan.py", "--shell", *cfg, "run.dir=runs/a\ntouch x"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         timeout=120)  # fmt: skip
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert "NLA_OVERRIDES: 'run.dir=runs/a\\ntouch x' holds a line break" in bad.stderr
