@@ -21,6 +21,8 @@ import sys
 
 from nemo_logitavg.config import GRPOConfig, SweepConfig, load_config
 from nemo_logitavg.planning import (
+    GIB,
+    VLLM_BATCHED_TOKENS,
     GPUSpec,
     RolloutLayout,
     TrainingLayout,
@@ -34,14 +36,18 @@ from nemo_logitavg.planning import (
 SHELL_MARK = "nla-shell: "  # launcher/common.sh nla_plan evaluates only the stdout lines that start with it
 
 
-def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int = 0) -> str:
+def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int = 0,
+                      rollout_gpu_gib: float | None = None) -> str:  # fmt: skip
     """What a launcher needs of a run, as bash assignments (values quoted for `eval`), one a line, each line
-    starting with ``SHELL_MARK``.
+    starting with ``SHELL_MARK``. ``rollout_gpu_gib``: the planned memory of a rollout GPU, given to its engine
+    (default: the plan of ``cfg``).
 
     Raises:
         ValueError: a value holds a newline (its quoted form would span lines the launcher does not evaluate).
     """
     c = cfg.cluster
+    if rollout_gpu_gib is None:
+        rollout_gpu_gib = plan_config(cfg).gpu.available / GIB
     reference = (cfg.model.reference or cfg.model.policy) if cfg.algorithm.ref_weight > 0 else ""
     scalars = {
         "NLA_CONFIG": config_path,
@@ -54,6 +60,9 @@ def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], s
         "NLA_ROLLOUT_PORT": c.rollout_port,
         "NLA_ROLLOUT_ENGINE": c.rollout_engine,
         "NLA_MAX_CONTEXT": c.max_context,
+        "NLA_ROLLOUT_GPU_MEMORY_GIB": f"{rollout_gpu_gib:.6g}",  # the planner's budget, vLLM's gpu_memory_gib
+        "NLA_ROLLOUT_BATCHED_TOKENS": VLLM_BATCHED_TOKENS,  # vLLM's max_num_batched_tokens, as planned
+        "NLA_DTYPE": cfg.model.dtype,  # the servers serve in the trainer's dtype unless server_args say otherwise
         "NLA_POLICY": cfg.model.policy,
         "NLA_REFERENCE": reference,  # empty: ref_weight 0 serves the policy alone
         "NLA_REF_WEIGHT": cfg.algorithm.ref_weight,
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         print(format_plan(result), file=sys.stderr if args.shell else sys.stdout)
         check(result)
-        shell = shell_assignments(cfg, config_path, overrides, sweep_runs) if args.shell else None
+        shell = None
+        if args.shell:
+            shell = shell_assignments(cfg, config_path, overrides, sweep_runs, result.gpu.available / GIB)
     except (ValueError, FileNotFoundError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 1
