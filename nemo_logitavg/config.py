@@ -96,6 +96,7 @@ class RolloutSection:
     prompts_per_step: int = 8
     max_tokens: int = 256
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
+    allow_dtype_mismatch: bool = False  # True: accept servers serving another dtype than model.dtype
 
 
 @dataclass

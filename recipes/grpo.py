@@ -67,10 +67,11 @@ def main() -> None:
             log = os.path.join(cfg.run.dir, "rollout_server.log")
             # ref_weight 0 (the KL baseline) samples from the policy alone: the server need not load the reference.
             served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
-            server = ServerProcess(cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log).wait_ready()
+            server = ServerProcess(cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log,
+                                   extra_args=["--dtype", cfg.model.dtype]).wait_ready()  # fmt: skip
             urls = [server.url]
         client = RolloutClient(urls, token=cfg.rollout.token, timeout=cfg.rollout.timeout)
-        client.check(cfg.algorithm.ref_weight)
+        client.check(cfg.algorithm.ref_weight, dtype=None if cfg.rollout.allow_dtype_mismatch else cfg.model.dtype)
 
     def score(texts: list[str], answers: list[str]) -> list[float]:
         if cfg.data.reward == "mcq":

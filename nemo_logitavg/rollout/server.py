@@ -18,7 +18,8 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   The extension ``seeds`` (one integer per prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]``
   itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
   gets what one request with seed ``s`` would give.
-- ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``).
+- ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``,
+  ``dtype``).
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K}``: reload the policy half from a Hugging Face safetensors
   directory between requests (requests and reloads are serialised by one lock, so no request sees half-loaded
   weights) and answer ``{"policy_step": K}``.
@@ -33,7 +34,8 @@ A ``--config`` YAML may hold the same settings under their long names with under
 ``vllm`` is a mapping of further ``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``,
 ``gpu_memory_utilization``, ``dtype``, ``enforce_eager``, ``max_model_len``, ...). The token may also come
 from the environment variable ``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server
-refuses to start on a port that is held. Only the ``__main__`` block parses arguments.
+refuses to start on a port that is held. ``dtype`` sets the models' dtype for either engine (``vllm.dtype`` wins
+for vLLM); ``/v1/models`` reports the dtype served. Only the ``__main__`` block parses arguments.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def create_app(
             "policy_step": engine.policy_step,
             "max_model_len": engine.max_model_len,
             "engine": info.get("engine"),
+            "dtype": info.get("dtype"),  # the trainer refuses a server whose dtype differs from its own
         }
 
     @app.get("/health")
@@ -370,6 +373,8 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="the models' dtype (default: torch float32, vLLM auto; vllm.dtype wins)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
 
@@ -386,7 +391,7 @@ if __name__ == "__main__":
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
         "policy", "reference", "ref_weight", "host", "port", "token", "max_n", "max_tokens", "max_prompts",
-        "max_batch_size", "threads", "policy_step", "engine", "vllm",
+        "max_batch_size", "threads", "policy_step", "engine", "vllm", "dtype",
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -397,6 +402,8 @@ if __name__ == "__main__":
     engine_name = settings.get("engine") or "torch"
     if engine_name not in ("torch", "vllm"):
         parser.error(f"engine {engine_name!r} is unknown: choose 'torch' or 'vllm'")
+    if settings.get("dtype") not in (None, "float32", "bfloat16", "float16"):
+        parser.error(f"dtype {settings['dtype']!r} is unknown: choose float32, bfloat16 or float16")
     vllm_args = settings.get("vllm") or {}
     if not isinstance(vllm_args, dict):
         parser.error("the vllm setting must be a mapping of vllm.LLM arguments")
@@ -418,8 +425,13 @@ if __name__ == "__main__":
         from nemo_logitavg.rollout.vllm_engine import VLLMEngine as engine_class
 
         engine_kwargs["engine_args"] = dict(vllm_args)
+        if settings.get("dtype"):
+            engine_kwargs["dtype"] = settings["dtype"]
     else:
         from nemo_logitavg.rollout.engine import TorchEngine as engine_class
+
+        if settings.get("dtype"):
+            engine_kwargs["dtype"] = getattr(torch, settings["dtype"])
     served_engine = engine_class(
         settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
     )
