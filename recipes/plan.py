@@ -36,18 +36,15 @@ from nemo_logitavg.planning import (
 SHELL_MARK = "nla-shell: "  # launcher/common.sh nla_plan evaluates only the stdout lines that start with it
 
 
-def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int = 0,
-                      rollout_gpu_gib: float | None = None) -> str:  # fmt: skip
+def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int,
+                      rollout_gpu_gib: float) -> str:  # fmt: skip
     """What a launcher needs of a run, as bash assignments (values quoted for `eval`), one a line, each line
-    starting with ``SHELL_MARK``. ``rollout_gpu_gib``: the planned memory of a rollout GPU, given to its engine
-    (default: the plan of ``cfg``).
+    starting with ``SHELL_MARK``. ``rollout_gpu_gib``: the planned memory of a rollout GPU, given to its engine.
 
     Raises:
         ValueError: a value holds a newline (its quoted form would span lines the launcher does not evaluate).
     """
     c = cfg.cluster
-    if rollout_gpu_gib is None:
-        rollout_gpu_gib = plan_config(cfg).gpu.available / GIB
     reference = (cfg.model.reference or cfg.model.policy) if cfg.algorithm.ref_weight > 0 else ""
     scalars = {
         "NLA_CONFIG": config_path,
