@@ -105,11 +105,17 @@ nla_run_step() {
 
 # The planner (recipes/plan.py --shell; its arguments are this function's) checks that the layout fits in
 # memory, prints the plan into the job log and describes the run as NLA_* variables; a refusal ends the job.
+# Only its lines marked "nla-shell: " that assign an NLA_* variable are evaluated: anything else on its stdout
+# (a library or the container printing at start-up) is shown, never run.
 nla_plan() {
-    local assignments
+    local output assignments
     nla_container_flags
-    assignments="$(srun --nodes=1 --ntasks=1 "${NLA_CONTAINER_FLAGS[@]}" python recipes/plan.py --shell "$@")" \
+    output="$(srun --nodes=1 --ntasks=1 "${NLA_CONTAINER_FLAGS[@]}" python recipes/plan.py --shell "$@")" \
         || nla_die "the capacity planner refused this run (its reason is above); nothing was started"
+    assignments="$(sed -n -E 's/^nla-shell: ((export )?NLA_[A-Z_]+=.*)$/\1/p' <<< "${output}")"
+    grep -v -E '^nla-shell: (export )?NLA_[A-Z_]+=' <<< "${output}" \
+        | sed 's/^/[launcher] ignored planner output: /' >&2 || true
+    [[ -n "${assignments}" ]] || nla_die "the capacity planner printed no nla-shell: assignments"
     eval "${assignments}"
     if (( NLA_SWEEP_RUNS > 0 )) && [[ "${SLURM_ARRAY_TASK_COUNT:-}" != "${NLA_SWEEP_RUNS}" ]]; then
         echo "[launcher] warning: the sweep has ${NLA_SWEEP_RUNS} runs but this array has" \
@@ -130,6 +136,14 @@ nla_split_nodes() {
     echo "[launcher] trainers: ${NLA_TRAINER_HOSTS[*]}; rollout servers: ${NLA_ROLLOUT_HOSTS[*]}"
 }
 
+# The vLLM settings of a rollout server, written to FILE: its GPUs, the planned context and batch, and the
+# planner's memory budget of a GPU (the vLLM engine converts it to gpu_memory_utilization; vLLM's default 0.9
+# gives less than planned).
+nla_vllm_config() {
+    printf 'vllm:\n  tensor_parallel_size: %s\n  max_model_len: %s\n  max_num_batched_tokens: %s\n  gpu_memory_gib: %s\n' \
+        "${NLA_ROLLOUT_TP}" "${NLA_MAX_CONTEXT}" "${NLA_ROLLOUT_BATCHED_TOKENS}" "${NLA_ROLLOUT_GPU_MEMORY_GIB}" > "$1"
+}
+
 # Runs inside the step of one rollout node: its servers, each on its own slice of the node's GPUs and its own
 # port; the arguments are extra server flags. One server ending ends the step, so the launcher notices.
 nla_serve_node() {
@@ -137,10 +151,10 @@ nla_serve_node() {
     local gpus k devices node="${SLURMD_NODENAME:-$(hostname)}" reference=() engine=() pids=()
     IFS=, read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NLA_GPUS_PER_NODE - 1)))}"
     [[ -n "${NLA_REFERENCE}" ]] && reference=(--reference "${NLA_REFERENCE}")  # empty: the policy alone
-    engine=(--engine "${NLA_ROLLOUT_ENGINE}")
+    # The trainer's dtype (a --dtype in cluster.server_args, coming later, wins; the trainer refuses a mismatch).
+    engine=(--engine "${NLA_ROLLOUT_ENGINE}" --dtype "${NLA_DTYPE}")
     if [[ "${NLA_ROLLOUT_ENGINE}" == vllm ]]; then  # vLLM's own settings reach the server through its YAML
-        printf 'vllm:\n  tensor_parallel_size: %s\n  max_model_len: %s\n' "${NLA_ROLLOUT_TP}" "${NLA_MAX_CONTEXT}" \
-            > "${NLA_LOG_DIR}/server-${node}.yaml"
+        nla_vllm_config "${NLA_LOG_DIR}/server-${node}.yaml"
         engine+=(--config "${NLA_LOG_DIR}/server-${node}.yaml")
     fi
     for ((k = 0; k < NLA_SERVERS_PER_NODE; k++)); do

@@ -98,6 +98,7 @@ class RolloutSection:
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     push_bucket_mb: float | None = None  # policy push bucket (MiB); None: 1024 on GPUs, 128 on CPUs
     push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
+    allow_dtype_mismatch: bool = False  # True: accept servers serving another dtype than model.dtype
 
 
 @dataclass

@@ -8,8 +8,14 @@ Pure arithmetic on the model's shape (nothing is built, no GPU is needed). Two k
   optimiser), activations, and the chunked pi_mix log-prob buffers. Every pipeline stage is computed and the
   worst one is reported: the first stage holds the embedding and the most in-flight micro-batches, the last
   the output layer and the logits.
-- **rollout GPU** (one inference server over ``rollout TP`` GPUs): both stacks' bf16 weights and both
-  stacks' KV caches for the maximum concurrent sequences at the maximum context.
+- **rollout GPU** (one inference server over ``rollout TP`` GPUs): both stacks' bf16 weights, both stacks' KV
+  caches for the maximum concurrent sequences at the maximum context, and the engine's workspace. The
+  planner's available memory is what vLLM is given: the launcher passes it as ``gpu_memory_gib``, which the
+  vLLM engine turns into vLLM's ``gpu_memory_utilization`` against the memory CUDA reports (vLLM's default of
+  0.9 would give an H100 80GB, which reports 79.6 GiB, 71.6 GiB instead). Inside that budget vLLM puts the
+  weights, its profile run's peak activations and non-torch allocations (the workspace line) and makes the
+  rest KV cache, so a plan that fits gets at least the planned KV cache (with ``max_num_batched_tokens`` and
+  ``max_num_seqs`` as planned, which the launcher also passes).
 
 Activation estimate (bytes a token, a layer, one micro-batch), after Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models" (arXiv:2205.05198), whose GPT layer stores
@@ -29,8 +35,9 @@ backward rebuilds one layer at a time, so one layer's full activations are added
 stage ``i`` (of ``PP``) holds ``PP - i`` micro-batches in flight (the first stage ``PP``), assuming at least
 ``PP`` micro-batches a step.
 
-The figures are estimates for planning, not measurements: the reserve (default 6 GiB) stands for the CUDA
-context, NCCL buffers, allocator fragmentation and the inference engine's workspace and CUDA graphs.
+The figures are estimates for planning, not measurements: the reserve (default 6 GiB) stands for what lies
+outside the planned lines: the CUDA context, NCCL buffers, allocator fragmentation, vLLM's CUDA graphs (outside
+its ``gpu_memory_utilization`` budget) and the memory a GPU does not show (an H100 80GB reports 79.6 GiB).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from nemo_logitavg.config import GRPOConfig
 from nemo_logitavg.models.builder import LlamaConfig, padded_vocab_size
 
 GIB = 1 << 30
+VLLM_BATCHED_TOKENS = 8192  # vLLM's max_num_batched_tokens, planned here and passed to it by the launcher
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # float32 elements of the log-prob chunk when chunk_size is not given (ops)
 
 
@@ -124,6 +132,7 @@ class RolloutLayout:
     kv_bytes: int = 2  # bf16 KV cache
     weight_bytes: int = 2  # bf16 weights
     stacks: int = 2  # models a server holds: 2 for pi_mix, 1 when ref_weight is 0 (the policy alone)
+    batched_tokens: int = VLLM_BATCHED_TOKENS  # vLLM's max_num_batched_tokens: the size of its profile forward
 
     @property
     def gpus(self) -> int:
@@ -140,6 +149,7 @@ class GPUSpec:
 
     @property
     def available(self) -> float:
+        """Bytes a training GPU may fill, and the budget a rollout GPU's engine is given (``gpu_memory_gib``)."""
         return (self.memory_gib - self.reserve_gib) * GIB
 
 
@@ -376,8 +386,18 @@ def plan(cfg: LlamaConfig, training: TrainingLayout, rollout: RolloutLayout, gpu
     per_token = r.stacks * cfg.num_hidden_layers * 2 * kv_heads * head_dim(cfg) * r.kv_bytes
     tokens = r.max_seqs * r.max_context
     kv = per_token * tokens
-    room = max(0.0, gpu.available - weights)
-    max_seqs = int(room // (per_token * r.max_context))
+    # vLLM's non-KV memory inside its budget (NCCL's buffers come before its memory snapshot, so outside): the
+    # profile forward's largest transient (one layer of batched_tokens tokens: residual + normed input, q/k/v
+    # out, gate/up out, SwiGLU out, bf16) and the sampler's float32 logits (both stacks, their average and
+    # the processed copy) of max_seqs rows.
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kvd = cfg.num_key_value_heads * head_dim(cfg)
+    act = r.batched_tokens * 2 * (2 * h + (h + 2 * kvd) / r.tp + 3 * i / r.tp)
+    workspace = act + 4 * 4 * r.max_seqs * cfg.vocab_size
+    workspace_f = (f"{r.batched_tokens} tokens x 2 B x (2h + (h + 2kv*d)/TP + 3I/TP) + 4 x 4 B x {r.max_seqs} "
+                   f"seqs x V={cfg.vocab_size} (vLLM's profile forward and sampler)")  # fmt: skip
+    room = max(0.0, gpu.available - weights - act)
+    max_seqs = int(room // (per_token * r.max_context + 16 * cfg.vocab_size))
     # ref_weight 0 (the KL baseline) serves the policy alone: one stack, one KV cache.
     w_name, kv_name = ("policy + reference weights", "KV cache (both stacks)") if r.stacks == 2 else (
         "policy weights", "KV cache")  # fmt: skip
@@ -391,9 +411,11 @@ def plan(cfg: LlamaConfig, training: TrainingLayout, rollout: RolloutLayout, gpu
         (
             Line(w_name, f"{models} x {r.weight_bytes} B x {_n(params)} params / TP={r.tp}", weights),
             Line(kv_name, kv_f, kv),
+            Line("engine workspace", workspace_f, workspace),
         ),
         {
             w_name: "raise rollout tensor parallel",
+            "engine workspace": "lower the rollout seqs or vLLM's max_num_batched_tokens",
             kv_name: f"lower rollout seqs to <= {max_seqs} at context {r.max_context}, lower the "
             "context, or raise rollout tensor parallel",
         },

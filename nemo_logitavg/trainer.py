@@ -24,6 +24,10 @@ import torch.distributed as dist
 
 from nemo_logitavg.algorithms.grpo import aggregate, group_advantages, kl_penalty, policy_loss
 
+# Largest |log pi_mix(trainer) - log pi_mix(rollout)| of a step before the trainer warns (once a run): float32 on
+# both sides agrees to ~2e-5 (vLLM, torch engine); a float32 trainer served in bfloat16 is off by ~0.1.
+MISMATCH_WARN_MAX = {"float32": 1e-3, "bfloat16": 0.5}
+
 
 def sample_seed(run_seed: int, step: int) -> int:
     """The rollout seed of a step (the server derives each completion's generator from it and its index)."""
@@ -410,7 +414,19 @@ class GRPOTrainer:
         }
         logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
         metrics.update({k: v for k, v in scalars.items() if k in logged})
+        self._warn_mismatch(metrics["mismatch/max_abs"])
         return metrics
+
+    _mismatch_warned = False
+
+    def _warn_mismatch(self, max_abs: float) -> None:
+        """Warn once a run when the servers' log-probs stray from the trainer's by more than MISMATCH_WARN_MAX."""
+        limit = MISMATCH_WARN_MAX[self.cfg.model.dtype]
+        if max_abs > limit and not self._mismatch_warned and self.rank == 0:
+            self._mismatch_warned = True
+            print(f"[grpo] warning: step {self.step}: rollout log-probs differ from the trainer's by up to "
+                  f"{max_abs:.3g} (> {limit:g} for model.dtype {self.cfg.model.dtype}); do the servers serve "
+                  "the trainer's dtype and weights? (warned once)", flush=True)  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
         """Rank 0: greedy pi_mix accuracy on the held-out prompts, through the servers (the current policy)."""

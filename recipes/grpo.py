@@ -69,12 +69,12 @@ def main() -> None:
             served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
             server = ServerProcess(
                 cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log, token=cfg.rollout.token,
-                weights_root=cfg.run.dir,  # the trainer pushes policies written under run.dir
+                extra_args=["--dtype", cfg.model.dtype],
             ).wait_ready()  # no rollout.token: a random one, known only to this process and its server
             urls = [server.url]
         token = server.token if server is not None else cfg.rollout.token
         client = RolloutClient(urls, token=token, timeout=cfg.rollout.timeout)
-        client.check(cfg.algorithm.ref_weight)
+        client.check(cfg.algorithm.ref_weight, dtype=None if cfg.rollout.allow_dtype_mismatch else cfg.model.dtype)
 
     def score(texts: list[str], answers: list[str]) -> list[float]:
         if cfg.data.reward == "mcq":

@@ -7,8 +7,10 @@
 
 `--model` (and `model.policy` in a config) is a preset (llama3-8b, llama3-70b) or a Hugging Face directory. With
 `--config` (or `--sweep` and the run's `--index`) the layout comes from the config's `cluster` section. The
-launchers run it with `--shell`: the plan goes to stderr, and stdout is shell assignments (`NLA_*`) describing
-the run for launcher/common.sh. The arithmetic is in nemo_logitavg/planning.py.
+launchers run it with `--shell`: the plan goes to stderr, and stdout carries shell assignments (`NLA_*`) describing
+the run for launcher/common.sh, each line marked with `SHELL_MARK` (common.sh evaluates those lines only, so
+whatever else reaches stdout, e.g. a library printing at import or a container banner, is never run). The
+arithmetic is in nemo_logitavg/planning.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 
 from nemo_logitavg.config import GRPOConfig, SweepConfig, load_config
 from nemo_logitavg.planning import (
+    GIB,
+    VLLM_BATCHED_TOKENS,
     GPUSpec,
     RolloutLayout,
     TrainingLayout,
@@ -29,9 +33,17 @@ from nemo_logitavg.planning import (
     resolve_model,
 )
 
+SHELL_MARK = "nla-shell: "  # launcher/common.sh nla_plan evaluates only the stdout lines that start with it
 
-def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int = 0) -> str:
-    """What a launcher needs of a run, as bash assignments (values quoted for `eval`)."""
+
+def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], sweep_runs: int,
+                      rollout_gpu_gib: float) -> str:  # fmt: skip
+    """What a launcher needs of a run, as bash assignments (values quoted for `eval`), one a line, each line
+    starting with ``SHELL_MARK``. ``rollout_gpu_gib``: the planned memory of a rollout GPU, given to its engine.
+
+    Raises:
+        ValueError: a value holds a newline (its quoted form would span lines the launcher does not evaluate).
+    """
     c = cfg.cluster
     reference = (cfg.model.reference or cfg.model.policy) if cfg.algorithm.ref_weight > 0 else ""
     scalars = {
@@ -45,6 +57,9 @@ def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], s
         "NLA_ROLLOUT_PORT": c.rollout_port,
         "NLA_ROLLOUT_ENGINE": c.rollout_engine,
         "NLA_MAX_CONTEXT": c.max_context,
+        "NLA_ROLLOUT_GPU_MEMORY_GIB": f"{rollout_gpu_gib:.6g}",  # the planner's budget, vLLM's gpu_memory_gib
+        "NLA_ROLLOUT_BATCHED_TOKENS": VLLM_BATCHED_TOKENS,  # vLLM's max_num_batched_tokens, as planned
+        "NLA_DTYPE": cfg.model.dtype,  # the servers serve in the trainer's dtype unless server_args say otherwise
         "NLA_POLICY": cfg.model.policy,
         "NLA_REFERENCE": reference,  # empty: ref_weight 0 serves the policy alone
         "NLA_REF_WEIGHT": cfg.algorithm.ref_weight,
@@ -55,7 +70,11 @@ def shell_assignments(cfg: GRPOConfig, config_path: str, overrides: list[str], s
     lines = [f"export {key}={shlex.quote(str(value))}" for key, value in scalars.items()]
     for key, values in (("NLA_OVERRIDES", overrides), ("NLA_SERVER_ARGS", c.server_args)):
         lines.append(f"{key}=({' '.join(shlex.quote(v) for v in values)})")
-    return "\n".join(lines)
+    for key, value in [*scalars.items(), *(("NLA_OVERRIDES", v) for v in overrides),
+                       *(("NLA_SERVER_ARGS", v) for v in c.server_args)]:  # fmt: skip
+        if "\n" in str(value) or "\r" in str(value):
+            raise ValueError(f"{key}: {str(value)!r} holds a line break, which the launcher cannot pass on")
+    return "\n".join(SHELL_MARK + line for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         print(format_plan(result), file=sys.stderr if args.shell else sys.stdout)
         check(result)
+        shell = None
+        if args.shell:
+            shell = shell_assignments(cfg, config_path, overrides, sweep_runs, result.gpu.available / GIB)
     except (ValueError, FileNotFoundError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 1
-    if args.shell:
-        print(shell_assignments(cfg, config_path, overrides, sweep_runs))
+    if shell is not None:
+        print(shell)
     return 0
 
 

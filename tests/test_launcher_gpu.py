@@ -75,7 +75,8 @@ def test_70b_job_splits_nodes_starts_servers_and_points_the_trainer_at_them(tmp_
     assert all("--container-image=nvcr.io/example/image:1" in c for c in servers)
     exported = ["NLA_POLICY=llama3-70b", "NLA_REFERENCE=llama3-70b", "NLA_REF_WEIGHT=0.5", "NLA_ROLLOUT_TP=8",
                 "NLA_SERVERS_PER_NODE=1", "NLA_ROLLOUT_PORT=8000", "NLA_ROLLOUT_MAX_SEQS=128",
-                "NLA_ROLLOUT_ENGINE=vllm", "NLA_MAX_CONTEXT=4096"]  # fmt: skip
+                "NLA_ROLLOUT_ENGINE=vllm", "NLA_MAX_CONTEXT=4096", "NLA_ROLLOUT_GPU_MEMORY_GIB=74",
+                "NLA_ROLLOUT_BATCHED_TOKENS=8192", "NLA_DTYPE=bfloat16"]  # fmt: skip
     for c in servers:  # what nla_serve_node reads must reach the step's environment
         assert all(item in c.split(" | ")[1] for item in exported), c
     trainer = shlex.split(steps[-1])
@@ -139,7 +140,8 @@ def test_rollout_node_gives_each_server_its_gpus_and_port(tmp_path):
                CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", NLA_GPUS_PER_NODE="8", NLA_SERVERS_PER_NODE="4",
                NLA_ROLLOUT_TP="2", NLA_ROLLOUT_PORT="8000",
                NLA_ROLLOUT_MAX_SEQS="96", NLA_POLICY="/m/policy", NLA_REFERENCE="", NLA_REF_WEIGHT="0.0",
-               NLA_ROLLOUT_ENGINE="vllm", NLA_MAX_CONTEXT="4096",
+               NLA_ROLLOUT_ENGINE="vllm", NLA_MAX_CONTEXT="4096", NLA_ROLLOUT_GPU_MEMORY_GIB="74",
+               NLA_ROLLOUT_BATCHED_TOKENS="8192", NLA_DTYPE="bfloat16",
                NLA_LOG_DIR=str(tmp_path), SLURMD_NODENAME="gpu02")  # fmt: skip
     subprocess.run(["bash", "-c", 'source launcher/common.sh && nla_serve_node "$@"', "nla_serve_node", "--max-n",
                     "16"], env=env, cwd=ROOT, timeout=60, check=True)  # fmt: skip
@@ -148,10 +150,14 @@ def test_rollout_node_gives_each_server_its_gpus_and_port(tmp_path):
     for k, line in enumerate(lines):
         devices, ignored, args = line.split("|")
         assert int(ignored, 16) & (1 << 9), "SIGUSR1 (10) must be ignored"
-        yaml_path = tmp_path / "server-gpu02.yaml"  # vLLM's settings: its GPUs and the planned context
-        assert f"--port {8000 + k} --max-batch-size 96 --engine vllm --config {yaml_path} --max-n 16" in args
+        yaml_path = tmp_path / "server-gpu02.yaml"
+        # the trainer's dtype, then the extra flags (a --dtype among them would win)
+        assert (f"--port {8000 + k} --max-batch-size 96 --engine vllm --dtype bfloat16 --config {yaml_path} "
+                "--max-n 16") in args  # fmt: skip
         assert "--reference" not in args and "--ref-weight 0.0" in args
-    assert yaml_path.read_text() == "vllm:\n  tensor_parallel_size: 2\n  max_model_len: 4096\n"
+    # vLLM's settings: its GPUs, the planned context and batch, the planner's memory budget of a GPU
+    assert yaml_path.read_text() == ("vllm:\n  tensor_parallel_size: 2\n  max_model_len: 4096\n"
+                                     "  max_num_batched_tokens: 8192\n  gpu_memory_gib: 74\n")  # fmt: skip
     assert sorted(p.name for p in tmp_path.glob("server-gpu02-*.log")) == [f"server-gpu02-{k}.log" for k in range(4)]
 
 
@@ -163,3 +169,17 @@ def test_evaluate_serves_each_model_with_vllm_over_the_node(tmp_path):
     assert f"recipes/evaluate.py --server-arg=--engine --server-arg=vllm --server-arg=--config={config}" in call
     assert call.endswith("--data d.jsonl --model sft=S --out r")
     assert config.read_text() == "vllm:\n  tensor_parallel_size: 8\n"
+
+
+def test_stray_planner_output_is_shown_not_evaluated(tmp_path):
+    """Whatever else reaches the planner's stdout (here a sitecustomize printing at start-up, as a library or
+    a container hook may) is never run by the batch shell: only the planner's marked assignments are."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    ran = tmp_path / "stray-line-ran"
+    (hook / "sitecustomize.py").write_text(f"print('touch {ran}')\nprint('export NLA_ROLLOUT_PORT=1')\n")
+    rc, out, calls = run_batch(tmp_path, "grpo_logitavg_8b.sh", 2, "model.policy=llama3-8b", PYTHONPATH=str(hook))
+    assert rc == 0, out
+    assert not ran.exists(), "a stray stdout line of the planner was evaluated by the batch shell"
+    assert f"[launcher] ignored planner output: touch {ran}" in out
+    assert any("rollout.urls=[http://gpu02:8000," in c for c in calls)  # the planned port, not the stray 1

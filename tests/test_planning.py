@@ -142,7 +142,7 @@ def test_70b_fits_with_recompute_and_refusal_names_the_component() -> None:
     with pytest.raises(ValueError, match=r"34\.0 GiB available \(40 GiB - 6 GiB reserve\)"):
         check(plan(llama3_70b(), train, rollout, GPUSpec(memory_gib=40, reserve_gib=6)))
     too_many = RolloutLayout(tp=8, servers=4, max_seqs=256, max_context=4096)
-    with pytest.raises(ValueError, match=r"rollout GPU .*largest: KV cache .* 80\.0 GiB .*<= 131"):
+    with pytest.raises(ValueError, match=r"rollout GPU .*largest: KV cache .* 80\.0 GiB .*<= 129"):
         check(plan(llama3_70b(), train, too_many))
     with pytest.raises(ValueError, match="does not divide num_hidden_layers"):
         plan(llama3_70b(), TrainingLayout(tp=8, pp=3, dp=1, micro_batch_size=1, seq_length=16), rollout)
@@ -185,7 +185,72 @@ def test_plan_of_the_shipped_70b_configs() -> None:
     cfg = load_config(GRPOConfig, ROOT / "configs" / "grpo_logitavg_70b.yaml", ["model.policy=llama3-70b"])
     result = check(plan_config(cfg.validate()))
     assert "TP8 x PP4 x DP2" in result.training.where and result.training.gpus == 64 and result.rollout.gpus == 32
-    assert (round(result.training.total / GIB, 1), round(result.rollout.total / GIB, 1)) == (57.6, 72.9)
+    assert (round(result.training.total / GIB, 1), round(result.rollout.total / GIB, 1)) == (57.6, 73.5)
     assert "log-prob buffers 0.4" in result.training.note  # the last stage, where the pi_mix loss runs
     kl = load_config(GRPOConfig, ROOT / "configs" / "grpo_kl_70b.yaml", ["model.policy=llama3-70b"])
-    assert plan_config(kl).rollout.total == pytest.approx(result.rollout.total / 2)
+    kl_lines, lines = plan_config(kl).rollout.lines, result.rollout.lines
+    for one, two in zip(kl_lines[:2], lines[:2], strict=True):  # weights and KV cache: one stack instead of two
+        assert one.bytes == pytest.approx(two.bytes / 2)
+    assert kl_lines[2].bytes == lines[2].bytes  # the engine workspace does not depend on the stacks
+
+
+def test_shell_output_is_marked_and_refuses_line_breaks() -> None:
+    """Every stdout line of --shell carries the mark launcher/common.sh evaluates; a value with a line break (it
+    would spill onto an unmarked line) is refused, naming the variable."""
+    cfg = ["--config", "configs/grpo_logitavg_8b.yaml", "model.policy=llama3-8b"]
+    out = subprocess.run([sys.executable, "recipes/plan.py", "--shell", *cfg], capture_output=True, text=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines and all(line.startswith("nla-shell: ") for line in lines), lines
+    assert "nla-shell: export NLA_ROLLOUT_PORT=8000" in lines
+    bad = subprocess.run([sys.executable, "recipes/plan.py", "--shell", *cfg, "run.dir=runs/a\ntouch x"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         timeout=120)  # fmt: skip
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert "NLA_OVERRIDES: 'run.dir=runs/a\\ntouch x' holds a line break" in bad.stderr
+
+
+def test_engine_workspace_by_hand() -> None:
+    cfg = LlamaConfig(**TINY)  # h 64, I 96, 2 KV heads of dim 8, vocabulary 256
+    r = RolloutLayout(tp=2, servers=1, max_seqs=5, max_context=7, batched_tokens=100)
+    side = plan(cfg, layout(), r).rollout
+    # 100 tokens x 2 B x (2 x 64 + (64 + 2 x 16) / 2 + 3 x 96 / 2) + 4 x 4 B x 5 seqs x 256
+    assert line(side, "engine workspace") == 100 * 2 * (128 + 48 + 144) + 16 * 5 * 256 == 84480
+
+
+H100_CUDA_TOTAL = 81559 << 20  # an H100 80GB's 81559 MiB (79.6 GiB), the total vLLM's utilisation scales
+VLLM_DEFAULT_UTILIZATION = 0.9  # vllm.config.CacheConfig.gpu_memory_utilization
+
+
+@pytest.mark.parametrize("name", ["grpo_logitavg_70b", "grpo_logitavg_8b", "grpo_kl_70b", "grpo_kl_8b"])
+def test_vllm_is_given_the_planned_memory(name: str, tmp_path: Path) -> None:
+    """From the planner's shell output through launcher/common.sh's server YAML to the vLLM engine's arguments:
+    vLLM's budget on an H100 (79.6 GiB reported) is the planner's available memory, its batch is the planned
+    one, and what that budget leaves for the KV cache after the planned weights and workspace holds every
+    planned sequence at the full context (128 x 4096 at 70B). vLLM's default 0.9 x 79.6 GiB did not."""
+    import yaml
+
+    from nemo_logitavg.config import GRPOConfig, load_config
+    from nemo_logitavg.planning import plan_config
+    from nemo_logitavg.rollout.vllm_engine import resolve_memory_budget
+
+    model = "llama3-70b" if "70b" in name else "llama3-8b"
+    config = f"configs/{name}.yaml"
+    result = check(plan_config(load_config(GRPOConfig, ROOT / config, [f"model.policy={model}"]).validate()))
+    out = subprocess.run([sys.executable, "recipes/plan.py", "--shell", "--config", config, f"model.policy={model}"],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    shell = "\n".join(line.removeprefix("nla-shell: ") for line in out.stdout.splitlines())
+    yaml_path = tmp_path / "server.yaml"
+    subprocess.run(["bash", "-c", f'{shell}\nsource launcher/common.sh && nla_vllm_config "$1"', "x",
+                    str(yaml_path)], cwd=ROOT, check=True, timeout=60)  # fmt: skip
+    given = resolve_memory_budget(yaml.safe_load(yaml_path.read_text())["vllm"], H100_CUDA_TOTAL)
+    budget = given.get("gpu_memory_utilization", VLLM_DEFAULT_UTILIZATION) * H100_CUDA_TOTAL
+    assert budget == pytest.approx(result.gpu.available, rel=1e-9)
+    assert given["max_num_batched_tokens"] == RolloutLayout(1, 1, 1, 1).batched_tokens  # the planned workspace
+    weights, kv, workspace = (line.bytes for line in result.rollout.lines)
+    assert budget - weights - workspace >= kv  # vLLM's KV cache: its budget less weights and profiled memory
+    seqs = 128 if "70b" in name else 96
+    assert f"{seqs} seqs x 4096 tokens" in result.rollout.lines[1].formula

@@ -127,6 +127,26 @@ def teacher_forced(policy: str, reference: str, prompt, tokens, ref_weight, temp
 # ---------------------------------------------------------------------------------------- without vLLM
 
 
+def test_gpu_memory_gib_becomes_vllms_utilisation(caplog):
+    """The planner's budget (``gpu_memory_gib``, from the launcher) is what vLLM gets: utilisation x the total
+    CUDA reports; vLLM's default 0.9 would give an H100 (81559 MiB) 71.7 GiB instead of the planned 74."""
+    from nemo_logitavg.rollout.vllm_engine import GIB, resolve_memory_budget
+
+    total = 81559 << 20
+    given = {"gpu_memory_gib": 74, "max_model_len": 4096}
+    args = resolve_memory_budget(given, total)
+    assert args == {"gpu_memory_utilization": pytest.approx(74 * GIB / total, rel=1e-12), "max_model_len": 4096}
+    assert args["gpu_memory_utilization"] * total == pytest.approx(74 * GIB, rel=1e-12) and "gpu_memory_gib" in given
+    assert resolve_memory_budget({"gpu_memory_utilization": 0.5}, total) == {"gpu_memory_utilization": 0.5}
+    with pytest.raises(ValueError, match="not both"):
+        resolve_memory_budget({"gpu_memory_gib": 74, "gpu_memory_utilization": 0.9}, total)
+    with pytest.raises(ValueError, match=r"gpu_memory_gib=90 must lie in \(0, 79\.65\].*cluster\.gpu_memory_gib"):
+        resolve_memory_budget({"gpu_memory_gib": 90}, total)
+    with caplog.at_level("WARNING"):
+        assert resolve_memory_budget({"gpu_memory_gib": 74}, None) == {}  # no CUDA device: vLLM's CPU build
+    assert "ignored: no CUDA device" in caplog.text
+
+
 def test_project_modules_do_not_import_vllm():
     code = (
         "import sys\n"
@@ -316,6 +336,35 @@ def test_next_token_frequencies_match_pi_mix(engines, model_dirs, ref_weight, te
     assert_samples_follow_pi_mix(samples, model_dirs, CONTEXT, ref_weight, temperature, VOCAB)
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_auto_dtype_is_reported_as_what_vllm_serves(engines, model_dirs, caplog):
+    """``dtype="auto"`` on a float32 checkpoint: vLLM picks its own dtype (bfloat16 on CPU), and info() says so,
+    so the trainer's check can refuse it; its log-probs are then off from the float32 ones the trainer computes.
+    The planner's ``gpu_memory_gib`` is ignored with a warning on CPU (the engine still starts)."""
+    from nemo_logitavg.rollout.vllm_engine import VLLMEngine
+
+    assert engines.get(0.3).info()["dtype"] == "float32"  # asked explicitly, as the server passes the trainer's
+    engines.close()
+    with caplog.at_level("WARNING"):
+        engine = VLLMEngine(model_dirs["policy"], model_dirs["reference"], 0.3, dtype="auto",
+                            engine_args={**ENGINE_ARGS, "gpu_memory_gib": 1})  # fmt: skip
+    try:
+        served = str(engine.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+        assert engine.info()["dtype"] == served
+        if current_platform.is_cpu():
+            assert served == "bfloat16"
+            assert "gpu_memory_gib=1 ignored" in caplog.text
+        prompt = [1, 7, 8, 9, 10]
+        params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+        (out,) = engine.generate([GenerationRequest(prompt, params, n=1, seed=5)])[0]
+        expected = teacher_forced(model_dirs["policy"], model_dirs["reference"], prompt, out.token_ids, 0.3, 1.0)
+        error = (torch.tensor(out.logprobs) - expected).abs().max().item()
+        assert (error > 1e-3) == (served != "float32"), error
+    finally:
+        engine.close()
+
+
 def _post(url: str, body: dict, timeout: float = 120.0, headers: dict | None = None) -> dict:
     headers = {"Content-Type": "application/json", **(headers or {})}
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
@@ -344,7 +393,13 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
         models = urllib.request.Request(server.url + "/v1/models", headers=server.auth_headers())
         with urllib.request.urlopen(models, timeout=30) as response:
             card = json.loads(response.read())["data"][0]
-        assert card["engine"] == "vllm" and card["ref_weight"] == 0.7
+        assert card["engine"] == "vllm" and card["ref_weight"] == 0.7 and card["dtype"] == "float32"
+        from nemo_logitavg.rollout.client import RolloutClient, RolloutError
+
+        with RolloutClient([server.url], timeout=60) as client:  # the trainer's start-up check, on dtype too
+            client.check(0.7, dtype="float32")
+            with pytest.raises(RolloutError, match="serves dtype=float32"):
+                client.check(0.7, dtype="bfloat16")
         prompt = [1, 7, 8, 9, 10]
         for policy_key, step in (("policy", 0), ("policy2", 3)):
             if step:

@@ -479,9 +479,10 @@ class RolloutClient:
             warnings.warn(f"step {step} not loaded by: {missed}; they get no requests until it lands", stacklevel=2)
         return loaded
 
-    def check(self, ref_weight: float) -> dict[str, dict]:
-        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight``; remember each
-        server's advertised request limits (``generate`` sizes its requests to them)."""
+    def check(self, ref_weight: float, dtype: str | None = None) -> dict[str, dict]:
+        """Refuse (RolloutError) unless every server serves pi_mix with the trainer's ``ref_weight`` and, when
+        ``dtype`` is given (e.g. ``"float32"``), in that dtype (its ``/v1/models`` card reports ``dtype``);
+        remember each server's advertised request limits (``generate`` sizes its requests to them)."""
 
         def models(url: str):
             return url, self._request("GET", "/v1/models", None, pin=url)[1]
@@ -496,9 +497,15 @@ class RolloutClient:
             served = info.get("ref_weight") if isinstance(info, dict) else None
             if not isinstance(served, (int, float)) or not math.isclose(served, ref_weight, rel_tol=0, abs_tol=1e-9):
                 wrong.append(f"{url} serves ref_weight={served}")
+            card = (info.get("data") or [{}])[0] if isinstance(info, dict) else {}
+            if dtype is not None and (card.get("dtype") if isinstance(card, dict) else None) != dtype:
+                wrong.append(f"{url} serves dtype={card.get('dtype') if isinstance(card, dict) else None}")
         if wrong:
             raise RolloutError(
-                f"refusing rollout servers whose pi_mix differs from the trainer's (ref_weight={ref_weight}): "
+                f"refusing rollout servers whose pi_mix differs from the trainer's (ref_weight={ref_weight}"
+                + (f", dtype={dtype}" if dtype is not None else "")
+                + "): "
                 + "; ".join(wrong)
+                + (" (set rollout.allow_dtype_mismatch: true if the dtype difference is intended)" if dtype else "")
             )
         return infos

@@ -202,6 +202,7 @@ class EngineCommon:
             "vocab_size": self.vocab_size,
             "max_model_len": self.max_model_len,
             "engine": self.engine_name,
+            "dtype": str(self.dtype).removeprefix("torch."),  # the served weights' dtype, e.g. "float32"
             "has_tokenizer": self.has_tokenizer,
         }
 

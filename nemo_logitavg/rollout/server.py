@@ -19,8 +19,8 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   The extension ``seeds`` (one integer per prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]``
   itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
   gets what one request with seed ``s`` would give.
-- ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``
-  and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
+- ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``,
+  ``dtype`` and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
   ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``).
 - The collective policy push (``weight_push``): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
   "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
@@ -45,13 +45,13 @@ checks, tokenizing and rendering run in worker threads, not on the event loop.
 A ``--config`` YAML may hold the same settings under their long names with underscores (``policy``, ``reference``,
 ``ref_weight``, ``host``, ``port``, ``token``, every ``ServerLimits`` field (``max_n``, ``max_tokens``,
 ``max_prompts``, ``max_work_tokens``, ``max_body_bytes``, ...), ``weights_root``, ``max_batch_size``, ``threads``,
-``engine``, ``policy_step``, ``vllm``); flags win over the file. ``engine`` is ``torch`` (default: ``TorchEngine``,
-CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build); ``vllm`` is a mapping of further
+``engine``, ``policy_step``, ``vllm``, ``dtype``); flags win over the file. ``engine`` is ``torch`` (default:
+``TorchEngine``, CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build); ``vllm`` is a mapping of further
 ``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``, ``gpu_memory_utilization``, ``dtype``,
 ``enforce_eager``, ``max_model_len``, ...). The token may also come from the environment variable
 ``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server refuses to start on a port that is
-held.
-Only the ``__main__`` block parses arguments.
+held. ``dtype`` sets the models' dtype for either engine (``vllm.dtype`` wins for vLLM);
+``/v1/models`` reports the dtype served. Only the ``__main__`` block parses arguments.
 """
 
 from __future__ import annotations
@@ -325,6 +325,7 @@ def create_app(
             "weight_receivers": engine.weight_receivers,
             "device": _device_info(engine),
             "stale": push["stale"],
+            "dtype": info.get("dtype"),  # the trainer refuses a server whose dtype differs from its own
         }
 
     @app.get("/health")
@@ -691,6 +692,8 @@ if __name__ == "__main__":
     parser.add_argument("--weights-root", help="directory /v1/load_weights may load from (default: refused)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="the models' dtype (default: torch float32, vLLM auto; vllm.dtype wins)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
 
@@ -707,7 +710,7 @@ if __name__ == "__main__":
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
         "policy", "reference", "ref_weight", "host", "port", "token", "max_batch_size", "threads", "policy_step",
-        "engine", "vllm", "weights_root", *limit_names,
+        "engine", "vllm", "weights_root", "dtype", *limit_names,
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -718,6 +721,8 @@ if __name__ == "__main__":
     engine_name = settings.get("engine") or "torch"
     if engine_name not in ("torch", "vllm"):
         parser.error(f"engine {engine_name!r} is unknown: choose 'torch' or 'vllm'")
+    if settings.get("dtype") not in (None, "float32", "bfloat16", "float16"):
+        parser.error(f"dtype {settings['dtype']!r} is unknown: choose float32, bfloat16 or float16")
     vllm_args = settings.get("vllm") or {}
     if not isinstance(vllm_args, dict):
         parser.error("the vllm setting must be a mapping of vllm.LLM arguments")
@@ -741,8 +746,13 @@ if __name__ == "__main__":
         from nemo_logitavg.rollout.vllm_engine import VLLMEngine as engine_class
 
         engine_kwargs["engine_args"] = dict(vllm_args)
+        if settings.get("dtype"):
+            engine_kwargs["dtype"] = settings["dtype"]
     else:
         from nemo_logitavg.rollout.engine import TorchEngine as engine_class
+
+        if settings.get("dtype"):
+            engine_kwargs["dtype"] = getattr(torch, settings["dtype"])
     served_engine = engine_class(
         settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
     )

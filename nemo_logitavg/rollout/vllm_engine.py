@@ -20,7 +20,10 @@ Differences from ``TorchEngine`` a user may notice:
   Such ratios are off-policy anyway (the client warns); ``info()["logprobs_after_top_p"]`` says so.
 - The sampled tokens come from vLLM's random streams, so the same seed gives other completions than the torch
   engine (each is still a sample of pi_mix, and the same seed gives the same completion within vLLM).
-- Log-probs are computed from the model dtype's logits averaged in float32 (bf16 on GPUs by default).
+- Log-probs are computed from the model dtype's logits averaged in float32. ``dtype="auto"`` is vLLM's choice,
+  which is not always the checkpoint's (on CPU it downcasts a float32 model to bfloat16, off from the trainer's
+  float32 log-probs by up to 0.12): the server and the recipes pass the trainer's dtype, ``info()["dtype"]``
+  reports the one served, and the trainer refuses a server whose dtype differs from its own.
 
 vLLM is imported when an engine is built, never when this module is imported.
 """
@@ -52,6 +55,44 @@ JOIN_METHOD, RECEIVE_METHOD, DIGEST_METHOD = (
     "nemo_logitavg_join_groups", "nemo_logitavg_receive_policy", "nemo_logitavg_digests",
 )  # fmt: skip
 _FIXED_ARGS = {"model", "tokenizer", "skip_tokenizer_init", "logprobs_mode", "worker_extension_cls"}
+GIB = 1 << 30
+
+
+def memory_utilization(budget_gib: float, total_bytes: int) -> float:
+    """vLLM's ``gpu_memory_utilization`` that gives it ``budget_gib`` of a GPU whose CUDA total is
+    ``total_bytes`` (vLLM's budget is ``gpu_memory_utilization x`` that total, from ``torch.cuda.mem_get_info``).
+
+    Raises:
+        ValueError: the budget is not positive or exceeds the GPU.
+    """
+    budget = float(budget_gib) * GIB
+    if not 0 < budget <= total_bytes:
+        raise ValueError(
+            f"gpu_memory_gib={budget_gib:g} must lie in (0, {total_bytes / GIB:.2f}], the GiB this GPU reports; "
+            "lower cluster.gpu_memory_gib (recipes/plan.py plans with it) or the gpu_memory_gib server setting"
+        )
+    return budget / total_bytes
+
+
+def resolve_memory_budget(engine_args: dict[str, Any], total_bytes: int | None) -> dict[str, Any]:
+    """``engine_args`` for ``vllm.LLM`` with our ``gpu_memory_gib`` (if any) replaced by the
+    ``gpu_memory_utilization`` giving vLLM that budget on a GPU of ``total_bytes`` (None: no CUDA device, where
+    the setting is dropped with a warning). The input is not changed.
+
+    Raises:
+        ValueError: both settings are given, or the budget does not fit the GPU.
+    """
+    args = dict(engine_args)
+    budget = args.pop("gpu_memory_gib", None)
+    if budget is None:
+        return args
+    if "gpu_memory_utilization" in args:
+        raise ValueError("give gpu_memory_gib or gpu_memory_utilization, not both")
+    if total_bytes is None:
+        logger.warning("gpu_memory_gib=%s ignored: no CUDA device", budget)
+    else:
+        args["gpu_memory_utilization"] = memory_utilization(budget, total_bytes)
+    return args
 
 
 def _read_json(path: str) -> dict:
@@ -124,7 +165,7 @@ class VLLMEngine(EngineCommon):
         policy_path, reference_path: Hugging Face directories (same vocabulary). ``reference_path`` may be None
             only with ``ref_weight == 0`` (the policy alone, with vLLM's own model class).
         ref_weight: ``a`` in [0, 1].
-        dtype: the models' dtype for vLLM (``"auto"``: the checkpoint's; tests use ``"float32"``).
+        dtype: the models' dtype for vLLM (``"auto"``: vLLM's choice, see above; the server passes the trainer's).
         max_batch_size: vLLM's ``max_num_seqs``.
         policy_step: the step the initial policy weights belong to.
         max_model_len: context length (default: the shorter ``max_position_embeddings`` of the two models).
@@ -132,7 +173,11 @@ class VLLMEngine(EngineCommon):
         engine_args: further ``vllm.LLM`` keyword arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``enforce_eager``, ...). ``logprobs_mode`` and the worker extension are
             fixed by the engine. ``tensor_parallel_size`` defaults to the number of devices listed in
-            ``CUDA_VISIBLE_DEVICES`` (each rollout server is given its own GPUs), else 1.
+            ``CUDA_VISIBLE_DEVICES`` (each rollout server is given its own GPUs), else 1. One key is ours, not
+            vLLM's: ``gpu_memory_gib``, the GiB of each GPU vLLM may use (the capacity planner's budget, passed
+            by the launcher), turned into ``gpu_memory_utilization`` against the memory CUDA reports (see
+            ``resolve_memory_budget``; not both); ignored with a warning where there is no CUDA device (vLLM's
+            CPU build sizes its KV cache from ``VLLM_CPU_KVCACHE_SPACE``).
     """
 
     engine_name = "vllm"
@@ -235,7 +280,10 @@ class VLLMEngine(EngineCommon):
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if len(visible) > 1:  # a server sees only its own GPUs (the launcher's slice): shard over all of them
             kwargs["tensor_parallel_size"] = len(visible)
-        kwargs.update(engine_args or {})
+        import torch
+
+        total = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None  # what vLLM's budget scales
+        kwargs.update(resolve_memory_budget(engine_args or {}, total))
         try:
             self.llm = LLM(**kwargs)
         except BaseException:
@@ -243,6 +291,7 @@ class VLLMEngine(EngineCommon):
             raise
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._children = _child_processes()  # vLLM's engine core and workers (none when it runs in-process)
+        self.dtype = self.llm.llm_engine.model_config.dtype  # what vLLM resolved (a torch.dtype), for info()
         import vllm
 
         self.vllm_version = getattr(vllm, "__version__", "unknown")
