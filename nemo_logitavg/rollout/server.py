@@ -48,10 +48,10 @@ A ``--config`` YAML may hold the same settings under their long names with under
 ``engine``, ``policy_step``, ``vllm``, ``dtype``); flags win over the file. ``engine`` is ``torch`` (default:
 ``TorchEngine``, CPUs and tests) or ``vllm`` (``VLLMEngine``: vLLM on GPUs, or the CPU build); ``vllm`` is a
 mapping of further ``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel_size``,
-``gpu_memory_utilization``, ``dtype``, ``enforce_eager``, ``max_model_len``, ...). The token may also come from the environment variable
-``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The server refuses to start on a port that is
-held. ``dtype`` sets the models' dtype for either engine (``vllm.dtype`` wins for vLLM);
-``/v1/models`` reports the dtype served. Only the ``__main__`` block parses arguments.
+``gpu_memory_utilization``, ``dtype``, ``enforce_eager``, ``max_model_len``, ...). ``dtype`` sets the models'
+dtype for either engine (``vllm.dtype`` wins for vLLM); ``/v1/models`` reports the dtype served. The token may
+also come from the environment variable ``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The
+server refuses to start on a port that is held. Only the ``__main__`` block parses arguments.
 """
 
 from __future__ import annotations
