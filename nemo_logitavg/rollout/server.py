@@ -370,6 +370,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
+    parser.add_argument("--device", help="the torch engine's device, e.g. cuda:0 (default cpu)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
 
@@ -386,7 +387,7 @@ if __name__ == "__main__":
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
         "policy", "reference", "ref_weight", "host", "port", "token", "max_n", "max_tokens", "max_prompts",
-        "max_batch_size", "threads", "policy_step", "engine", "vllm",
+        "max_batch_size", "threads", "policy_step", "engine", "vllm", "device",
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -402,6 +403,8 @@ if __name__ == "__main__":
         parser.error("the vllm setting must be a mapping of vllm.LLM arguments")
     if vllm_args and engine_name != "vllm":
         parser.error("vllm settings were given but the engine is not vllm (set engine: vllm)")
+    if settings.get("device") and engine_name != "torch":
+        parser.error("--device is the torch engine's (vLLM places its workers itself)")
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
 
@@ -420,6 +423,8 @@ if __name__ == "__main__":
         engine_kwargs["engine_args"] = dict(vllm_args)
     else:
         from nemo_logitavg.rollout.engine import TorchEngine as engine_class
+
+        engine_kwargs["device"] = settings.get("device") or "cpu"
     served_engine = engine_class(
         settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
     )
