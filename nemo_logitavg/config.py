@@ -92,12 +92,13 @@ class AlgorithmSection:
 class RolloutSection:
     urls: list[str] = field(default_factory=list)  # running servers; empty: the recipe starts one
     token: str | None = None
-    timeout: float = 600.0
+    timeout: float = 600.0  # seconds one rollout request may take (generation included)
+    attempts: int = 8  # tries per request over all servers (the client's max_attempts)
+    push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
     prompts_per_step: int = 8
     max_tokens: int = 256
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     push_bucket_mb: float | None = None  # policy push bucket (MiB); None: 1024 on GPUs, 128 on CPUs
-    push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
     allow_dtype_mismatch: bool = False  # True: accept servers serving another dtype than model.dtype
 
 
@@ -126,6 +127,8 @@ class RunSection:
     keep_last: int = 2
     eval_every: int = 0
     wandb_project: str | None = None  # also log to Weights & Biases (WANDB_MODE=offline for no network)
+    # Seconds the other ranks wait for rank 0's rollout, grading and push; None: GRPOConfig.wait_bound().
+    wait_timeout: float | None = None
 
 
 @dataclass
@@ -159,6 +162,29 @@ class GRPOConfig:
     run: RunSection = field(default_factory=RunSection)
     cluster: ClusterSection | None = None  # None: one machine (torchrun, or the tiny launcher)
 
+    def wait_bound(self) -> float:
+        """Seconds rank 0 may take to roll out, grade and push one step, in the worst case (DESIGN.md §7b).
+
+        ``rollout.attempts x (rollout.timeout + the client's largest backoff)`` + the grading bound (every answer
+        of the step graded one after another at ``data.reward_timeout``, after the grader's start-up) +
+        ``rollout.push_timeout``.
+        """
+        import inspect
+
+        from nemo_logitavg.rewards.math_answer import MathGrader
+        from nemo_logitavg.rollout.client import RolloutClient
+
+        max_backoff = inspect.signature(RolloutClient).parameters["max_backoff"].default
+        grader_start = inspect.signature(MathGrader).parameters["startup_timeout"].default
+        r = self.rollout
+        answers = r.prompts_per_step * self.algorithm.group_size
+        grading = grader_start + answers * self.data.reward_timeout
+        return r.attempts * (r.timeout + max_backoff) + grading + r.push_timeout
+
+    def wait_timeout(self) -> float:
+        """The waiting ranks' timeout in seconds: ``run.wait_timeout``, or ``wait_bound()`` when it is not set."""
+        return self.wait_bound() if self.run.wait_timeout is None else float(self.run.wait_timeout)
+
     def validate(self) -> GRPOConfig:
         """Check ranges and names; raise ValueError naming the key."""
         from nemo_logitavg.algorithms.grpo import AGGREGATIONS, K1_REFUSED, KL_ESTIMATORS
@@ -179,7 +205,11 @@ class GRPOConfig:
             (r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1"),
             (r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1"),
             (r.push_bucket_mb is None or r.push_bucket_mb > 0, "rollout.push_bucket_mb", "must be > 0 (or null)"),
+            (r.timeout > 0, "rollout.timeout", "must be > 0"),
+            (r.attempts >= 1, "rollout.attempts", "must be >= 1"),
             (r.push_timeout > 0, "rollout.push_timeout", "must be > 0"),
+            (self.data.reward_timeout > 0, "data.reward_timeout", "must be > 0"),
+            (self.run.wait_timeout is None or self.run.wait_timeout > 0, "run.wait_timeout", "must be > 0 (or unset)"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16"),
             (self.data.reward in ("math", "mcq"), "data.reward", "must be math or mcq"),
             (self.run.steps >= 1, "run.steps", "must be >= 1"),
@@ -192,6 +222,14 @@ class GRPOConfig:
             raise ValueError(
                 f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split into "
                 f"algorithm.mini_batches ({a.mini_batches}) x rollout.micro_batch_size ({r.micro_batch_size})"
+            )
+        bound = self.wait_bound()
+        if self.run.wait_timeout is not None and self.run.wait_timeout < bound:
+            raise ValueError(
+                f"config: run.wait_timeout = {self.run.wait_timeout:g} s could expire while rank 0 is still within "
+                f"rollout.timeout ({r.timeout:g} s) x rollout.attempts ({r.attempts}) plus backoff, grading "
+                f"(data.reward_timeout) and rollout.push_timeout ({r.push_timeout:g} s): worst case {bound:g} s; "
+                "raise run.wait_timeout or unset it (it is then derived)"
             )
         if self.cluster is not None:
             self._validate_cluster()

@@ -4,7 +4,11 @@
     ...
     teardown()
 
-gloo is used when CUDA is absent (and the CPU compatibility patches are applied), NCCL otherwise.
+The default group has one backend per device type: gloo for CPU tensors, and NCCL for CUDA tensors when CUDA is
+present (the CPU compatibility patches are applied when it is not), so control messages on CPU tensors work on
+any machine. ``rank_device()`` is the one place that says which device a rank computes on. ``wait_group()`` is
+a CPU (gloo) group with its own, longer timeout, for the ranks that wait while rank 0 rolls out, grades and
+pushes (DESIGN.md §7b, Timeouts).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.distributed as dist
 from nemo_logitavg import cpu_compat
 
 DEFAULT_MASTER_PORT = 29500
+_WAIT_GROUP: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,32 @@ def launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(rank, world_size, local_rank, master_addr, master_port)
 
 
+def rank_device(environ: Mapping[str, str] | None = None) -> torch.device:
+    """The device this rank computes on: ``cuda:LOCAL_RANK % device_count`` when CUDA is present, else the CPU.
+
+    ``LOCAL_RANK`` is read as ``launch_env`` reads it (torchrun's, else srun's ``SLURM_LOCALID``).
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", launch_env(environ).local_rank % torch.cuda.device_count())
+
+
+def default_backend() -> str:
+    """gloo for CPU tensors and, with CUDA, NCCL for CUDA tensors: the default group takes both."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def wait_group() -> dist.ProcessGroup:
+    """The CPU (gloo) group of all ranks with ``init_parallel``'s ``wait_timeout_s``, for CPU tensors and objects.
+
+    Raises:
+        RuntimeError: before ``init_parallel`` (or after ``teardown``).
+    """
+    if _WAIT_GROUP is None:
+        raise RuntimeError("wait_group() needs init_parallel() first")
+    return _WAIT_GROUP
+
+
 def init_parallel(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
@@ -108,6 +139,7 @@ def init_parallel(
     backend: str | None = None,
     timeout_minutes: int = 30,
     environ: Mapping[str, str] | None = None,
+    wait_timeout_s: float | None = None,
 ) -> LaunchEnv:
     """Initialise torch.distributed and megatron-core's parallel state; data parallel is what remains.
 
@@ -115,9 +147,12 @@ def init_parallel(
         tensor_parallel_size: ranks a layer (and the vocabulary) is split over.
         pipeline_parallel_size: stages the layers are split into.
         seed: megatron-core's model-parallel RNG seed (TP ranks get distinct dropout streams).
-        backend: "gloo" or "nccl"; by default NCCL with CUDA, gloo without.
+        backend: a torch.distributed backend string; by default ``default_backend()`` (gloo for CPU tensors,
+            plus NCCL for CUDA tensors when CUDA is present).
         timeout_minutes: collective timeout.
         environ: the launcher's environment; ``os.environ`` by default.
+        wait_timeout_s: the timeout (seconds) of ``wait_group()``, the gloo group of all ranks on which ranks
+            wait for rank 0's rollout, grading and push; by default ``timeout_minutes``.
 
     Raises:
         ValueError: when the world size is not a multiple of ``tensor_parallel_size * pipeline_parallel_size``,
@@ -136,10 +171,12 @@ def init_parallel(
             f"world size {env.world_size} is not a multiple of tensor_parallel_size x pipeline_parallel_size "
             f"= {tensor_parallel_size} x {pipeline_parallel_size}"
         )
-    use_cuda = torch.cuda.is_available()
-    backend = backend or ("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if wait_timeout_s is not None and not wait_timeout_s > 0:
+        raise ValueError(f"wait_timeout_s must be > 0, got {wait_timeout_s}")
+    backend = backend or default_backend()
+    device = rank_device(environ)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     else:
         cpu_compat.apply()
 
@@ -160,6 +197,9 @@ def init_parallel(
         distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)
+    global _WAIT_GROUP
+    wait_s = 60.0 * timeout_minutes if wait_timeout_s is None else float(wait_timeout_s)
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
     return env
 
 
@@ -167,6 +207,8 @@ def teardown() -> None:
     """Destroy megatron-core's groups and the default process group; safe to call twice."""
     from megatron.core import parallel_state
 
+    global _WAIT_GROUP
     parallel_state.destroy_model_parallel()
+    _WAIT_GROUP = None  # destroyed with the default group below
     if dist.is_initialized():
         dist.destroy_process_group()

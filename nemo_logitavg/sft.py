@@ -20,6 +20,7 @@ def pack_sft(records: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
     """``[B, L]`` input ids, targets, positions and response mask for records with ``prompt_ids``/``response_ids``.
 
     Sequences are right-padded to the longest; ``mask[b, t]`` is True where ``targets[b, t]`` is a response token.
+    The tensors are on the host; the actor moves each micro-batch to its device.
     """
     seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in records]
     length = max(len(s) for s in seqs) - 1
@@ -96,8 +97,9 @@ def train_sft(
         ]
         results = actor.forward_backward(mbs, nll_loss_fn(num_tokens))
         _, grad_norm = actor.optimizer_step()
-        loss = torch.tensor([sum(float(r["loss"]) for r in results)])
-        # Summed over the world: DP shares add up, stages without a loss add 0, TP ranks hold copies.
+        # A host scalar (the results may be on the GPU), summed over the world on the default group's gloo part:
+        # DP shares add up, stages without a loss add 0, TP ranks hold copies.
+        loss = torch.tensor([sum(float(r["loss"]) for r in results)], device="cpu")
         dist.all_reduce(loss)
         losses.append(loss.item() / max(1, ps.get_tensor_model_parallel_world_size()))
         if dist.get_rank() == 0:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_logitavg.algorithms.grpo import aggregate, group_advantages, kl_penalty, policy_loss
+from nemo_logitavg.parallel import rank_device, wait_group
 
 # Largest |log pi_mix(trainer) - log pi_mix(rollout)| of a step before the trainer warns (once a run): float32 on
 # both sides agrees to ~2e-5 (vLLM, torch engine); a float32 trainer served in bfloat16 is off by ~0.1.
@@ -149,9 +150,12 @@ class StopRequested:
         return self.requested
 
     def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (a collective)."""
-        flag = torch.tensor([1.0 if self.poll() else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        """True on every rank if any rank was signalled (a collective).
+
+        A CPU flag over ``wait_group()`` (gloo): the other ranks reach it while rank 0 still evaluates.
+        """
+        flag = torch.tensor([1.0 if self.poll() else 0.0], device="cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=wait_group())
         return bool(flag.item())
 
 
@@ -283,7 +287,8 @@ class GRPOTrainer:
         from nemo_logitavg.rollout.weight_push import PolicyPusher
 
         bucket = int(cfg.rollout.push_bucket_mb * 2**20) if cfg.rollout.push_bucket_mb else None
-        self.pusher = PolicyPusher(actor.gpt_policy, actor.policy_cfg, client, bucket, cfg.rollout.push_timeout)
+        self.pusher = PolicyPusher(actor.gpt_policy, actor.policy_cfg, client, bucket, cfg.rollout.push_timeout,
+                                   control_group=wait_group())  # fmt: skip
 
     # --------------------------------------------------------------------------------------------- state
     def save(self) -> None:
@@ -331,7 +336,9 @@ class GRPOTrainer:
             batch = pack_rollouts(prompt_ids, groups, rewards, cfg.algorithm.group_size,
                                   cfg.algorithm.normalize_std, cfg.algorithm.mask_truncated)  # fmt: skip
             payload = [{"batch": batch, "rollout_s": rollout_s, "reward_s": time.monotonic() - start - rollout_s}]
-        dist.broadcast_object_list(payload, src=0)
+        # The others wait here while rank 0 samples and grades: on the CPU group, whose timeout covers the
+        # client's worst case (run.wait_timeout); the batch stays on the host (the actor moves micro-batches).
+        dist.broadcast_object_list(payload, src=0, group=wait_group())
         return payload[0]
 
     def train_step(self) -> dict[str, float]:
@@ -388,14 +395,18 @@ class GRPOTrainer:
         sync_s = time.monotonic() - start
 
         # Metrics: local sums on the last stage, reduced over DP; rank 0 logs.
-        mask = batch.mask
-        mismatch = torch.zeros(2)
+        # The old log-probs are on the actor's device, the rollout's on the host: compared on the device, and the
+        # reduced (sum, max) brought back to the host for the scalars below.
+        mask, device = batch.mask, rank_device()
+        mismatch = torch.zeros(2, device=device)
         if on_last_stage:
-            diffs = [(mb["old_logprobs"] - mb["rollout_logprobs"]).abs()[mb["mask"]] for mb in mbs]
-            diffs = torch.cat(diffs) if diffs else torch.zeros(0)
-            mismatch = torch.tensor([diffs.sum().item(), diffs.max().item() if diffs.numel() else 0.0])
+            diffs = [(mb["old_logprobs"].to(device) - mb["rollout_logprobs"].to(device)).abs()[mb["mask"].to(device)]
+                     for mb in mbs]  # fmt: skip
+            diffs = torch.cat(diffs) if diffs else torch.zeros(0, device=device)
+            mismatch = torch.stack([diffs.sum(), diffs.max() if diffs.numel() else diffs.new_zeros(())])
         scalars = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
         dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)  # max over ranks of (sum, max): exact for DP = 1
+        mismatch = mismatch.cpu()
         metrics = {
             "reward/mean": batch.rewards.mean().item(),
             "reward/accuracy": (batch.rewards > 0.5).float().mean().item(),

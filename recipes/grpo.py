@@ -19,7 +19,7 @@ from nemo_logitavg.data import encode_prompt, read_jsonl
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
-from nemo_logitavg.parallel import init_parallel, teardown
+from nemo_logitavg.parallel import init_parallel, rank_device, teardown
 from nemo_logitavg.rewards import score_math, score_mcq
 from nemo_logitavg.trainer import GRPOTrainer, StopRequested
 
@@ -43,7 +43,8 @@ def main() -> None:
 
     prompts = tokenized(cfg.data.train)
     eval_prompts = tokenized(cfg.data.test) if cfg.data.test else []
-    init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.run.seed)
+    init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.run.seed,
+                  wait_timeout_s=cfg.wait_timeout())  # fmt: skip
     model_cfg = LlamaConfig.from_hf(cfg.model.policy)
     actor = LogitAveragingActor(
         model_cfg,
@@ -67,13 +68,16 @@ def main() -> None:
             log = os.path.join(cfg.run.dir, "rollout_server.log")
             # ref_weight 0 (the KL baseline) samples from the policy alone: the server need not load the reference.
             served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
+            # On a GPU machine the recipe's own server shares rank 0's GPU (the one-GPU check, DESIGN.md §7b).
+            device = rank_device()
+            extra = ["--device", str(device)] if device.type == "cuda" else []
             server = ServerProcess(
                 cfg.model.policy, served_reference, cfg.algorithm.ref_weight, log, token=cfg.rollout.token,
-                extra_args=["--dtype", cfg.model.dtype],
+                extra_args=["--dtype", cfg.model.dtype, *extra],
             ).wait_ready()  # no rollout.token: a random one, known only to this process and its server
             urls = [server.url]
         token = server.token if server is not None else cfg.rollout.token
-        client = RolloutClient(urls, token=token, timeout=cfg.rollout.timeout)
+        client = RolloutClient(urls, token=token, timeout=cfg.rollout.timeout, max_attempts=cfg.rollout.attempts)
         client.check(cfg.algorithm.ref_weight, dtype=None if cfg.rollout.allow_dtype_mismatch else cfg.model.dtype)
 
     def score(texts: list[str], answers: list[str]) -> list[float]:

@@ -263,3 +263,54 @@ def test_non_finite_gradient_skips_the_update(hf_dirs):
     for rank in run_distributed(_nan_worker, 2, policy_dir=hf_dirs[0], reference_dir=hf_dirs[1]):
         assert not rank["applied"] and rank["skipped"] == 1 and rank["warned"] and rank["unchanged"]
         assert rank["applied_next"] and rank["finite"]
+
+
+class _ReachedModel(Exception):
+    """Raised by the hook below once the stage's inputs are recorded."""
+
+
+def _batch_device_worker() -> dict:
+    from nemo_logitavg.models import LlamaConfig
+    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.parallel import init_parallel, rank_device, teardown
+
+    init_parallel()
+    cfg = LlamaConfig(**TINY)
+    actor = LogitAveragingActor(cfg, cfg, ActorConfig())
+    placed = {"actor": actor.device, "rank": rank_device(),
+              "params": {p.device for m in (actor.gpt_policy, actor.reference) for p in m.parameters()}}  # fmt: skip
+    seen: list = []
+
+    def record(_module, args):
+        seen.append({name: (t.device, t.tolist() if t.device.type != "meta" else None)
+                     for name, t in zip(("input_ids", "position_ids", "targets"), args, strict=True)})  # fmt: skip
+        raise _ReachedModel
+
+    actor.stage.register_forward_pre_hook(record)
+    batches = micro_batches(num=1)
+    # Another device than the batches' (host) one: what reaches the model must have been moved there.
+    actor.device = torch.device("meta")
+    try:
+        actor.forward_backward(batches, forward_only=True)
+    except _ReachedModel:
+        pass
+    actor.device = placed["actor"]
+    try:
+        actor.forward_backward(batches, forward_only=True)
+    except _ReachedModel:
+        pass
+    teardown()
+    return {"placed": placed, "seen": seen, "host": {k: v.device for k, v in batches[0].items()}}
+
+
+def test_forward_step_moves_micro_batches_to_the_actor_device():
+    """Micro-batches built on the host are moved to ``actor.device`` inside the forward step, before the model."""
+    (result,) = run_distributed(_batch_device_worker, world_size=1)
+    placed = result["placed"]
+    assert placed["actor"] == placed["rank"] and placed["params"] == {placed["rank"]}
+    assert set(result["host"].values()) == {torch.device("cpu")}  # the caller's batch stays where it was
+    on_meta, on_device = result["seen"]
+    assert {device.type for device, _ in on_meta.values()} == {"meta"}
+    batch = micro_batches(num=1)[0]
+    for name, (device, values) in on_device.items():
+        assert device == placed["rank"] and values == batch[name].tolist()

@@ -132,3 +132,54 @@ def test_shipped_sweep_config():
     assert base.algorithm.group_size == 8 and base.algorithm.beta == 0.0  # held fixed across the grid
     with pytest.raises(ValueError, match="outside the grid of 12"):
         sweep.run_overrides(12)
+
+
+def test_wait_timeout_is_derived_from_the_rollout_worst_case():
+    """run.wait_timeout unset: attempts x (request timeout + the client's 30 s largest backoff) + grading (every
+    answer at data.reward_timeout, after the grader's 120 s start-up) + push_timeout (DESIGN.md §7b)."""
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_tiny.yaml"
+    overrides = ["model.policy=p", "data.train=t", "rollout.timeout=100", "rollout.attempts=3",
+                 "rollout.push_timeout=50", "data.reward_timeout=2", "rollout.prompts_per_step=4",
+                 "algorithm.group_size=4", "rollout.micro_batch_size=2"]  # fmt: skip
+    cfg = load_config(GRPOConfig, path, overrides).validate()
+    expected = 3 * (100 + 30) + (120 + 16 * 2) + 50
+    assert cfg.wait_bound() == expected and cfg.wait_timeout() == expected
+
+
+def test_wait_timeout_that_could_expire_first_is_refused():
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig
+
+    path = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_tiny.yaml"
+    base = ["model.policy=p", "data.train=t", "rollout.timeout=600", "rollout.attempts=8"]
+    bound = load_config(GRPOConfig, path, base).validate().wait_bound()
+    refused = r"run\.wait_timeout = 3600 s .*rollout\.timeout \(600 s\) x rollout\.attempts \(8\)"
+    with pytest.raises(ValueError, match=refused):
+        load_config(GRPOConfig, path, [*base, "run.wait_timeout=3600"]).validate()
+    with pytest.raises(ValueError, match=r"run\.wait_timeout must be > 0"):
+        load_config(GRPOConfig, path, [*base, "run.wait_timeout=0"]).validate()
+    with pytest.raises(ValueError, match=r"rollout\.attempts must be >= 1"):
+        load_config(GRPOConfig, path, [*base, "rollout.attempts=0"]).validate()
+    # At the bound (and above it) the wait cannot expire first: accepted and used as given.
+    cfg = load_config(GRPOConfig, path, [*base, f"run.wait_timeout={bound}"]).validate()
+    assert cfg.wait_timeout() == bound
+
+
+@pytest.mark.parametrize(
+    "name", ["grpo_logitavg_tiny.yaml", "grpo_logitavg_8b.yaml", "grpo_kl_8b.yaml", "grpo_logitavg_70b.yaml",
+             "grpo_kl_70b.yaml"],
+)  # fmt: skip
+def test_shipped_configs_wait_longer_than_the_rollout_worst_case(name):
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig
+
+    path = Path(__file__).resolve().parent.parent / "configs" / name
+    cfg = load_config(GRPOConfig, path, ["model.policy=p", "data.train=t"]).validate()
+    r = cfg.rollout
+    assert cfg.wait_timeout() >= r.attempts * r.timeout + r.push_timeout

@@ -60,6 +60,64 @@ def test_init_parallel_refuses_layout_that_does_not_divide_world():
         init_parallel(tensor_parallel_size=0, environ=environ)
 
 
+def test_rank_device_on_cpu():
+    from nemo_logitavg.parallel import default_backend, rank_device
+
+    environ = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "127.0.0.1"}
+    if torch.cuda.is_available():
+        assert rank_device(environ) == torch.device("cuda", 3 % torch.cuda.device_count())
+        assert default_backend() == "cpu:gloo,cuda:nccl"
+    else:
+        assert rank_device(environ) == rank_device({}) == torch.device("cpu")
+        assert default_backend() == "gloo"
+
+
+def _groups_worker(wait_timeout_s: float, rank0_delays_s: tuple[float, ...]) -> dict:
+    """The default group takes CPU tensors and objects; ranks wait on the wait group while rank 0 sleeps."""
+    import time
+
+    import torch.distributed as dist
+
+    from nemo_logitavg.parallel import init_parallel, rank_device, teardown, wait_group
+
+    init_parallel(wait_timeout_s=wait_timeout_s)
+    flag = torch.tensor([float(dist.get_rank())], device="cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a CPU control tensor on the default group
+    on_device = torch.ones(1, device=rank_device())
+    dist.all_reduce(on_device)
+    objects = [{"from": dist.get_rank()}]
+    dist.broadcast_object_list(objects, src=0, group=wait_group())
+    backend, waits = dist.get_backend(), []
+    for delay in rank0_delays_s:
+        if dist.get_rank() == 0:
+            time.sleep(delay)  # rank 0 "rolls out" while rank 1 waits on the wait group
+        started, error = time.monotonic(), None
+        try:
+            dist.barrier(group=wait_group())
+        except RuntimeError as exc:
+            error = str(exc)
+        waits.append((time.monotonic() - started, error))
+        if error is not None:
+            break  # a group that timed out cannot be used (or torn down) again; the process exits instead
+    else:
+        teardown()
+    return {"max": flag.item(), "sum": on_device.item(), "object": objects[0], "backend": backend, "waits": waits}
+
+
+@pytest.mark.slow
+def test_default_group_takes_cpu_tensors_and_the_wait_group_has_its_own_timeout():
+    from nemo_logitavg.parallel import default_backend
+
+    # A 4 s wait group: rank 0 taking 1 s is waited for; taking 8 s, the waiting rank gives up after 4 s.
+    ranks = run_distributed(_groups_worker, world_size=2, wait_timeout_s=4.0, rank0_delays_s=(1.0, 8.0))
+    for rank in ranks:
+        assert (rank["max"], rank["sum"], rank["object"]) == (1.0, 2.0, {"from": 0})
+        assert rank["backend"] == default_backend()
+    (first_wait, first_error), (second_wait, second_error) = ranks[1]["waits"]
+    assert first_error is None and 0.5 <= first_wait < 4.0
+    assert second_error is not None and "Timed out" in second_error and 3.0 <= second_wait < 7.0
+
+
 def _gpt_worker(ref_weight: float) -> dict:
     """Policy + frozen reference at TP = world size; pi_mix loss through megatron's schedule on CPU."""
     from megatron.core import parallel_state

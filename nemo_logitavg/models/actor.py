@@ -5,6 +5,8 @@ Both are megatron-core GPTModels split identically over TP and PP. Under pipelin
 between stages is ``cat([h_pol, h_ref], -1)`` and the last stage averages the two models' vocab-parallel logits
 in ``mixed_logprobs``. The policy alone is wrapped in megatron's DDP and given to the optimiser; the reference
 is in eval mode, has ``requires_grad=False``, runs under ``torch.no_grad()`` and never leaves its device.
+Both models live on ``rank_device()``; micro-batches may come from the host and are moved there in the forward
+step, so losses, metrics and the returned log-probs are on that device too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from nemo_logitavg.models.builder import LlamaConfig, build_gpt_model
 from nemo_logitavg.ops import mixed_logprobs
+from nemo_logitavg.parallel import rank_device
 
 # loss_fn(logprobs [b, s] float32, entropy [b, s] float32, micro_batch) -> (scalar loss, metrics)
 LossFn = Callable[[torch.Tensor, torch.Tensor, dict], tuple[torch.Tensor, dict]]
@@ -184,6 +187,7 @@ class LogitAveragingActor:
                 f"pipeline_parallel_size={pp} does not divide num_hidden_layers={policy_cfg.num_hidden_layers}"
             )
         self.policy_cfg, self.reference_cfg, self.cfg = policy_cfg, reference_cfg, actor_cfg
+        self.device = rank_device()  # where both models, the batches and the losses live
         stage = {
             "tensor_parallel_size": tp,
             "pipeline_parallel_size": pp,
@@ -202,6 +206,7 @@ class LogitAveragingActor:
             use_distributed_optimizer=use_gpu,  # plain optimiser on CPU: its checkpoints are reliable there
             overlap_grad_reduce=False,
         )
+        # DDP allocates its gradient buffers beside the parameters: the policy is on self.device already.
         self.policy = DistributedDataParallel(self.gpt_policy.config, ddp_config, self.gpt_policy)
         self.stage = MixedStage(
             self.policy,
@@ -248,7 +253,9 @@ class LogitAveragingActor:
         With ``loss_fn``, its loss is backpropagated into the policy as given (the actor undoes megatron's
         division by the number of micro-batches, so ``loss_fn`` normalises over the whole step itself). The
         results hold ``logprobs`` and ``entropy`` (``[b, s]``, detached) and the metrics ``loss_fn`` returned;
-        they are empty on stages other than the last.
+        they are empty on stages other than the last. Tensors of ``micro_batches`` may be on any device: each
+        micro-batch is moved to ``self.device`` when the schedule takes it, and ``loss_fn`` sees it there; the
+        results are on ``self.device``.
         """
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -269,8 +276,12 @@ class LogitAveragingActor:
             if self.reference is not None:
                 self.reference.eval()
 
+        device = self.device
+
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
+            # One micro-batch on the device at a time (the caller's batch may live on the host).
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in next(data_iterator).items()}  # fmt: skip
             output = model(batch["input_ids"], batch["position_ids"], batch["targets"])
 
             def loss_func(out):
@@ -309,13 +320,7 @@ class LogitAveragingActor:
         A NaN or Inf anywhere in the policy's gradients (on any rank) skips the update: the gradients are
         dropped, ``skipped_steps`` counts it and a warning says so, so the weights never become NaN.
         """
-        import torch.distributed as dist
-
-        finite = all(
-            bool(torch.isfinite(p.main_grad).all()) for p in self.gpt_policy.parameters() if hasattr(p, "main_grad")
-        )
-        flag = torch.tensor([1.0 if finite else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag = self._all_finite(p.main_grad for p in self.gpt_policy.parameters() if hasattr(p, "main_grad"))
         if flag.item() < 1.0:
             self.skipped_steps += 1
             self.policy.zero_grad_buffer()
@@ -331,12 +336,21 @@ class LogitAveragingActor:
 
     def weights_finite(self) -> bool:
         """True when every policy weight on every rank is finite (a collective)."""
+        return self._all_finite(self.gpt_policy.parameters()).item() == 1.0
+
+    def _all_finite(self, tensors: Any) -> torch.Tensor:
+        """``[1]`` float32 on ``self.device``: 1.0 when every tensor on every rank is finite, else 0.0.
+
+        The flag stays on the device with the tensors (one host sync, at the caller's ``.item()``) and is
+        reduced over the default group: NCCL for a CUDA flag, gloo for a CPU one.
+        """
         import torch.distributed as dist
 
-        ok = all(bool(torch.isfinite(p).all()) for p in self.gpt_policy.parameters())
-        flag = torch.tensor([1.0 if ok else 0.0])
+        flag = torch.ones(1, device=self.device)
+        for tensor in tensors:
+            flag.mul_(torch.isfinite(tensor).all())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return flag.item() == 1.0
+        return flag
 
     def load_hf(self, policy_dir: str, reference_dir: str | None) -> None:
         """Load both models' shards from Hugging Face directories (checked against the configs)."""

@@ -206,10 +206,12 @@ def build_gpt_model(
     make_vocab_size_divisible_by: int = 128,
     pipeline_parallel_size: int = 1,
 ):
-    """A megatron-core ``GPTModel`` for ``cfg`` on this rank's TP shard and PP stage.
+    """A megatron-core ``GPTModel`` for ``cfg`` on this rank's TP shard and PP stage, on ``rank_device()``.
 
-    Weights are initialised on the CPU from the full matrices and then split, so a given
-    ``torch.manual_seed`` yields the same model at every TP size (real runs load weights instead). The last
+    Without CUDA, weights are initialised on the CPU from the full matrices and then split, so a given
+    ``torch.manual_seed`` yields the same model at every TP size. With CUDA each rank initialises only its own
+    shard on its GPU (initialising every full matrix on the host would take minutes at 70B; real runs load
+    weights over the initial values anyway). The last
     stage returns vocab-parallel logits ``[batch, seq, padded_vocab / TP]``; other stages return hidden
     states ``[seq, batch, hidden]``. Under PP each stage builds ``num_hidden_layers / PP`` layers.
     ``cfg.qkv_bias`` gives ``linear_qkv`` a bias (``add_qkv_bias``); ``cfg.rope_scaling_factor`` turns on
@@ -221,6 +223,8 @@ def build_gpt_model(
     """
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
+
+    from nemo_logitavg.parallel import rank_device
 
     for what, count in (
         ("num_attention_heads", cfg.num_attention_heads),
@@ -251,9 +255,10 @@ def build_gpt_model(
         pipeline_dtype=params_dtype,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
     )
-    return GPTModel(
+    device = rank_device()
+    model = GPTModel(
         config,
         _layer_spec(),
         vocab_size=padded_vocab_size(cfg.vocab_size, tensor_parallel_size, make_vocab_size_divisible_by),
@@ -266,3 +271,6 @@ def build_gpt_model(
         rope_scaling=cfg.rope_scaling_factor is not None,
         rope_scaling_factor=cfg.rope_scaling_factor if cfg.rope_scaling_factor is not None else 8.0,
     )
+    # megatron puts parameters on the current CUDA device (which init_parallel set to rank_device()); the move
+    # catches anything built on the host (some norms, buffers). A no-op on the CPU.
+    return model.to(device)

@@ -267,6 +267,8 @@ class TorchEngine(EngineCommon):
         dtype: the models' dtype (float32 by default); mixing and softmax are always float32.
         max_batch_size: sequences decoded together (longer request lists are split).
         policy_step: the step the initial policy weights belong to.
+        device: where both models run (e.g. ``cuda:0``); sampling and its generators stay on the host, so a
+            seed gives the same draws on every device.
     """
 
     engine_name = "torch"
@@ -279,6 +281,7 @@ class TorchEngine(EngineCommon):
         dtype: torch.dtype = torch.float32,
         max_batch_size: int = 256,
         policy_step: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -292,10 +295,11 @@ class TorchEngine(EngineCommon):
         self.policy_path = os.fspath(policy_path)
         self.reference_path = os.fspath(reference_path) if reference_path is not None else None
         self.policy_step = int(policy_step)
+        self.device = torch.device(device)
         self._lock = threading.Lock()
 
         def load(path: str):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
             model.eval().requires_grad_(False)
             return model
 
@@ -482,14 +486,16 @@ class TorchEngine(EngineCommon):
         ]
 
     def _mixed_logits(self, input_ids, attention_mask, position_ids, caches) -> torch.Tensor:
-        """``m`` of the last position of every row, float32 ``[B, V]``."""
+        """``m`` of the last position of every row, float32 ``[B, V]`` on the host (host inputs, models on
+        ``self.device``)."""
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         z_pol = self.policy(input_ids=input_ids, **{self._cache_kwarg: caches[0]}, **kwargs).logits[:, -1].float()
         if self.reference is None or self.ref_weight == 0.0:
-            return z_pol[:, : self.vocab_size]
+            return z_pol[:, : self.vocab_size].cpu()
         z_ref = self.reference(input_ids=input_ids, **{self._cache_kwarg: caches[1]}, **kwargs).logits[:, -1].float()
         a = self.ref_weight
-        return ((1.0 - a) * z_pol + a * z_ref)[:, : self.vocab_size]
+        return ((1.0 - a) * z_pol + a * z_ref)[:, : self.vocab_size].cpu()
 
     def _decode(self, seqs: list[_Sequence], cancelled=lambda: False) -> None:
         """Decode ``seqs`` together: one left-padded prefill of their distinct prompts (the n samples of a prompt

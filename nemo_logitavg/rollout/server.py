@@ -694,6 +694,7 @@ if __name__ == "__main__":
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="the models' dtype (default: torch float32, vLLM auto; vllm.dtype wins)")
+    parser.add_argument("--device", help="the torch engine's device, e.g. cuda:0 (default cpu)")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args()
 
@@ -710,7 +711,7 @@ if __name__ == "__main__":
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     known = {
         "policy", "reference", "ref_weight", "host", "port", "token", "max_batch_size", "threads", "policy_step",
-        "engine", "vllm", "weights_root", "dtype", *limit_names,
+        "engine", "vllm", "weights_root", "dtype", "device", *limit_names,
     }  # fmt: skip
     unknown = sorted(set(settings) - known)
     if unknown:
@@ -728,6 +729,8 @@ if __name__ == "__main__":
         parser.error("the vllm setting must be a mapping of vllm.LLM arguments")
     if vllm_args and engine_name != "vllm":
         parser.error("vllm settings were given but the engine is not vllm (set engine: vllm)")
+    if settings.get("device") and engine_name != "torch":
+        parser.error("--device is the torch engine's (vLLM places its workers itself)")
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
 
@@ -753,6 +756,7 @@ if __name__ == "__main__":
 
         if settings.get("dtype"):
             engine_kwargs["dtype"] = getattr(torch, settings["dtype"])
+        engine_kwargs["device"] = settings.get("device") or "cpu"
     served_engine = engine_class(
         settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
     )
