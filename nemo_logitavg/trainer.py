@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -151,8 +152,18 @@ class StopRequested:
         return bool(flag.item())
 
 
+# Per-token metrics of ``policy_loss`` that the loss function returns as sums over a micro-batch's tokens, so that
+# the trainer can reduce them over micro-batches and DP ranks and divide once by the total token count.
+TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fraction", "pi_mix_entropy")
+
+
 def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_length: int) -> Callable:
-    """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7)."""
+    """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7).
+
+    Its metrics are additive over the optimiser step's micro-batches and DP ranks: ``loss`` and ``kl`` are this
+    micro-batch's share of the step's total; ``tokens`` counts its masked tokens; each ``TOKEN_MEAN_METRICS``
+    entry is a sum over those tokens; ``ratio_max`` / ``ratio_min`` are extremes (-inf / inf when empty).
+    """
     alg = cfg.algorithm
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict):
@@ -165,18 +176,131 @@ def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_l
             num_tokens=num_tokens if alg.agg == "token-mean" else None,
         )  # fmt: skip
         loss = loss * share
+        out = {}
         if alg.beta > 0 and ref_logprobs is not None:
             kl = kl_penalty(logprobs, ref_logprobs, alg.kl_estimator)
             kl_term = aggregate(kl, mask, alg.agg, num_tokens if alg.agg == "token-mean" else None,
                                 max_response_length) * share  # fmt: skip
             loss = loss + alg.beta * kl_term
-            metrics["kl"] = kl_term.detach()
-        tokens = mask.sum().clamp(min=1)
-        metrics["pi_mix_entropy"] = (entropy * mask).sum() / tokens
-        metrics["loss"] = loss.detach().clone()
-        return loss, metrics
+            out["kl"] = kl_term.detach()
+        tokens = mask.sum()
+        metrics["pi_mix_entropy"] = torch.where(mask, entropy, 0.0).sum() / tokens.clamp(min=1)
+        for key in TOKEN_MEAN_METRICS:
+            if key in metrics:
+                out[key] = (metrics[key] * tokens).detach()  # policy_loss gives means over this micro-batch's tokens
+        empty = tokens == 0
+        out["ratio_max"] = torch.where(empty, -math.inf, metrics["ratio_max"])
+        out["ratio_min"] = torch.where(empty, math.inf, metrics["ratio_min"])
+        out["tokens"] = tokens.to(torch.float64)
+        out["loss"] = loss.detach().clone()  # the schedule divides the returned loss in place
+        return loss, out
 
     return loss_fn
+
+
+def reduce_update_metrics(step_results: Sequence[Sequence[dict]], mismatch: Sequence[torch.Tensor]) -> dict:
+    """The update's metrics from every optimiser step's per-micro-batch results, reduced over the DP group.
+
+    ``step_results[o]`` holds this rank's results of optimiser step ``o`` (``make_loss_fn``'s metrics; empty off
+    the last pipeline stage), ``mismatch`` this rank's per-token ``|log pi_old - log pi_rollout|`` tensors. Sums
+    are summed, extremes take max / min. ``loss`` and ``kl`` are each optimiser step's total (over its
+    micro-batches and DP ranks), averaged over the step's ``epochs x mini_batches`` optimiser steps; the
+    per-token metrics are means over every token of every optimiser step. A collective over the DP group
+    (every rank calls it); the values are meaningful on the last pipeline stage only.
+    """
+    from megatron.core import parallel_state as ps
+
+    steps = len(step_results)
+    totals = torch.zeros(steps, 2, dtype=torch.float64)  # per optimiser step: loss, kl
+    sums = torch.zeros(len(TOKEN_MEAN_METRICS) + 3, dtype=torch.float64)  # ..., tokens, mismatch sum, count
+    extremes = torch.full((3,), -math.inf, dtype=torch.float64)  # ratio_max, -ratio_min, mismatch max
+    has_kl = torch.zeros(1)
+    for o, results in enumerate(step_results):
+        for r in results:
+            totals[o, 0] += float(r["loss"])
+            if "kl" in r:
+                totals[o, 1] += float(r["kl"])
+                has_kl[0] = 1.0
+            for i, key in enumerate(TOKEN_MEAN_METRICS):
+                sums[i] += float(r.get(key, 0.0))
+            sums[len(TOKEN_MEAN_METRICS)] += float(r["tokens"])
+            extremes[0] = max(extremes[0], float(r["ratio_max"]))
+            extremes[1] = max(extremes[1], -float(r["ratio_min"]))
+    diffs = torch.cat([d.reshape(-1).double() for d in mismatch]) if mismatch else torch.zeros(0, dtype=torch.float64)
+    sums[-2], sums[-1] = diffs.sum(), diffs.numel()
+    if diffs.numel():
+        extremes[2] = diffs.max()
+    group = ps.get_data_parallel_group()
+    for tensor in (totals, sums, has_kl):
+        dist.all_reduce(tensor, group=group)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    tokens = float(sums[len(TOKEN_MEAN_METRICS)].clamp(min=1))
+    step_totals = totals.mean(0)
+    metrics = {"loss": float(step_totals[0])}
+    if has_kl.item():
+        metrics["kl"] = float(step_totals[1])
+    metrics.update({key: float(sums[i]) / tokens for i, key in enumerate(TOKEN_MEAN_METRICS)})
+    metrics["ratio_max"], metrics["ratio_min"] = float(extremes[0]), float(-extremes[1])
+    metrics["mismatch/mean_abs"] = float(sums[-2] / sums[-1].clamp(min=1))
+    metrics["mismatch/max_abs"] = float(extremes[2]) if sums[-1] > 0 else 0.0
+    return metrics
+
+
+def update_policy(cfg: Any, actor: Any, batch: StepBatch) -> dict[str, float]:
+    """The update phase of one GRPO step: the old log pi_mix, then ``epochs x mini_batches`` optimiser steps.
+
+    The step's sequences split into mini-batches (one optimiser step each); each DP rank takes every DP-th
+    sequence of a mini-batch, in micro-batches. A collective over every rank of the actor. Returns the update's
+    metrics (see ``reduce_update_metrics``; the loss-derived ones only on the last pipeline stage, which
+    ``GRPOTrainer.fit`` merges into rank 0's record) and its timings.
+    """
+    from megatron.core import parallel_state as ps
+
+    count = batch.input_ids.shape[0]
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    mb_size = cfg.rollout.micro_batch_size
+    per_mini = count // cfg.algorithm.mini_batches
+    if per_mini % (dp_size * mb_size):
+        raise ValueError(
+            f"a mini-batch of {per_mini} sequences does not split into data_parallel ({dp_size}) x "
+            f"rollout.micro_batch_size ({mb_size}); change rollout.prompts_per_step or algorithm.mini_batches"
+        )
+    minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(cfg.algorithm.mini_batches)]
+    mini_mbs = [micro_batches(batch, seqs[dp_rank::dp_size], mb_size) for seqs in minis]
+    mbs = [mb for group in mini_mbs for mb in group]
+
+    # Old log pi_mix, recomputed by the trainer on the weights that sampled.
+    start = time.monotonic()
+    old = actor.forward_backward(mbs, forward_only=True)
+    on_last_stage = bool(old)
+    for mb, result in zip(mbs, old, strict=False):
+        mb["old_logprobs"] = result["logprobs"]
+    old_s = time.monotonic() - start
+
+    start = time.monotonic()
+    step_results, grad_norms = [], []
+    for _epoch in range(cfg.algorithm.epochs):
+        for seqs, mb_list in zip(minis, mini_mbs, strict=True):
+            num_tokens = float(batch.mask[seqs].sum().clamp(min=1))
+            loss_fn = make_loss_fn(cfg, num_tokens, len(seqs), cfg.rollout.max_tokens)
+            step_results.append(actor.forward_backward(mb_list, loss_fn))
+            _, grad_norm = actor.optimizer_step()
+            grad_norms.append(grad_norm)
+    update_s = time.monotonic() - start
+
+    mismatch = [(mb["old_logprobs"] - mb["rollout_logprobs"]).abs()[mb["mask"]] for mb in mbs] if on_last_stage else []
+    reduced = reduce_update_metrics(step_results, mismatch)
+    logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max",
+              "mismatch/mean_abs", "mismatch/max_abs")  # fmt: skip
+    metrics = {k: v for k, v in reduced.items() if k in logged} if on_last_stage else {}
+    metrics.update({
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "skipped_steps": float(actor.skipped_steps),
+        "time/old_logprobs_s": old_s,
+        "time/update_s": update_s,
+        "throughput/update_tokens_per_s": float(batch.mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
+    })  # fmt: skip
+    return metrics
 
 
 class MetricsLog:
@@ -334,50 +458,10 @@ class GRPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One GRPO step on the current policy; returns the step's metrics (complete on rank 0)."""
-        from megatron.core import parallel_state as ps
-
         cfg = self.cfg
         got = self._rollout()
         batch: StepBatch = got["batch"]
-        count = batch.input_ids.shape[0]
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        mb_size = cfg.rollout.micro_batch_size
-
-        # The step's sequences split into mini-batches (one optimiser step each); each DP rank takes every
-        # DP-th sequence of a mini-batch, in micro-batches.
-        per_mini = count // cfg.algorithm.mini_batches
-        if per_mini % (dp_size * mb_size):
-            raise ValueError(
-                f"a mini-batch of {per_mini} sequences does not split into data_parallel ({dp_size}) x "
-                f"rollout.micro_batch_size ({mb_size}); change rollout.prompts_per_step or algorithm.mini_batches"
-            )
-        minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(cfg.algorithm.mini_batches)]
-        mini_mbs = [micro_batches(batch, seqs[dp_rank::dp_size], mb_size) for seqs in minis]
-        mbs = [mb for group in mini_mbs for mb in group]
-
-        # Old log pi_mix, recomputed by the trainer on the weights that sampled.
-        start = time.monotonic()
-        old = self.actor.forward_backward(mbs, forward_only=True)
-        on_last_stage = bool(old)
-        for mb, result in zip(mbs, old, strict=False):
-            mb["old_logprobs"] = result["logprobs"]
-        old_s = time.monotonic() - start
-
-        start = time.monotonic()
-        metrics_acc: dict[str, list[float]] = {}
-        grad_norms = []
-        for _epoch in range(cfg.algorithm.epochs):
-            for seqs, mb_list in zip(minis, mini_mbs, strict=True):
-                num_tokens = float(batch.mask[seqs].sum().clamp(min=1))
-                loss_fn = make_loss_fn(cfg, num_tokens, len(seqs), cfg.rollout.max_tokens)
-                results = self.actor.forward_backward(mb_list, loss_fn)
-                _, grad_norm = self.actor.optimizer_step()
-                grad_norms.append(grad_norm)
-                for result in results:
-                    for key, value in result.items():
-                        if key not in ("logprobs", "entropy", "ref_logprobs"):
-                            metrics_acc.setdefault(key, []).append(float(torch.as_tensor(value).detach()))
-        update_s = time.monotonic() - start
+        update = update_policy(cfg, self.actor, batch)
         self.step += 1
         self.position += cfg.rollout.prompts_per_step
 
@@ -385,33 +469,17 @@ class GRPOTrainer:
         self.push_policy()
         sync_s = time.monotonic() - start
 
-        # Metrics: local sums on the last stage, reduced over DP; rank 0 logs.
         mask = batch.mask
-        mismatch = torch.zeros(2)
-        if on_last_stage:
-            diffs = [(mb["old_logprobs"] - mb["rollout_logprobs"]).abs()[mb["mask"]] for mb in mbs]
-            diffs = torch.cat(diffs) if diffs else torch.zeros(0)
-            mismatch = torch.tensor([diffs.sum().item(), diffs.max().item() if diffs.numel() else 0.0])
-        scalars = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
-        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)  # max over ranks of (sum, max): exact for DP = 1
         metrics = {
             "reward/mean": batch.rewards.mean().item(),
             "reward/accuracy": (batch.rewards > 0.5).float().mean().item(),
             "response/length": (mask.sum(1).float().mean().item()),
             "response/truncated": batch.truncated.float().mean().item(),
-            "mismatch/mean_abs": (mismatch[0] / mask.sum().clamp(min=1)).item(),
-            "mismatch/max_abs": mismatch[1].item(),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "skipped_steps": float(self.actor.skipped_steps),
             "time/rollout_s": got["rollout_s"],
             "time/reward_s": got["reward_s"],
-            "time/old_logprobs_s": old_s,
-            "time/update_s": update_s,
             "time/weight_sync_s": sync_s,
-            "throughput/update_tokens_per_s": float(mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
+            **update,
         }
-        logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
-        metrics.update({k: v for k, v in scalars.items() if k in logged})
         return metrics
 
     def evaluate(self) -> dict[str, float]:
