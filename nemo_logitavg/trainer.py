@@ -37,7 +37,8 @@ class StepBatch:
     """One step's rollouts as training tensors (``B`` = prompts x group_size, ``L`` = longest sequence - 1).
 
     ``targets[b, t]`` is the token predicted at position ``t``; ``mask`` marks completion tokens that count;
-    ``rollout_logprobs`` holds the servers' log pi_mix at the same places.
+    ``rollout_logprobs`` holds the servers' log pi_mix at the same places; ``lengths[b]`` is the number of
+    positions sequence ``b`` uses (its tokens - 1; the rest is padding).
     """
 
     input_ids: torch.Tensor  # [B, L] int64
@@ -47,6 +48,7 @@ class StepBatch:
     advantages: torch.Tensor  # [B] float32
     rewards: torch.Tensor  # [B] float32
     truncated: torch.Tensor  # [B] bool
+    lengths: torch.Tensor  # [B] int64
 
 
 def pack_rollouts(
@@ -96,26 +98,113 @@ def pack_rollouts(
         advantages=group_advantages(reward_t, group_size, normalize_std=normalize_std),
         rewards=reward_t,
         truncated=torch.tensor(truncated),
+        lengths=torch.tensor([len(seq) - 1 for seq in sequences], dtype=torch.long),
     )
 
 
-def micro_batches(batch: StepBatch, indices: Sequence[int], size: int) -> list[dict]:
-    """Micro-batches of ``size`` sequences taken from ``indices`` of the step's batch."""
+BUDGET_KEY = "rollout.max_tokens_per_micro_batch"
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], seqs: Sequence[int], dp_size: int, size: int | None = None, max_tokens: int | None = None
+) -> list[list[list[int]]]:
+    """Which sequences of one mini-batch go into which micro-batch of which DP rank: ``plan[rank][k]``.
+
+    Fixed size (``size``): rank ``r`` takes every ``dp_size``-th sequence, ``size`` at a time. Token budget
+    (``max_tokens``, which wins): the sequences, longest first, are dealt to the DP ranks with the fewest tokens
+    so far (each rank gets ``len(seqs) / dp_size``), and each rank's share is split first-fit decreasing into
+    micro-batches whose rows x longest length stays within the budget; a rank with fewer micro-batches than
+    another splits its fullest ones until every rank has the same number (megatron's schedule runs the same
+    number of micro-batches on every DP rank). Deterministic: every rank computes the whole plan.
+
+    Raises:
+        ValueError: naming ``rollout.max_tokens_per_micro_batch`` when a sequence is longer than the budget, or
+            the settings when the mini-batch does not split over the DP ranks.
+    """
+    if max_tokens is None:
+        if size is None or len(seqs) % (dp_size * size):
+            raise ValueError(
+                f"a mini-batch of {len(seqs)} sequences does not split into data_parallel ({dp_size}) x "
+                f"rollout.micro_batch_size ({size}); change rollout.prompts_per_step or algorithm.mini_batches"
+            )
+        return [[list(seqs[r::dp_size][k : k + size]) for k in range(0, len(seqs) // dp_size, size)]
+                for r in range(dp_size)]  # fmt: skip
+    if len(seqs) % dp_size:
+        raise ValueError(
+            f"a mini-batch of {len(seqs)} sequences does not split over data_parallel ({dp_size}) ranks; change "
+            "rollout.prompts_per_step or algorithm.mini_batches"
+        )
+    longest = max(seqs, key=lambda s: lengths[s])
+    if lengths[longest] > max_tokens:
+        raise ValueError(
+            f"a sequence of {lengths[longest]} tokens (prompt + completion) is longer than {BUDGET_KEY} "
+            f"({max_tokens}): raise {BUDGET_KEY} to at least the longest prompt + rollout.max_tokens"
+        )
+    order = sorted(seqs, key=lambda s: (-lengths[s], s))
+    share = len(seqs) // dp_size
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    tokens = [0] * dp_size
+    for s in order:
+        rank = min((r for r in range(dp_size) if len(shares[r]) < share), key=lambda r: (tokens[r], r))
+        shares[rank].append(s)
+        tokens[rank] += lengths[s]
+    plan = []
+    for share_seqs in shares:
+        bins: list[list[int]] = []  # each bin's first sequence is its longest (the share is sorted)
+        for s in share_seqs:
+            for rows in bins:
+                if (len(rows) + 1) * lengths[rows[0]] <= max_tokens:
+                    rows.append(s)
+                    break
+            else:
+                bins.append([s])
+        plan.append(bins)
+    count = max(len(bins) for bins in plan)
+    for bins in plan:  # a rank's share has `share` >= count sequences, so the splits always succeed
+        while len(bins) < count:
+            fullest = max(range(len(bins)), key=lambda k: (len(bins[k]), -k))
+            rows = bins[fullest]
+            bins[fullest : fullest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return plan
+
+
+def micro_batches(batch: StepBatch, groups: Sequence[Sequence[int]], pad_to: int | None = None) -> list[dict]:
+    """One micro-batch per group of sequence indices of the step's batch, each ``[rows, length]``.
+
+    ``length`` is ``pad_to`` or else the group's longest sequence: positions past a sequence's end are padding,
+    and with causal attention the positions before them do not see them, so truncating changes no result.
+    No rounding is needed by the layouts used (no sequence or context parallelism).
+    """
     out = []
-    length = batch.input_ids.shape[1]
-    for begin in range(0, len(indices), size):
-        idx = torch.tensor(indices[begin : begin + size])
+    for group in groups:
+        idx = torch.tensor(list(group))
+        length = pad_to or int(batch.lengths[idx].max())
         out.append(
             {
-                "input_ids": batch.input_ids[idx],
-                "targets": batch.targets[idx],
+                "input_ids": batch.input_ids[idx, :length],
+                "targets": batch.targets[idx, :length],
                 "position_ids": torch.arange(length).expand(len(idx), -1),
-                "mask": batch.mask[idx],
+                "mask": batch.mask[idx, :length],
                 "advantages": batch.advantages[idx],
-                "rollout_logprobs": batch.rollout_logprobs[idx],
+                "rollout_logprobs": batch.rollout_logprobs[idx, :length],
             }
         )
     return out
+
+
+def build_micro_batches(cfg: Any, batch: StepBatch, minis: Sequence[Sequence[int]], dp_rank: int, dp_size: int
+                        ) -> list[list[dict]]:  # fmt: skip
+    """This DP rank's micro-batches of each mini-batch: the one place the update's batch layout is decided.
+
+    With ``rollout.max_tokens_per_micro_batch`` set: token-budget micro-batches, each padded to its own longest
+    sequence; otherwise ``rollout.micro_batch_size`` sequences each, padded to the step's longest. A packer
+    (THD layout with ``PackedSeqParams``) would replace this function.
+    """
+    budget = cfg.rollout.max_tokens_per_micro_batch
+    lengths = batch.lengths.tolist()
+    pad_to = None if budget else batch.input_ids.shape[1]
+    plans = [plan_micro_batches(lengths, seqs, dp_size, cfg.rollout.micro_batch_size, budget) for seqs in minis]
+    return [micro_batches(batch, plan[dp_rank], pad_to) for plan in plans]
 
 
 class StopRequested:
@@ -152,6 +241,12 @@ class StopRequested:
         return bool(flag.item())
 
 
+def step_counts(cfg: Any, mask: torch.Tensor) -> tuple[float, int]:
+    """``make_loss_fn``'s normalisers of an optimiser step whose sequences' ``mask`` (``[B, L]`` bool) is given."""
+    sequences = int(mask.any(1).sum()) if cfg.algorithm.agg == "seq-mean-token-mean" else mask.shape[0]
+    return float(mask.sum().clamp(min=1)), max(sequences, 1)
+
+
 # Per-token metrics of ``policy_loss`` that the loss function returns as sums over a micro-batch's tokens, so that
 # the trainer can reduce them over micro-batches and DP ranks and divide once by the total token count.
 TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fraction", "pi_mix_entropy")
@@ -159,6 +254,9 @@ TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fra
 
 def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_length: int) -> Callable:
     """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7).
+
+    ``num_tokens`` and ``num_sequences`` are the optimiser step's completion tokens and sequences (for
+    ``seq-mean-token-mean``, the sequences with at least one counted token); ``step_counts`` gives both.
 
     Its metrics are additive over the optimiser step's micro-batches and DP ranks: ``loss`` and ``kl`` are this
     micro-batch's share of the step's total; ``tokens`` counts its masked tokens; each ``TOKEN_MEAN_METRICS``
@@ -168,13 +266,16 @@ def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_l
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict):
         mask, ref_logprobs = mb["mask"], mb.get("ref_logprobs")  # log pi_ref: set by the actor when beta > 0
-        # token-mean: the step's token count; the sequence modes: this micro-batch's share of the sequences.
-        share = 1.0 if alg.agg == "token-mean" else mask.shape[0] / num_sequences
+        # token-mean: the step's token count; the sequence modes: this micro-batch's share of the sequences (for
+        # seq-mean-token-mean of those with tokens, the ones its mean runs over), so any split sums exactly.
+        rows = mask.any(1).sum() if alg.agg == "seq-mean-token-mean" else torch.tensor(mask.shape[0])
+        old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()  # no old pass: the same weights
         loss, metrics = policy_loss(
-            logprobs, mb["old_logprobs"], mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
+            logprobs, old, mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
             agg=alg.agg, dual_clip=alg.dual_clip, max_response_length=max_response_length,
             num_tokens=num_tokens if alg.agg == "token-mean" else None,
         )  # fmt: skip
+        share = 1.0 if alg.agg == "token-mean" else rows.to(loss.device, loss.dtype) / num_sequences  # no host sync
         loss = loss * share
         out = {}
         if alg.beta > 0 and ref_logprobs is not None:
@@ -246,48 +347,52 @@ def reduce_update_metrics(step_results: Sequence[Sequence[dict]], mismatch: Sequ
     return metrics
 
 
-def update_policy(cfg: Any, actor: Any, batch: StepBatch) -> dict[str, float]:
+def update_policy(
+    cfg: Any, actor: Any, batch: StepBatch, reuse_update_logprobs: bool | None = None
+) -> dict[str, float]:
     """The update phase of one GRPO step: the old log pi_mix, then ``epochs x mini_batches`` optimiser steps.
 
-    The step's sequences split into mini-batches (one optimiser step each); each DP rank takes every DP-th
-    sequence of a mini-batch, in micro-batches. A collective over every rank of the actor. Returns the update's
-    metrics (see ``reduce_update_metrics``; the loss-derived ones only on the last pipeline stage, which
-    ``GRPOTrainer.fit`` merges into rank 0's record) and its timings.
+    The step's sequences split into mini-batches (one optimiser step each), each split over the DP ranks into
+    micro-batches by ``build_micro_batches``. ``reuse_update_logprobs`` (default: when ``epochs`` and
+    ``mini_batches`` are both 1) skips the separate old-log-prob pass and takes the update forward's own
+    log-probs, detached, as the old ones: the same update with one forward fewer. A collective over every rank
+    of the actor. Returns the update's metrics (see ``reduce_update_metrics``; the loss-derived ones only on
+    the last pipeline stage, which ``GRPOTrainer.fit`` merges into rank 0's record) and its timings.
     """
     from megatron.core import parallel_state as ps
 
+    alg = cfg.algorithm
     count = batch.input_ids.shape[0]
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    mb_size = cfg.rollout.micro_batch_size
-    per_mini = count // cfg.algorithm.mini_batches
-    if per_mini % (dp_size * mb_size):
-        raise ValueError(
-            f"a mini-batch of {per_mini} sequences does not split into data_parallel ({dp_size}) x "
-            f"rollout.micro_batch_size ({mb_size}); change rollout.prompts_per_step or algorithm.mini_batches"
-        )
-    minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(cfg.algorithm.mini_batches)]
-    mini_mbs = [micro_batches(batch, seqs[dp_rank::dp_size], mb_size) for seqs in minis]
+    per_mini = count // alg.mini_batches
+    minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(alg.mini_batches)]
+    mini_mbs = build_micro_batches(cfg, batch, minis, dp_rank, dp_size)
     mbs = [mb for group in mini_mbs for mb in group]
 
-    # Old log pi_mix, recomputed by the trainer on the weights that sampled.
+    # Old log pi_mix (the proximal policy), on the weights that sampled. With a single optimiser step the update
+    # forward runs on those same weights: its own log-probs, detached, are the old ones (DESIGN §7b).
+    if reuse_update_logprobs is None:
+        reuse_update_logprobs = alg.epochs == 1 and alg.mini_batches == 1
     start = time.monotonic()
-    old = actor.forward_backward(mbs, forward_only=True)
-    on_last_stage = bool(old)
-    for mb, result in zip(mbs, old, strict=False):
-        mb["old_logprobs"] = result["logprobs"]
+    if not reuse_update_logprobs:
+        for mb, result in zip(mbs, actor.forward_backward(mbs, forward_only=True), strict=False):
+            mb["old_logprobs"] = result["logprobs"]
     old_s = time.monotonic() - start
 
     start = time.monotonic()
     step_results, grad_norms = [], []
-    for _epoch in range(cfg.algorithm.epochs):
+    for _epoch in range(alg.epochs):
         for seqs, mb_list in zip(minis, mini_mbs, strict=True):
-            num_tokens = float(batch.mask[seqs].sum().clamp(min=1))
-            loss_fn = make_loss_fn(cfg, num_tokens, len(seqs), cfg.rollout.max_tokens)
+            loss_fn = make_loss_fn(cfg, *step_counts(cfg, batch.mask[seqs]), cfg.rollout.max_tokens)
             step_results.append(actor.forward_backward(mb_list, loss_fn))
             _, grad_norm = actor.optimizer_step()
             grad_norms.append(grad_norm)
     update_s = time.monotonic() - start
 
+    on_last_stage = bool(step_results[0])
+    if reuse_update_logprobs and on_last_stage:
+        for mb, result in zip(mbs, step_results[0], strict=True):
+            mb["old_logprobs"] = result["logprobs"]
     mismatch = [(mb["old_logprobs"] - mb["rollout_logprobs"]).abs()[mb["mask"]] for mb in mbs] if on_last_stage else []
     reduced = reduce_update_metrics(step_results, mismatch)
     logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max",

@@ -1,5 +1,6 @@
 """The GRPO update phase (``trainer.update_policy``) on a real actor over gloo processes: metrics reduced over
-micro-batches and DP ranks, checked against DP=1 and against a plain-torch recomputation from the log-probs.
+micro-batches and DP ranks (checked against DP=1 and a plain-torch recomputation from the log-probs), token-budget
+micro-batches against the fixed-size path at TP=2, PP=2 and DP=2, and the skipped old-log-prob pass.
 
 One set of processes per layout runs every case (a fresh actor per case), so the layouts' start-up is paid once.
 """
@@ -44,7 +45,9 @@ def make_batch(completion_lengths: list[int], group_size: int, seed: int):
     return pack_rollouts(prompts, groups, rewards, group_size)
 
 
-# name -> (algorithm settings, rollout settings, batch)
+# Sequence lengths (prompt + completion tokens) from 3 to 200: the prompts of make_batch are 2-5 tokens.
+SPREAD = ([1, 60, 198, 15, 7, 120, 33, 2, 90, 11, 150, 4, 45, 70, 9, 180], 4, 13)
+# name -> (algorithm settings, rollout settings, batch[, update_policy keywords])
 CASES = {
     "token-mean-kl": (
         {"mini_batches": 2, "beta": 0.1, "agg": "token-mean"},
@@ -56,7 +59,13 @@ CASES = {
         {"micro_batch_size": 2},
         ([5, 2, 13, 7, 1, 9, 4, 12, 6, 3, 8, 10, 2, 5, 11, 4], 4, 12),
     ),
-}
+    # One update (the old log-probs are the update forward's own): fixed size against a token budget.
+    "spread-fixed": ({"beta": 0.1}, {"micro_batch_size": 2, "max_tokens": 200}, SPREAD),
+    "spread-budget": ({"beta": 0.1}, {"max_tokens": 200, "max_tokens_per_micro_batch": 400}, SPREAD),
+    # The same update with the separate old-log-prob pass forced.
+    "spread-old-pass": ({"beta": 0.1}, {"max_tokens": 200, "max_tokens_per_micro_batch": 400}, SPREAD,
+                        {"reuse_update_logprobs": False}),
+}  # fmt: skip
 
 
 def _update_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, cases: list[str]) -> dict:
@@ -66,6 +75,7 @@ def _update_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, cases:
     from nemo_logitavg.config import GRPOConfig
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, mcore_to_hf_state_dict
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.trainer import update_policy
 
@@ -73,7 +83,7 @@ def _update_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, cases:
     reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     out = {"rank": dist.get_rank(), "dp_rank": ps.get_data_parallel_rank(), "reporter": reporter, "cases": {}}
     for name in cases:
-        algorithm, rollout, batch_args = CASES[name]
+        algorithm, rollout, batch_args, *keywords = CASES[name]
         cfg = GRPOConfig()
         cfg.algorithm.ref_weight, cfg.algorithm.clip_low, cfg.rollout.max_tokens = 0.5, 0.2, 16
         for key, value in algorithm.items():
@@ -98,9 +108,22 @@ def _update_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, cases:
             return results
 
         actor.forward_backward = recording
-        metrics = update_policy(cfg, actor, batch)
+        metrics = update_policy(cfg, actor, batch, **(keywords[0] if keywords else {}))
+        # The last optimiser step's policy gradients and the updated weights, in Hugging Face names.
+        grads = {n: p.main_grad.detach().clone() for n, p in actor.gpt_policy.named_parameters()}
+
+        class _Grads(torch.nn.Module):
+            def state_dict(self, *args, _grads=grads, **kwargs):
+                return _grads
+
+        grad_grid, weight_grid = gather_mcore_shards(_Grads()), gather_mcore_shards(actor.gpt_policy)
+        model_cfg = LlamaConfig.from_hf(policy_dir)
         out["cases"][name] = {
             "metrics": {k: v for k, v in metrics.items() if not k.startswith(TIMING)},
+            "grads": mcore_to_hf_state_dict(grad_grid, model_cfg) if grad_grid is not None else None,
+            "weights": mcore_to_hf_state_dict(weight_grid, model_cfg) if weight_grid is not None else None,
+            "micro_batches": [len(c["mbs"]) for c in calls],
+            "shapes": [tuple(mb["input_ids"].shape) for mb in calls[-1]["mbs"]],
             "calls": calls if reporter else None,
             "batch": batch,
             "cfg": cfg,
@@ -143,59 +166,59 @@ def logged(ranks: list[dict], case: str) -> dict:
 def recompute(ranks: list[dict], case: str) -> dict:
     """The update's loss, KL and token metrics in plain float64 torch from the log-probs the actor returned.
 
-    Gathers every reporting rank's micro-batches of every optimiser step by sequence, then applies the clipped
-    surrogate and the aggregation of DESIGN §1/§7 over each optimiser step's whole mini-batch.
+    Collects every reporting rank's sequences of every optimiser step (their counted tokens only, whatever the
+    micro-batch layout), then applies the clipped surrogate and the aggregation of DESIGN §1/§7 over each
+    optimiser step's whole mini-batch.
     """
-    cfg = ranks[0]["cases"][case]["cfg"]
-    alg = cfg.algorithm
+    alg = ranks[0]["cases"][case]["cfg"].algorithm
     per_rank = [r["cases"][case]["calls"] for r in ranks if r["reporter"]]
-    old_calls = [c[0] for c in per_rank]
-    assert all(c["forward_only"] for c in old_calls)
-    steps = len(per_rank[0]) - 1
+    separate = per_rank[0][0]["forward_only"]  # False: the update forward's own log-probs were the old ones
+    steps = len(per_rank[0]) - separate
     assert steps == alg.epochs * alg.mini_batches
 
-    def rows(calls: list[dict], key: str) -> torch.Tensor:
-        return torch.cat([torch.cat([r[key] for r in c["results"]]) for c in calls]).double()
+    def sequences(calls: list[dict]) -> list[dict]:
+        out = []
+        for call in calls:
+            for mb, result in zip(call["mbs"], call["results"], strict=True):
+                for i, mask in enumerate(mb["mask"]):
+                    seq = {"adv": float(mb["advantages"][i]), "rollout": mb["rollout_logprobs"][i][mask].double()}
+                    for key in ("logprobs", "entropy", "ref_logprobs"):
+                        if key in result:
+                            seq[key] = result[key][i][mask].detach().double()
+                    # the old pass itself, or an update that reused its own log-probs: old = these log-probs
+                    seq["old"] = mb["old_logprobs"][i][mask].double() if "old_logprobs" in mb else seq["logprobs"]
+                    out.append(seq)
+        return out
 
-    def field(calls: list[dict], key: str) -> torch.Tensor:
-        return torch.cat([torch.cat([mb[key] for mb in c["mbs"]]) for c in calls])
-
-    old_all = rows(old_calls, "logprobs")
-    old_mask = field(old_calls, "mask")
-    rollout = field(old_calls, "rollout_logprobs").double()
-    mismatch = (old_all - rollout).abs()[old_mask]
+    first = sequences([c[0] for c in per_rank])
+    mismatch = torch.cat([(s["old"] - s["rollout"]).abs() for s in first])
     losses, kls, clip, approx, ratio_sum, entropy, tokens, ratio_max = [], [], 0.0, 0.0, 0.0, 0.0, 0, 0.0
     for o in range(steps):
-        calls = [c[1 + o] for c in per_rank]
-        new = rows(calls, "logprobs")
-        mask = field(calls, "mask")
-        adv = field(calls, "advantages").double()[:, None]
-        # the old log-probs of exactly these rows: match micro-batches by their input ids
-        old = torch.cat([mb["old_logprobs"] for c in calls for mb in c["mbs"]]).double()
-        ratio = torch.exp(torch.where(mask, new - old, 0.0))
-        token_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - alg.clip_low, 1 + alg.clip_high))
-        if alg.agg == "token-mean":
+        seqs = sequences([c[separate + o] for c in per_rank])
 
-            def agg(x, mask=mask):
-                return (x * mask).sum() / mask.sum()
-        else:  # seq-mean-token-mean, every sequence here has tokens
+        def agg(per_token: list[torch.Tensor]) -> torch.Tensor:
+            if alg.agg == "token-mean":
+                return torch.cat(per_token).sum() / sum(len(t) for t in per_token)
+            return torch.stack([t.mean() for t in per_token if len(t)]).mean()  # seq-mean-token-mean
 
-            def agg(x, mask=mask):
-                return ((x * mask).sum(1) / mask.sum(1)).mean()
-
-        loss = agg(token_loss)
+        token_losses = []
+        for seq in seqs:
+            ratio = torch.exp(seq["logprobs"] - seq["old"])
+            clipped = -seq["adv"] * ratio.clamp(1 - alg.clip_low, 1 + alg.clip_high)
+            token_losses.append(torch.maximum(-seq["adv"] * ratio, clipped))
+            clip += float((clipped > -seq["adv"] * ratio).sum())
+            approx += float(((ratio - 1) - torch.log(ratio)).sum())
+            ratio_sum += float(ratio.sum())
+            entropy += float(seq["entropy"].sum())
+            tokens += len(ratio)
+            ratio_max = max([ratio_max, *ratio.tolist()])
+        loss = agg(token_losses)
         if alg.beta > 0:
-            ref = rows(calls, "ref_logprobs")
-            kl = agg(torch.expm1(ref - new) - (ref - new))  # k3 = exp(-x) - 1 + x, x = new - ref
+            x = [s["logprobs"] - s["ref_logprobs"] for s in seqs]
+            kl = agg([torch.expm1(-t) + t for t in x])  # k3 = exp(-x) - 1 + x
             kls.append(kl)
             loss = loss + alg.beta * kl
         losses.append(loss)
-        clip += float(((-adv * ratio.clamp(1 - alg.clip_low, 1 + alg.clip_high) > -adv * ratio) & mask).sum())
-        approx += float((((ratio - 1) - torch.log(ratio)) * mask).sum())
-        ratio_sum += float((ratio * mask).sum())
-        entropy += float((rows(calls, "entropy").detach() * mask).sum())
-        tokens += int(mask.sum())
-        ratio_max = max(ratio_max, float(ratio[mask].max()))
     expected = {
         "loss": float(torch.stack(losses).mean()),
         "clip_fraction": clip / tokens,
@@ -211,7 +234,10 @@ def recompute(ranks: list[dict], case: str) -> dict:
     return expected
 
 
-@pytest.mark.parametrize("case", list(CASES))
+METRIC_CASES = ["token-mean-kl", "seq-mean-2-epochs"]
+
+
+@pytest.mark.parametrize("case", METRIC_CASES)
 def test_data_parallel_logs_the_same_metrics_as_one_rank(layouts, case):
     one, two = logged(layouts(1, 1, 1), case), logged(layouts(1, 1, 2), case)
     assert set(one) == set(two)
@@ -223,7 +249,7 @@ def test_data_parallel_logs_the_same_metrics_as_one_rank(layouts, case):
     assert one["clip_fraction"] > 0, "the second mini-batch's ratios must move for the check to mean anything"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*METRIC_CASES, "spread-budget", "spread-old-pass"])
 @pytest.mark.parametrize("dp", [1, 2])
 def test_logged_loss_matches_plain_torch(layouts, case, dp):
     ranks = layouts(1, 1, dp)
@@ -231,3 +257,59 @@ def test_logged_loss_matches_plain_torch(layouts, case, dp):
     assert set(expected) <= set(got)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"{case} DP={dp}: {key} {got[key]} vs {value}"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def assert_same_update(got: dict, want: dict, what: str, tol: float = 1e-5) -> None:
+    assert set(got["metrics"]) == set(want["metrics"]), what
+    for key, value in want["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=tol, abs=1e-7), f"{what}: {key}"
+    assert set(got["grads"]) == set(want["grads"]), what
+    for name, grad in want["grads"].items():
+        assert rel(got["grads"][name], grad) <= tol, f"{what}: gradient of {name}: {rel(got['grads'][name], grad)}"
+
+
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["single", "TP2", "PP2", "DP2"])
+def test_token_budget_update_equals_fixed_size(layouts, layout):
+    ranks = layouts(*layout)
+    fixed, budget = ranks[0]["cases"]["spread-fixed"], ranks[0]["cases"]["spread-budget"]
+    merged = [dict(c, metrics=logged(ranks, name)) for c, name in ((fixed, "spread-fixed"), (budget, "spread-budget"))]
+    assert_same_update(merged[1], merged[0], f"layout {layout}: token budget vs fixed size")
+    # ... and equals the single-rank update (PP=2 on gloo against PP=1, TP=2 against TP=1).
+    single = layouts(1, 1, 1)
+    assert_same_update(merged[1], dict(single[0]["cases"]["spread-budget"], metrics=logged(single, "spread-budget")),
+                       f"layout {layout} against one rank")  # fmt: skip
+    # The budget removed padding: fewer padded tokens than the fixed size's.
+    padded = {name: sum(b * s for b, s in ranks[0]["cases"][name]["shapes"]) for name in ("spread-fixed",
+                                                                                          "spread-budget")}
+    assert padded["spread-budget"] < padded["spread-fixed"] / 2, padded
+    if layout[1] > 1:
+        assert len(set(budget["shapes"])) > 1, "the pipeline carried micro-batches of different shapes"
+
+
+def test_every_dp_rank_runs_the_same_number_of_micro_batches(layouts):
+    ranks = layouts(1, 1, 2)
+    counts = [r["cases"]["spread-budget"]["micro_batches"] for r in ranks]
+    shapes = [r["cases"]["spread-budget"]["shapes"] for r in ranks]
+    assert counts[0] == counts[1] and counts[0][0] > 1, counts
+    assert shapes[0] != shapes[1], "each DP rank's micro-batches are its own"
+    tokens = [sum(b * s for b, s in shape) for shape in shapes]
+    assert max(tokens) <= 400 * counts[0][0]
+
+
+def test_skipping_the_old_pass_is_the_same_update_bit_for_bit(layouts):
+    ranks = layouts(1, 1, 1)
+    skipped, computed = ranks[0]["cases"]["spread-budget"], ranks[0]["cases"]["spread-old-pass"]
+    assert skipped["micro_batches"] == computed["micro_batches"][1:], "one forward pass fewer"
+    assert len(computed["micro_batches"]) == 2 and len(skipped["micro_batches"]) == 1
+    assert skipped["metrics"] == computed["metrics"]
+    for name, weight in computed["weights"].items():
+        assert torch.equal(skipped["weights"][name], weight), name
+    for name, grad in computed["grads"].items():
+        assert torch.equal(skipped["grads"][name], grad), name
