@@ -195,3 +195,22 @@ def test_metrics_log_writes_jsonl_tensorboard_and_wandb_offline(tmp_path, monkey
     run_id = (tmp_path / "wandb_run_id").read_text()
     MetricsLog(str(tmp_path), total_steps=3, wandb_project="nla-test").close()
     assert (tmp_path / "wandb_run_id").read_text() == run_id
+
+
+def test_planner_activations_follow_the_token_budget():
+    from pathlib import Path
+
+    from nemo_logitavg.config import load_config
+    from nemo_logitavg.planning import plan_config
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_8b.yaml"
+
+    def activations(*overrides: str) -> float:
+        cfg = load_config(GRPOConfig, config, ["model.policy=llama3-8b", *overrides]).validate()
+        return next(line.bytes for line in plan_config(cfg).training.lines if line.name == "activations")
+
+    shipped = activations()
+    assert activations("rollout.max_tokens_per_micro_batch=16384") == pytest.approx(2 * shipped)
+    # the shipped budget of 8192 tokens plans like two 4096-token sequences of the fixed-size path
+    fixed = activations("rollout.max_tokens_per_micro_batch=null", "rollout.micro_batch_size=2")
+    assert shipped == pytest.approx(fixed)
