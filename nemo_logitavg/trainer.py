@@ -315,18 +315,18 @@ def reduce_update_metrics(step_results: Sequence[Sequence[dict]], mismatch: Sequ
     totals = torch.zeros(steps, 2, dtype=torch.float64)  # per optimiser step: loss, kl
     sums = torch.zeros(len(TOKEN_MEAN_METRICS) + 3, dtype=torch.float64)  # ..., tokens, mismatch sum, count
     extremes = torch.full((3,), -math.inf, dtype=torch.float64)  # ratio_max, -ratio_min, mismatch max
-    has_kl = torch.zeros(1)
+    has_kl = torch.tensor([float(any("kl" in r for results in step_results for r in results))])
     for o, results in enumerate(step_results):
-        for r in results:
-            totals[o, 0] += float(r["loss"])
-            if "kl" in r:
-                totals[o, 1] += float(r["kl"])
-                has_kl[0] = 1.0
-            for i, key in enumerate(TOKEN_MEAN_METRICS):
-                sums[i] += float(r.get(key, 0.0))
-            sums[len(TOKEN_MEAN_METRICS)] += float(r["tokens"])
-            extremes[0] = max(extremes[0], float(r["ratio_max"]))
-            extremes[1] = max(extremes[1], -float(r["ratio_min"]))
+        if not results:
+            continue
+        zero = results[0]["loss"].new_zeros(())
+        keys = ("loss", "kl", *TOKEN_MEAN_METRICS, "tokens")
+        # one device-to-host copy per optimiser step: [micro-batch, value]
+        rows = torch.stack([torch.stack([r.get(k, zero).double() for k in keys] + [r["ratio_max"].double(),
+                            -r["ratio_min"].double()]) for r in results]).cpu()  # fmt: skip
+        totals[o] = rows[:, :2].sum(0)
+        sums[: len(keys) - 2] += rows[:, 2 : len(keys)].sum(0)
+        extremes[:2] = torch.maximum(extremes[:2], rows[:, len(keys) :].amax(0))
     diffs = torch.cat([d.reshape(-1).double() for d in mismatch]) if mismatch else torch.zeros(0, dtype=torch.float64)
     sums[-2], sums[-1] = diffs.sum(), diffs.numel()
     if diffs.numel():
