@@ -99,12 +99,13 @@ def _worker(repeats: int) -> dict:
         for name, (_, skip) in SETTINGS.items():
             dist.barrier()
             start = time.perf_counter()
-            update_policy(configs[name], actor, batch, reuse_update_logprobs=skip)
+            metrics = update_policy(configs[name], actor, batch, reuse_update_logprobs=skip)
             dist.barrier()
             if round_:
                 times[name].append(time.perf_counter() - start)
-            if dist.get_rank() == 0:
-                print(f"[bench] round {round_} {name}: {time.perf_counter() - start:.1f} s", flush=True)
+            if dist.get_rank() == 0:  # the old-log-prob pass and the forward/backward + optimiser step apart
+                print(f"[bench] round {round_} {name}: {time.perf_counter() - start:.1f} s (old log-probs "
+                      f"{metrics['time/old_logprobs_s']:.1f} s, update {metrics['time/update_s']:.1f} s)", flush=True)
     teardown()
     return {"times": times, "padded": padded}
 
