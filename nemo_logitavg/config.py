@@ -100,6 +100,8 @@ class RolloutSection:
     micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     push_bucket_mb: float | None = None  # policy push bucket (MiB); None: 1024 on GPUs, 128 on CPUs
     allow_dtype_mismatch: bool = False  # True: accept servers serving another dtype than model.dtype
+    # Set: micro-batches by token budget instead (rows x own longest sequence <= this; replaces micro_batch_size).
+    max_tokens_per_micro_batch: int | None = None
 
 
 @dataclass
@@ -210,6 +212,8 @@ class GRPOConfig:
             (r.push_timeout > 0, "rollout.push_timeout", "must be > 0"),
             (self.data.reward_timeout > 0, "data.reward_timeout", "must be > 0"),
             (self.run.wait_timeout is None or self.run.wait_timeout > 0, "run.wait_timeout", "must be > 0 (or unset)"),
+            (r.max_tokens_per_micro_batch is None or r.max_tokens_per_micro_batch >= r.max_tokens,
+             "rollout.max_tokens_per_micro_batch", f"must be >= rollout.max_tokens ({r.max_tokens})"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16"),
             (self.data.reward in ("math", "mcq"), "data.reward", "must be math or mcq"),
             (self.run.steps >= 1, "run.steps", "must be >= 1"),
@@ -218,7 +222,13 @@ class GRPOConfig:
             if not ok:
                 raise ValueError(f"config key {key} {why}, got {_get(self, key)!r}")
         sequences = r.prompts_per_step * a.group_size
-        if sequences % (a.mini_batches * r.micro_batch_size):
+        if r.max_tokens_per_micro_batch is not None:
+            if sequences % a.mini_batches:
+                raise ValueError(
+                    f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split "
+                    f"into algorithm.mini_batches ({a.mini_batches})"
+                )
+        elif sequences % (a.mini_batches * r.micro_batch_size):
             raise ValueError(
                 f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split into "
                 f"algorithm.mini_batches ({a.mini_batches}) x rollout.micro_batch_size ({r.micro_batch_size})"
@@ -246,6 +256,9 @@ class GRPOConfig:
             (c.rollout_max_seqs >= 1, "cluster.rollout_max_seqs", "must be >= 1"),
             (c.max_context > self.rollout.max_tokens, "cluster.max_context",
              f"must exceed rollout.max_tokens ({self.rollout.max_tokens}): it holds the prompt too"),
+            (self.rollout.max_tokens_per_micro_batch is None or self.rollout.max_tokens_per_micro_batch
+             >= c.max_context - 1, "rollout.max_tokens_per_micro_batch",
+             f"must hold a sequence of cluster.max_context ({c.max_context}) tokens, >= {c.max_context - 1}"),
             (1 <= c.rollout_port <= 65535 - c.gpus_per_node, "cluster.rollout_port", "must be a port number"),
             (c.rollout_engine in ("vllm", "torch"), "cluster.rollout_engine", "must be vllm or torch"),
         ]  # fmt: skip
@@ -260,7 +273,13 @@ class GRPOConfig:
             )
         dp = gpus // model_parallel
         per_mini = self.rollout.prompts_per_step * self.algorithm.group_size // self.algorithm.mini_batches
-        if per_mini % (dp * self.rollout.micro_batch_size):
+        if self.rollout.max_tokens_per_micro_batch is not None:
+            if per_mini % dp:
+                raise ValueError(
+                    f"config: a mini-batch of {per_mini} sequences must split over data parallel ({dp}, from the "
+                    "cluster section) ranks"
+                )
+        elif per_mini % (dp * self.rollout.micro_batch_size):
             raise ValueError(
                 f"config: a mini-batch of {per_mini} sequences must split into data parallel ({dp}, from the "
                 f"cluster section) x rollout.micro_batch_size ({self.rollout.micro_batch_size})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -41,7 +42,8 @@ class StepBatch:
     """One step's rollouts as training tensors (``B`` = prompts x group_size, ``L`` = longest sequence - 1).
 
     ``targets[b, t]`` is the token predicted at position ``t``; ``mask`` marks completion tokens that count;
-    ``rollout_logprobs`` holds the servers' log pi_mix at the same places.
+    ``rollout_logprobs`` holds the servers' log pi_mix at the same places; ``lengths[b]`` is the number of
+    positions sequence ``b`` uses (its tokens - 1; the rest is padding).
     """
 
     input_ids: torch.Tensor  # [B, L] int64
@@ -51,6 +53,7 @@ class StepBatch:
     advantages: torch.Tensor  # [B] float32
     rewards: torch.Tensor  # [B] float32
     truncated: torch.Tensor  # [B] bool
+    lengths: torch.Tensor  # [B] int64
 
 
 def pack_rollouts(
@@ -100,26 +103,113 @@ def pack_rollouts(
         advantages=group_advantages(reward_t, group_size, normalize_std=normalize_std),
         rewards=reward_t,
         truncated=torch.tensor(truncated),
+        lengths=torch.tensor([len(seq) - 1 for seq in sequences], dtype=torch.long),
     )
 
 
-def micro_batches(batch: StepBatch, indices: Sequence[int], size: int) -> list[dict]:
-    """Micro-batches of ``size`` sequences taken from ``indices`` of the step's batch."""
+BUDGET_KEY = "rollout.max_tokens_per_micro_batch"
+
+
+def plan_micro_batches(
+    lengths: Sequence[int], seqs: Sequence[int], dp_size: int, size: int | None = None, max_tokens: int | None = None
+) -> list[list[list[int]]]:
+    """Which sequences of one mini-batch go into which micro-batch of which DP rank: ``plan[rank][k]``.
+
+    Fixed size (``size``): rank ``r`` takes every ``dp_size``-th sequence, ``size`` at a time. Token budget
+    (``max_tokens``, which wins): the sequences, longest first, are dealt to the DP ranks with the fewest tokens
+    so far (each rank gets ``len(seqs) / dp_size``), and each rank's share is split first-fit decreasing into
+    micro-batches whose rows x longest length stays within the budget; a rank with fewer micro-batches than
+    another splits its fullest ones until every rank has the same number (megatron's schedule runs the same
+    number of micro-batches on every DP rank). Deterministic: every rank computes the whole plan.
+
+    Raises:
+        ValueError: naming ``rollout.max_tokens_per_micro_batch`` when a sequence is longer than the budget, or
+            the settings when the mini-batch does not split over the DP ranks.
+    """
+    if max_tokens is None:
+        if size is None or len(seqs) % (dp_size * size):
+            raise ValueError(
+                f"a mini-batch of {len(seqs)} sequences does not split into data_parallel ({dp_size}) x "
+                f"rollout.micro_batch_size ({size}); change rollout.prompts_per_step or algorithm.mini_batches"
+            )
+        return [[list(seqs[r::dp_size][k : k + size]) for k in range(0, len(seqs) // dp_size, size)]
+                for r in range(dp_size)]  # fmt: skip
+    if len(seqs) % dp_size:
+        raise ValueError(
+            f"a mini-batch of {len(seqs)} sequences does not split over data_parallel ({dp_size}) ranks; change "
+            "rollout.prompts_per_step or algorithm.mini_batches"
+        )
+    longest = max(seqs, key=lambda s: lengths[s])
+    if lengths[longest] > max_tokens:
+        raise ValueError(
+            f"a sequence of {lengths[longest]} tokens (prompt + completion) is longer than {BUDGET_KEY} "
+            f"({max_tokens}): raise {BUDGET_KEY} to at least the longest prompt + rollout.max_tokens"
+        )
+    order = sorted(seqs, key=lambda s: (-lengths[s], s))
+    share = len(seqs) // dp_size
+    shares: list[list[int]] = [[] for _ in range(dp_size)]
+    tokens = [0] * dp_size
+    for s in order:
+        rank = min((r for r in range(dp_size) if len(shares[r]) < share), key=lambda r: (tokens[r], r))
+        shares[rank].append(s)
+        tokens[rank] += lengths[s]
+    plan = []
+    for share_seqs in shares:
+        bins: list[list[int]] = []  # each bin's first sequence is its longest (the share is sorted)
+        for s in share_seqs:
+            for rows in bins:
+                if (len(rows) + 1) * lengths[rows[0]] <= max_tokens:
+                    rows.append(s)
+                    break
+            else:
+                bins.append([s])
+        plan.append(bins)
+    count = max(len(bins) for bins in plan)
+    for bins in plan:  # a rank's share has `share` >= count sequences, so the splits always succeed
+        while len(bins) < count:
+            fullest = max(range(len(bins)), key=lambda k: (len(bins[k]), -k))
+            rows = bins[fullest]
+            bins[fullest : fullest + 1] = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return plan
+
+
+def micro_batches(batch: StepBatch, groups: Sequence[Sequence[int]], pad_to: int | None = None) -> list[dict]:
+    """One micro-batch per group of sequence indices of the step's batch, each ``[rows, length]``.
+
+    ``length`` is ``pad_to`` or else the group's longest sequence: positions past a sequence's end are padding,
+    and with causal attention the positions before them do not see them, so truncating changes no result.
+    No rounding is needed by the layouts used (no sequence or context parallelism).
+    """
     out = []
-    length = batch.input_ids.shape[1]
-    for begin in range(0, len(indices), size):
-        idx = torch.tensor(indices[begin : begin + size])
+    for group in groups:
+        idx = torch.tensor(list(group))
+        length = pad_to or int(batch.lengths[idx].max())
         out.append(
             {
-                "input_ids": batch.input_ids[idx],
-                "targets": batch.targets[idx],
+                "input_ids": batch.input_ids[idx, :length],
+                "targets": batch.targets[idx, :length],
                 "position_ids": torch.arange(length).expand(len(idx), -1),
-                "mask": batch.mask[idx],
+                "mask": batch.mask[idx, :length],
                 "advantages": batch.advantages[idx],
-                "rollout_logprobs": batch.rollout_logprobs[idx],
+                "rollout_logprobs": batch.rollout_logprobs[idx, :length],
             }
         )
     return out
+
+
+def build_micro_batches(cfg: Any, batch: StepBatch, minis: Sequence[Sequence[int]], dp_rank: int, dp_size: int
+                        ) -> list[list[dict]]:  # fmt: skip
+    """This DP rank's micro-batches of each mini-batch: the one place the update's batch layout is decided.
+
+    With ``rollout.max_tokens_per_micro_batch`` set: token-budget micro-batches, each padded to its own longest
+    sequence; otherwise ``rollout.micro_batch_size`` sequences each, padded to the step's longest. A packer
+    (THD layout with ``PackedSeqParams``) would replace this function.
+    """
+    budget = cfg.rollout.max_tokens_per_micro_batch
+    lengths = batch.lengths.tolist()
+    pad_to = None if budget else batch.input_ids.shape[1]
+    plans = [plan_micro_batches(lengths, seqs, dp_size, cfg.rollout.micro_batch_size, budget) for seqs in minis]
+    return [micro_batches(batch, plan[dp_rank], pad_to) for plan in plans]
 
 
 class StopRequested:
@@ -159,32 +249,178 @@ class StopRequested:
         return bool(flag.item())
 
 
+def step_counts(cfg: Any, mask: torch.Tensor) -> tuple[float, int]:
+    """``make_loss_fn``'s normalisers of an optimiser step whose sequences' ``mask`` (``[B, L]`` bool) is given."""
+    sequences = int(mask.any(1).sum()) if cfg.algorithm.agg == "seq-mean-token-mean" else mask.shape[0]
+    return float(mask.sum().clamp(min=1)), max(sequences, 1)
+
+
+# Per-token metrics of ``policy_loss`` that the loss function returns as sums over a micro-batch's tokens, so that
+# the trainer can reduce them over micro-batches and DP ranks and divide once by the total token count.
+TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fraction", "pi_mix_entropy")
+
+
 def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_length: int) -> Callable:
-    """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7)."""
+    """The per-micro-batch pi_mix GRPO loss, normalised over the whole optimiser step (DESIGN §7).
+
+    ``num_tokens`` and ``num_sequences`` are the optimiser step's completion tokens and sequences (for
+    ``seq-mean-token-mean``, the sequences with at least one counted token); ``step_counts`` gives both.
+
+    Its metrics are additive over the optimiser step's micro-batches and DP ranks: ``loss`` and ``kl`` are this
+    micro-batch's share of the step's total; ``tokens`` counts its masked tokens; each ``TOKEN_MEAN_METRICS``
+    entry is a sum over those tokens; ``ratio_max`` / ``ratio_min`` are extremes (-inf / inf when empty).
+    """
     alg = cfg.algorithm
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict):
         mask, ref_logprobs = mb["mask"], mb.get("ref_logprobs")  # log pi_ref: set by the actor when beta > 0
-        # token-mean: the step's token count; the sequence modes: this micro-batch's share of the sequences.
-        share = 1.0 if alg.agg == "token-mean" else mask.shape[0] / num_sequences
+        # token-mean: the step's token count; the sequence modes: this micro-batch's share of the sequences (for
+        # seq-mean-token-mean of those with tokens, the ones its mean runs over), so any split sums exactly.
+        rows = mask.any(1).sum() if alg.agg == "seq-mean-token-mean" else torch.tensor(mask.shape[0])
+        old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()  # no old pass: the same weights
         loss, metrics = policy_loss(
-            logprobs, mb["old_logprobs"], mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
+            logprobs, old, mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
             agg=alg.agg, dual_clip=alg.dual_clip, max_response_length=max_response_length,
             num_tokens=num_tokens if alg.agg == "token-mean" else None,
         )  # fmt: skip
+        share = 1.0 if alg.agg == "token-mean" else rows.to(loss.device, loss.dtype) / num_sequences  # no host sync
         loss = loss * share
+        out = {}
         if alg.beta > 0 and ref_logprobs is not None:
             kl = kl_penalty(logprobs, ref_logprobs, alg.kl_estimator)
             kl_term = aggregate(kl, mask, alg.agg, num_tokens if alg.agg == "token-mean" else None,
                                 max_response_length) * share  # fmt: skip
             loss = loss + alg.beta * kl_term
-            metrics["kl"] = kl_term.detach()
-        tokens = mask.sum().clamp(min=1)
-        metrics["pi_mix_entropy"] = (entropy * mask).sum() / tokens
-        metrics["loss"] = loss.detach().clone()
-        return loss, metrics
+            out["kl"] = kl_term.detach()
+        tokens = mask.sum()
+        metrics["pi_mix_entropy"] = torch.where(mask, entropy, 0.0).sum() / tokens.clamp(min=1)
+        for key in TOKEN_MEAN_METRICS:
+            if key in metrics:
+                out[key] = (metrics[key] * tokens).detach()  # policy_loss gives means over this micro-batch's tokens
+        empty = tokens == 0
+        out["ratio_max"] = torch.where(empty, -math.inf, metrics["ratio_max"])
+        out["ratio_min"] = torch.where(empty, math.inf, metrics["ratio_min"])
+        out["tokens"] = tokens.to(torch.float64)
+        out["loss"] = loss.detach().clone()  # the schedule divides the returned loss in place
+        return loss, out
 
     return loss_fn
+
+
+def reduce_update_metrics(step_results: Sequence[Sequence[dict]], mismatch: Sequence[torch.Tensor]) -> dict:
+    """The update's metrics from every optimiser step's per-micro-batch results, reduced over the DP group.
+
+    ``step_results[o]`` holds this rank's results of optimiser step ``o`` (``make_loss_fn``'s metrics; empty off
+    the last pipeline stage), ``mismatch`` this rank's per-token ``|log pi_old - log pi_rollout|`` tensors. Sums
+    are summed, extremes take max / min. ``loss`` and ``kl`` are each optimiser step's total (over its
+    micro-batches and DP ranks), averaged over the step's ``epochs x mini_batches`` optimiser steps; the
+    per-token metrics are means over every token of every optimiser step. A collective over the DP group
+    (every rank calls it); the values are meaningful on the last pipeline stage only.
+    """
+    from megatron.core import parallel_state as ps
+
+    steps = len(step_results)
+    totals = torch.zeros(steps, 2, dtype=torch.float64)  # per optimiser step: loss, kl
+    sums = torch.zeros(len(TOKEN_MEAN_METRICS) + 3, dtype=torch.float64)  # ..., tokens, mismatch sum, count
+    extremes = torch.full((3,), -math.inf, dtype=torch.float64)  # ratio_max, -ratio_min, mismatch max
+    has_kl = torch.tensor([float(any("kl" in r for results in step_results for r in results))])
+    for o, results in enumerate(step_results):
+        if not results:
+            continue
+        zero = results[0]["loss"].new_zeros(())
+        keys = ("loss", "kl", *TOKEN_MEAN_METRICS, "tokens")
+        # one device-to-host copy per optimiser step: [micro-batch, value]
+        rows = torch.stack([torch.stack([r.get(k, zero).double() for k in keys] + [r["ratio_max"].double(),
+                            -r["ratio_min"].double()]) for r in results]).cpu()  # fmt: skip
+        totals[o] = rows[:, :2].sum(0)
+        sums[: len(keys) - 2] += rows[:, 2 : len(keys)].sum(0)
+        extremes[:2] = torch.maximum(extremes[:2], rows[:, len(keys) :].amax(0))
+    diffs = torch.cat([d.reshape(-1).double().cpu() for d in mismatch]) if mismatch else torch.zeros(0).double()
+    sums[-2], sums[-1] = diffs.sum(), diffs.numel()
+    if diffs.numel():
+        extremes[2] = diffs.max()
+    group, device = ps.get_data_parallel_group(), rank_device()  # the DP group is NCCL on GPUs: reduce there
+    totals, sums, has_kl, extremes = (t.to(device) for t in (totals, sums, has_kl, extremes))
+    for tensor in (totals, sums, has_kl):
+        dist.all_reduce(tensor, group=group)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
+    totals, sums, has_kl, extremes = (t.cpu() for t in (totals, sums, has_kl, extremes))
+    tokens = float(sums[len(TOKEN_MEAN_METRICS)].clamp(min=1))
+    step_totals = totals.mean(0)
+    metrics = {"loss": float(step_totals[0])}
+    if has_kl.item():
+        metrics["kl"] = float(step_totals[1])
+    metrics.update({key: float(sums[i]) / tokens for i, key in enumerate(TOKEN_MEAN_METRICS)})
+    metrics["ratio_max"], metrics["ratio_min"] = float(extremes[0]), float(-extremes[1])
+    metrics["mismatch/mean_abs"] = float(sums[-2] / sums[-1].clamp(min=1))
+    metrics["mismatch/max_abs"] = float(extremes[2]) if sums[-1] > 0 else 0.0
+    return metrics
+
+
+def update_policy(
+    cfg: Any, actor: Any, batch: StepBatch, reuse_update_logprobs: bool | None = None
+) -> dict[str, float]:
+    """The update phase of one GRPO step: the old log pi_mix, then ``epochs x mini_batches`` optimiser steps.
+
+    The step's sequences split into mini-batches (one optimiser step each), each split over the DP ranks into
+    micro-batches by ``build_micro_batches``. ``reuse_update_logprobs`` (default: when ``epochs`` and
+    ``mini_batches`` are both 1) skips the separate old-log-prob pass and takes the update forward's own
+    log-probs, detached, as the old ones: the same update with one forward fewer. A collective over every rank
+    of the actor. Returns the update's metrics (see ``reduce_update_metrics``; the loss-derived ones only on
+    the last pipeline stage, which ``GRPOTrainer.fit`` merges into rank 0's record) and its timings.
+    """
+    from megatron.core import parallel_state as ps
+
+    alg = cfg.algorithm
+    count = batch.input_ids.shape[0]
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    per_mini = count // alg.mini_batches
+    minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(alg.mini_batches)]
+    mini_mbs = build_micro_batches(cfg, batch, minis, dp_rank, dp_size)
+    mbs = [mb for group in mini_mbs for mb in group]
+
+    # Old log pi_mix (the proximal policy), on the weights that sampled. With a single optimiser step the update
+    # forward runs on those same weights: its own log-probs, detached, are the old ones (DESIGN §7b).
+    if reuse_update_logprobs is None:
+        reuse_update_logprobs = alg.epochs == 1 and alg.mini_batches == 1
+    start = time.monotonic()
+    if not reuse_update_logprobs:
+        for mb, result in zip(mbs, actor.forward_backward(mbs, forward_only=True), strict=False):
+            mb["old_logprobs"] = result["logprobs"]
+    old_s = time.monotonic() - start
+
+    start = time.monotonic()
+    step_results, grad_norms = [], []
+    for _epoch in range(alg.epochs):
+        for seqs, mb_list in zip(minis, mini_mbs, strict=True):
+            loss_fn = make_loss_fn(cfg, *step_counts(cfg, batch.mask[seqs]), cfg.rollout.max_tokens)
+            step_results.append(actor.forward_backward(mb_list, loss_fn))
+            _, grad_norm = actor.optimizer_step()
+            grad_norms.append(grad_norm)
+    update_s = time.monotonic() - start
+
+    on_last_stage = bool(step_results[0])
+    if reuse_update_logprobs and on_last_stage:
+        for mb, result in zip(mbs, step_results[0], strict=True):
+            mb["old_logprobs"] = result["logprobs"]
+    # The old log-probs are on the actor's device, the micro-batches on the host: compared where the former are.
+    mismatch = [
+        (mb["old_logprobs"] - mb["rollout_logprobs"].to(mb["old_logprobs"].device)).abs()[
+            mb["mask"].to(mb["old_logprobs"].device)]
+        for mb in mbs
+    ] if on_last_stage else []  # fmt: skip
+    reduced = reduce_update_metrics(step_results, mismatch)
+    logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max",
+              "mismatch/mean_abs", "mismatch/max_abs")  # fmt: skip
+    metrics = {k: v for k, v in reduced.items() if k in logged} if on_last_stage else {}
+    metrics.update({
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+        "skipped_steps": float(actor.skipped_steps),
+        "time/old_logprobs_s": old_s,
+        "time/update_s": update_s,
+        "throughput/update_tokens_per_s": float(batch.mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
+    })  # fmt: skip
+    return metrics
 
 
 class MetricsLog:
@@ -343,50 +579,10 @@ class GRPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One GRPO step on the current policy; returns the step's metrics (complete on rank 0)."""
-        from megatron.core import parallel_state as ps
-
         cfg = self.cfg
         got = self._rollout()
         batch: StepBatch = got["batch"]
-        count = batch.input_ids.shape[0]
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        mb_size = cfg.rollout.micro_batch_size
-
-        # The step's sequences split into mini-batches (one optimiser step each); each DP rank takes every
-        # DP-th sequence of a mini-batch, in micro-batches.
-        per_mini = count // cfg.algorithm.mini_batches
-        if per_mini % (dp_size * mb_size):
-            raise ValueError(
-                f"a mini-batch of {per_mini} sequences does not split into data_parallel ({dp_size}) x "
-                f"rollout.micro_batch_size ({mb_size}); change rollout.prompts_per_step or algorithm.mini_batches"
-            )
-        minis = [list(range(m * per_mini, (m + 1) * per_mini)) for m in range(cfg.algorithm.mini_batches)]
-        mini_mbs = [micro_batches(batch, seqs[dp_rank::dp_size], mb_size) for seqs in minis]
-        mbs = [mb for group in mini_mbs for mb in group]
-
-        # Old log pi_mix, recomputed by the trainer on the weights that sampled.
-        start = time.monotonic()
-        old = self.actor.forward_backward(mbs, forward_only=True)
-        on_last_stage = bool(old)
-        for mb, result in zip(mbs, old, strict=False):
-            mb["old_logprobs"] = result["logprobs"]
-        old_s = time.monotonic() - start
-
-        start = time.monotonic()
-        metrics_acc: dict[str, list[float]] = {}
-        grad_norms = []
-        for _epoch in range(cfg.algorithm.epochs):
-            for seqs, mb_list in zip(minis, mini_mbs, strict=True):
-                num_tokens = float(batch.mask[seqs].sum().clamp(min=1))
-                loss_fn = make_loss_fn(cfg, num_tokens, len(seqs), cfg.rollout.max_tokens)
-                results = self.actor.forward_backward(mb_list, loss_fn)
-                _, grad_norm = self.actor.optimizer_step()
-                grad_norms.append(grad_norm)
-                for result in results:
-                    for key, value in result.items():
-                        if key not in ("logprobs", "entropy", "ref_logprobs"):
-                            metrics_acc.setdefault(key, []).append(float(torch.as_tensor(value).detach()))
-        update_s = time.monotonic() - start
+        update = update_policy(cfg, self.actor, batch)
         self.step += 1
         self.position += cfg.rollout.prompts_per_step
 
@@ -394,38 +590,17 @@ class GRPOTrainer:
         self.push_policy()
         sync_s = time.monotonic() - start
 
-        # Metrics: local sums on the last stage, reduced over DP; rank 0 logs.
-        # The old log-probs are on the actor's device, the rollout's on the host: compared on the device, and the
-        # reduced (sum, max) brought back to the host for the scalars below.
-        mask, device = batch.mask, rank_device()
-        mismatch = torch.zeros(2, device=device)
-        if on_last_stage:
-            diffs = [(mb["old_logprobs"].to(device) - mb["rollout_logprobs"].to(device)).abs()[mb["mask"].to(device)]
-                     for mb in mbs]  # fmt: skip
-            diffs = torch.cat(diffs) if diffs else torch.zeros(0, device=device)
-            mismatch = torch.stack([diffs.sum(), diffs.max() if diffs.numel() else diffs.new_zeros(())])
-        scalars = {k: sum(v) / len(v) for k, v in metrics_acc.items()}
-        dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)  # max over ranks of (sum, max): exact for DP = 1
-        mismatch = mismatch.cpu()
+        mask = batch.mask
         metrics = {
             "reward/mean": batch.rewards.mean().item(),
             "reward/accuracy": (batch.rewards > 0.5).float().mean().item(),
             "response/length": (mask.sum(1).float().mean().item()),
             "response/truncated": batch.truncated.float().mean().item(),
-            "mismatch/mean_abs": (mismatch[0] / mask.sum().clamp(min=1)).item(),
-            "mismatch/max_abs": mismatch[1].item(),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "skipped_steps": float(self.actor.skipped_steps),
             "time/rollout_s": got["rollout_s"],
             "time/reward_s": got["reward_s"],
-            "time/old_logprobs_s": old_s,
-            "time/update_s": update_s,
             "time/weight_sync_s": sync_s,
-            "throughput/update_tokens_per_s": float(mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
+            **update,
         }
-        logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max")
-        metrics.update({k: v for k, v in scalars.items() if k in logged})
-        self._warn_mismatch(metrics["mismatch/max_abs"])
         return metrics
 
     _mismatch_warned = False
@@ -465,6 +640,7 @@ class GRPOTrainer:
                 if every and self.eval_prompts and (self.step % every == 0 or self.step == self.cfg.run.steps):
                     merged.update(self.evaluate())
                 self.log.write(self.step, merged)
+                self._warn_mismatch(merged.get("mismatch/max_abs", 0.0))  # merged: the last stage's figure
             stop = self.stop.agreed()
             if stop or self.step % self.cfg.run.checkpoint_every == 0 or self.step == self.cfg.run.steps:
                 self.save()

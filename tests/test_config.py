@@ -104,7 +104,10 @@ def test_shipped_cluster_configs_load_and_validate(name):
         ("cluster.trainer_nodes=0", "cluster.trainer_nodes must be >= 1"),
         ("cluster.max_context=3072", "cluster.max_context must exceed rollout.max_tokens"),
         ("model.pipeline_parallel=3", "64 trainer GPUs must be a multiple of"),
-        ("rollout.micro_batch_size=3", "must split"),
+        # the shipped config uses a token budget (which replaces rollout.micro_batch_size): one sequence per
+        # mini-batch does not split over DP=2, and a budget below a whole context is refused
+        ("algorithm.mini_batches=512", "must split over data parallel"),
+        ("rollout.max_tokens_per_micro_batch=3500", "rollout.max_tokens_per_micro_batch must hold a sequence"),
     ],
 )
 def test_cluster_section_errors_name_the_key(override, message):

@@ -10,7 +10,14 @@ import torch
 
 from nemo_logitavg.algorithms.grpo import policy_loss
 from nemo_logitavg.config import GRPOConfig
-from nemo_logitavg.trainer import make_loss_fn, micro_batches, pack_rollouts, sample_seed
+from nemo_logitavg.trainer import (
+    make_loss_fn,
+    micro_batches,
+    pack_rollouts,
+    plan_micro_batches,
+    sample_seed,
+    step_counts,
+)
 
 
 @dataclass
@@ -40,33 +47,102 @@ def test_pack_rollouts_layout():
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batch_losses_sum_to_the_step_loss(agg):
+@pytest.mark.parametrize("budget", [None, 14], ids=["fixed-size", "token-budget"])
+def test_micro_batch_losses_sum_to_the_step_loss(agg, budget):
     gen = torch.Generator().manual_seed(0)
     prompts = [[1, 2]] * 3
     groups = [
-        [Completion(list(range(1 + (p + g) % 4)), (-torch.rand(1 + (p + g) % 4, generator=gen)).tolist())
+        [Completion(list(range(1 + (p + g) % 4 * 3)), (-torch.rand(1 + (p + g) % 4 * 3, generator=gen)).tolist(),
+                    "length" if p == g == 1 else "stop")
          for g in range(4)]
         for p in range(3)
     ]  # fmt: skip
     rewards = torch.rand(12, generator=gen).tolist()
-    batch = pack_rollouts(prompts, groups, rewards, group_size=4)
+    # One truncated completion dropped from the loss: a sequence without tokens, which seq-mean-token-mean skips.
+    batch = pack_rollouts(prompts, groups, rewards, group_size=4, mask_truncated=True)
+    assert not batch.mask[5].any()
     # float64 throughout, so that the comparison is of the normalisation, not of float32 rounding.
     old_logprobs = batch.rollout_logprobs.double()
     new_logprobs = old_logprobs + 0.1 * torch.randn(old_logprobs.shape, generator=gen, dtype=torch.float64)
     cfg = SimpleNamespace(algorithm=SimpleNamespace(clip_low=0.2, clip_high=0.28, agg=agg, dual_clip=None, beta=0.0))
     expected, _ = policy_loss(new_logprobs, old_logprobs, batch.advantages, batch.mask,
                               clip_low=0.2, clip_high=0.28, agg=agg, max_response_length=8)  # fmt: skip
-    loss_fn = make_loss_fn(cfg, float(batch.mask.sum()), 12, max_response_length=8)
+    loss_fn = make_loss_fn(cfg, *step_counts(cfg, batch.mask), max_response_length=8)
+    if budget:
+        plan = plan_micro_batches(batch.lengths.tolist(), list(range(12)), 1, max_tokens=budget)[0]
+        assert len(plan) > 2 and all(len(rows) * int(batch.lengths[rows].max()) <= budget for rows in plan)
+    else:
+        plan = [range(0, 5), range(5, 10), range(10, 12)]
     total = 0.0
-    for mb, idx in zip(micro_batches(batch, list(range(12)), 5), ([0, 5, 10]), strict=True):
+    for mb, rows in zip(micro_batches(batch, plan), plan, strict=True):
+        rows = list(rows)
+        width = mb["mask"].shape[1]
+        assert width == int(batch.lengths[rows].max()), "each micro-batch is padded to its own longest only"
         mb["old_logprobs"] = mb["rollout_logprobs"].double()
-        rows = slice(idx, idx + mb["mask"].shape[0])
-        loss, _ = loss_fn(new_logprobs[rows], torch.zeros_like(new_logprobs[rows]), mb)
+        loss, _ = loss_fn(new_logprobs[rows, :width], torch.zeros(len(rows), width), mb)
         total += loss.item()
-    if agg == "seq-mean-token-mean":
-        # Every sequence here has tokens, so the mean of per-sequence means splits exactly by sequence share.
-        assert batch.mask.any(1).all()
     assert total == pytest.approx(expected.item(), rel=1e-12)
+
+
+def check_plan(plan: list, lengths: list, seqs: list, dp: int, budget: int) -> None:
+    assert len(plan) == dp
+    assert len({len(bins) for bins in plan}) == 1, "every DP rank runs the same number of micro-batches"
+    assert sorted(s for bins in plan for rows in bins for s in rows) == sorted(seqs)
+    assert len({sum(len(rows) for rows in bins) for bins in plan}) == 1, "equal sequences per DP rank"
+    for bins in plan:
+        for rows in bins:
+            assert rows and len(rows) * max(lengths[s] for s in rows) <= budget
+    tokens = [sum(lengths[s] for rows in bins for s in rows) for bins in plan]
+    assert max(tokens) - min(tokens) <= max(lengths[s] for s in seqs), f"unbalanced DP token counts {tokens}"
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4])
+@pytest.mark.parametrize(
+    "case",
+    ["lognormal", "one-long-many-short", "all-at-budget", "spread-3-200"],
+)
+def test_token_budget_plan(dp, case):
+    gen = torch.Generator().manual_seed(3)
+    budget = 1024
+    lengths = {
+        "lognormal": torch.exp(torch.randn(64, generator=gen) * 0.8 + 4.85).clamp(3, 1024).long().tolist(),
+        # one rank gets the long one and little else; the others need several micro-batches of short ones
+        "one-long-many-short": [1000] + [300] * 3 + [2] * 12,
+        "all-at-budget": [budget] * 16,
+        "spread-3-200": torch.linspace(3, 200, 32).long().tolist(),
+    }[case]
+    seqs = list(range(len(lengths)))
+    plan = plan_micro_batches(lengths, seqs, dp, max_tokens=budget)
+    check_plan(plan, lengths, seqs, dp, budget)
+    if case == "all-at-budget":
+        assert all(len(bins) == 16 // dp for bins in plan)
+    # a mini-batch that is a slice of the step's sequences
+    sub = seqs[len(seqs) // 2 :]
+    check_plan(plan_micro_batches(lengths, sub, dp, max_tokens=budget), lengths, sub, dp, budget)
+
+
+def test_token_budget_packs_tighter_than_fixed_size():
+    lengths = [200, 3, 5, 8, 100, 4, 6, 7]
+    plan = plan_micro_batches(lengths, list(range(8)), 1, max_tokens=400)[0]
+    # first-fit decreasing: 200 + 100 fill one micro-batch (2 x 200), the six short ones share another (6 x 8)
+    assert plan == [[0, 4], [3, 7, 6, 2, 5, 1]]
+    fixed = plan_micro_batches(lengths, list(range(8)), 2, size=2)
+    assert fixed == [[[0, 2], [4, 6]], [[1, 3], [5, 7]]], "fixed size: every DP-th sequence, in order"
+
+
+def test_sequence_longer_than_the_budget_names_the_key():
+    with pytest.raises(ValueError, match=r"rollout\.max_tokens_per_micro_batch \(256\)"):
+        plan_micro_batches([10, 300, 20, 5], [0, 1, 2, 3], 2, max_tokens=256)
+
+
+def test_config_token_budget_is_checked():
+    cfg = GRPOConfig()
+    cfg.rollout.max_tokens_per_micro_batch = 100
+    with pytest.raises(ValueError, match="rollout.max_tokens_per_micro_batch"):
+        cfg.validate()  # below rollout.max_tokens (256)
+    cfg.rollout.max_tokens_per_micro_batch = 2048
+    cfg.rollout.prompts_per_step, cfg.algorithm.group_size, cfg.rollout.micro_batch_size = 3, 3, 2
+    cfg.validate()  # the budget replaces micro_batch_size: 9 sequences need not split into micro-batches of 2
 
 
 def test_sample_seed_depends_on_run_and_step():
@@ -141,3 +217,20 @@ def test_wandb_never_receives_the_rollout_token(tmp_path, monkeypatch):
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.suffix == ".wandb" for path in files)  # the offline run's record, config included
     assert [path for path in files if secret.encode() in path.read_bytes()] == []
+def test_planner_activations_follow_the_token_budget():
+    from pathlib import Path
+
+    from nemo_logitavg.config import load_config
+    from nemo_logitavg.planning import plan_config
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_8b.yaml"
+
+    def activations(*overrides: str) -> float:
+        cfg = load_config(GRPOConfig, config, ["model.policy=llama3-8b", *overrides]).validate()
+        return next(line.bytes for line in plan_config(cfg).training.lines if line.name == "activations")
+
+    shipped = activations()
+    assert activations("rollout.max_tokens_per_micro_batch=16384") == pytest.approx(2 * shipped)
+    # the shipped budget of 8192 tokens plans like two 4096-token sequences of the fixed-size path
+    fixed = activations("rollout.max_tokens_per_micro_batch=null", "rollout.micro_batch_size=2")
+    assert shipped == pytest.approx(fixed)

@@ -167,7 +167,8 @@ class LogitAveragingActor:
     Build with ``LogitAveragingActor(policy_cfg, reference_cfg, actor_cfg)`` after ``init_parallel``; load
     weights with ``load_hf`` (or a checkpoint). ``reference_cfg=None`` builds the policy alone (SFT, and the
     baseline of the benchmarks): its log-probs are the policy's own. ``forward_backward`` runs megatron's schedule over
-    micro-batches of ``{"input_ids", "position_ids", "targets", ...}`` (each ``[b, s]``).
+    micro-batches of ``{"input_ids", "position_ids", "targets", ...}`` (each ``[b, s]``; ``b`` and ``s`` may differ
+    between micro-batches: the pipeline stages then exchange shapes, megatron's ``variable_seq_lengths``).
     """
 
     def __init__(self, policy_cfg: LlamaConfig, reference_cfg: LlamaConfig | None, actor_cfg: ActorConfig) -> None:
@@ -262,11 +263,15 @@ class LogitAveragingActor:
 
         if not micro_batches:
             raise ValueError("forward_backward needs at least one micro-batch")
-        shape = tuple(micro_batches[0]["input_ids"].shape)
+        shapes = {tuple(batch["input_ids"].shape) for batch in micro_batches}
         for i, batch in enumerate(micro_batches):
-            for key in ("input_ids", "position_ids", "targets"):
-                if tuple(batch[key].shape) != shape:
-                    raise ValueError(f"micro-batch {i}: {key} has shape {tuple(batch[key].shape)}, expected {shape}")
+            for key in ("position_ids", "targets"):
+                if batch[key].shape != batch["input_ids"].shape:
+                    raise ValueError(f"micro-batch {i}: {key} has shape {tuple(batch[key].shape)}, "
+                                     f"input_ids {tuple(batch['input_ids'].shape)}")  # fmt: skip
+        shape = max(shapes)
+        # Micro-batches of different [b, s] (token-budget batching): the stages exchange each one's shape first.
+        self.stage.config.variable_seq_lengths = len(shapes) > 1
         num_micro = len(micro_batches)
         dp_size = parallel_state.get_data_parallel_world_size()
         if forward_only:
