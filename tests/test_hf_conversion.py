@@ -23,6 +23,7 @@ from nemo_logitavg.models.hf_conversion import (
     read_hf_state,
 )
 from tests.distributed import gather_mcore_shards, run_distributed
+from tests.memory import PeakRSS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VOCAB = 100  # pads to 128 (TP=1) and 256 (TP=2)
@@ -423,21 +424,11 @@ MEMORY_CFG = dict(
 MEMORY_BUCKET = 8 * 2**20
 
 
-def _kib(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def _peak_growth(fn) -> tuple[int, object]:
     """Bytes the resident set grew to at its peak while ``fn`` ran (the kernel's high-water mark, reset first)."""
-    import gc
-
-    gc.collect()
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _kib("VmRSS")
-    result = fn()
-    return (_kib("VmHWM") - base) * 1024, result
+    with PeakRSS() as rss:
+        result = fn()
+    return rss.growth, result
 
 
 def _export_worker(dirs: dict, root: str) -> dict:

@@ -134,9 +134,7 @@ def test_bf16_gradient_within_one_rounding(p_low, p_high):
 
 
 def _bf16_peak_worker(tokens: int, vocab: int, chunk_size: int) -> dict:
-    import resource
-
-    import psutil
+    from tests.memory import PeakRSS
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -144,9 +142,9 @@ def _bf16_peak_worker(tokens: int, vocab: int, chunk_size: int) -> dict:
     ref = torch.randn(tokens, vocab, generator=gen, dtype=torch.bfloat16)
     target = torch.randint(0, vocab, (tokens,), generator=gen)
     grad_out = torch.randn(tokens, generator=gen)
-    rss_before = psutil.Process().memory_info().rss
-    (mixed_logprobs(policy, ref, target, 0.5, chunk_size=chunk_size) * grad_out).sum().backward()
-    return {"peak_extra": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before}
+    with PeakRSS() as rss:  # the kernel's high-water mark, reset here: peaks before the call do not count
+        (mixed_logprobs(policy, ref, target, 0.5, chunk_size=chunk_size) * grad_out).sum().backward()
+    return {"peak_extra": rss.growth}
 
 
 def test_bf16_backward_memory_is_one_gradient():

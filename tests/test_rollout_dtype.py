@@ -37,9 +37,9 @@ def test_client_refuses_a_server_of_another_dtype(dirs, tmp_path):
     server = ServerProcess(*dirs, 0.5, str(tmp_path / "server.log"), extra_args=["--dtype", "bfloat16"])
     try:
         server.wait_ready(timeout=120)
-        card = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+        card = httpx.get(server.url + "/v1/models", headers=server.auth_headers(), timeout=10).json()["data"][0]
         assert card["dtype"] == "bfloat16" and card["engine"] == "torch"
-        with RolloutClient([server.url], timeout=30) as client:
+        with RolloutClient([server.url], token=server.token, timeout=30) as client:
             with pytest.raises(RolloutError, match=r"serves dtype=bfloat16.*allow_dtype_mismatch"):
                 client.check(0.5, dtype="float32")
             client.check(0.5, dtype="bfloat16")

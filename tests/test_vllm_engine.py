@@ -492,3 +492,76 @@ def test_bundle_is_served_by_vllms_own_api_server(model_dirs, engines, tmp_path)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _vllm_push_world(url: str, token: str, policy: str, reference: str) -> dict:
+    """A TP=2 trainer holding ``policy`` pushes it to the vLLM server collectively and reads back completions."""
+    import torch.distributed as dist
+
+    from nemo_logitavg.models import LlamaConfig
+    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    from nemo_logitavg.parallel import init_parallel, teardown
+    from nemo_logitavg.rollout.client import RolloutClient
+    from nemo_logitavg.rollout.weight_push import PolicyPusher
+    from nemo_logitavg.trainer import micro_batches, pack_rollouts
+
+    init_parallel(tensor_parallel_size=2)
+    try:
+        cfg = LlamaConfig.from_hf(policy)
+        actor = LogitAveragingActor(cfg, LlamaConfig.from_hf(reference), ActorConfig(ref_weight=0.7))
+        actor.load_hf(policy, reference)
+        client = RolloutClient([url], token=token, timeout=120) if dist.get_rank() == 0 else None
+        pusher = PolicyPusher(actor.gpt_policy, cfg, client, bucket_bytes=8 << 10, push_timeout=300)
+        confirmed = pusher.push(1)
+        prompts = [[1, 7, 8, 9, 10], [1, 11, 12]]
+        box = [client.generate(prompts, n=2, max_tokens=8, seed=3) if client else None]
+        dist.broadcast_object_list(box, src=0)
+        batch = pack_rollouts(prompts, box[0], [0.0] * 4, group_size=2)
+        (mb,) = micro_batches(batch, [list(range(4))])
+        (result,) = actor.forward_backward([mb], forward_only=True)
+        error = float((result["logprobs"] - mb["rollout_logprobs"]).abs()[mb["mask"]].max())
+        return {"confirmed": confirmed, "error": error, "steps": {c.policy_step for g in box[0] for c in g},
+                "buckets": sum(len(p) for p in pusher.plans.values())}  # fmt: skip
+    finally:
+        teardown()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_collective_push_into_vllm(engines, model_dirs, tmp_path):
+    """The collective push lands in the vLLM worker (through its extension): the served weights are bit-identical
+    to vLLM loading the same policy from its Hugging Face files, and the served log pi_mix equals the TP=2
+    trainer's."""
+    from nemo_logitavg.rollout.process import ServerProcess
+    from tests.distributed import run_distributed
+
+    engines.close()  # one vLLM engine at a time on this machine
+    config = tmp_path / "server.yaml"
+    config.write_text(json.dumps({"vllm": {"dtype": "float32", **ENGINE_ARGS}}))
+    server = ServerProcess(
+        model_dirs["policy"], model_dirs["reference"], 0.7, str(tmp_path / "server.log"),
+        extra_args=["--engine", "vllm", "--config", str(config)],
+        weights_root=os.path.dirname(model_dirs["policy2"]),
+    )  # fmt: skip
+    try:
+        server.wait_ready(timeout=900)
+        auth = server.auth_headers()
+
+        def digests() -> dict:
+            request = urllib.request.Request(server.url + "/v1/weights/digest", headers=auth)
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.loads(response.read())
+
+        before = digests()
+        (r0, _) = run_distributed(_vllm_push_world, 2, timeout_s=900, url=server.url, token=server.token,
+                                  policy=model_dirs["policy2"], reference=model_dirs["reference"])  # fmt: skip
+        pushed = digests()
+        assert r0["confirmed"] == [server.url] and r0["steps"] == {1} and r0["buckets"] > 4
+        assert pushed["policy_step"] == 1 and pushed["policy"] != before["policy"]
+        assert pushed["reference"] == before["reference"]  # the reference half untouched
+        assert r0["error"] < 1e-4  # vLLM's float32 kernels against megatron's, as the other vLLM checks
+        load = {"path": model_dirs["policy2"], "step": 2, "run_id": "by-path"}
+        assert _post(server.url + "/v1/load_weights", load, headers=auth)["policy_step"] == 2
+        assert digests()["policy"] == pushed["policy"]  # the push == vLLM loading the HF files itself
+    finally:
+        server.stop()

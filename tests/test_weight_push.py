@@ -50,7 +50,7 @@ def _served_vs_trainer(actor, client, rank: int) -> float | None:
     groups = client.generate(PROMPTS, n=2, max_tokens=8, seed=3) if rank == 0 else None
     groups = _bcast(groups)
     batch = pack_rollouts(PROMPTS, groups, [0.0] * (2 * len(PROMPTS)), group_size=2)
-    mbs = micro_batches(batch, list(range(2 * len(PROMPTS))), 2 * len(PROMPTS))
+    mbs = micro_batches(batch, [list(range(2 * len(PROMPTS)))])
     results = actor.forward_backward(mbs, forward_only=True)
     if not results:
         return None
@@ -259,7 +259,7 @@ def _memory_world(policy: str, work: str, bucket_bytes: int) -> dict:
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
     from nemo_logitavg.rollout.weight_push import PolicyPusher
-    from tests.benchmarks.bench_weight_push import PeakRSS
+    from tests.memory import PeakRSS
 
     init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
     rank = dist.get_rank()

@@ -7,9 +7,9 @@
 - ``server``: the OpenAI-style HTTP server (``python -m nemo_logitavg.rollout.server``).
 - ``client``: ``RolloutClient``, what the trainer calls (concurrency, retries, fail-over, step checks).
 - ``process``: start and stop a server as a child process (recipes).
-
-The trainer pushes weights by writing the policy with ``models.hf_conversion.export_model_hf`` and calling
-``RolloutClient.load_weights`` (``GRPOTrainer.push_policy``).
+- ``weight_push``: the collective policy push (``PolicyPusher``): each pipeline stage's sender broadcasts its
+  Hugging Face-named tensors, bucket by bucket, into every server's engine over a weight-update group of its
+  own (``GRPOTrainer.push_policy``); nothing is written to disk per step.
 
 Imports are lazy so that ``import nemo_logitavg.rollout.client`` does not load transformers.
 """

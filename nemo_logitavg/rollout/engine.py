@@ -399,10 +399,6 @@ class TorchEngine(EngineCommon):
 
         return policy_manifest(self._pushed_shapes().items())
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.policy.parameters()).device
-
     def weight_digests(self) -> dict[str, dict[str, str]]:
         """sha256 of every served tensor's bytes, by Hugging Face name, for ``policy`` and ``reference``: lets an
         operator (and the tests) check that a push landed bit for bit and left the reference untouched."""

@@ -365,7 +365,7 @@ class PolicyPusher:
         for url in self.client.urls:
             card = None if self.client.is_down(url) else self.client.models(url)
             if card is None:
-                print(f"[push] {url} does not answer: left out of this push (stale)", flush=True)
+                print(f"[push] {url} gives no model card (down, or refusing the token): left out (stale)", flush=True)
                 continue
             info = (card.get("data") or [{}])[0]
             if info.get("policy_manifest") != self.manifest:

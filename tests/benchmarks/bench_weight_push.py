@@ -12,8 +12,8 @@ pushes the same weights both ways, alternating, and times one push end to end as
   rank's state dict to rank 0, the whole model mapped to Hugging Face names, written as one safetensors
   directory, and the server reloading it with ``/v1/load_weights``.
 
-Memory: the sending rank's (rank 0's) RSS growth during the push, sampled every 5 ms (peak minus the RSS just
-before). Figures: medians over ``--reps``; the server's weights are checked equal after each push.
+Memory: the sending rank's (rank 0's) RSS growth during the push (the kernel's high-water mark, reset just
+before, minus the RSS then). Figures: medians over ``--reps``; the server's weights are checked equal after each push.
 """
 
 from __future__ import annotations
@@ -23,37 +23,11 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 
 import torch
 
-
-class PeakRSS:
-    """The peak resident set size of this process while the block runs, above the RSS when it started."""
-
-    def __enter__(self) -> PeakRSS:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.before = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.before
+from tests.memory import PeakRSS
 
 
 def filesystem_push(model, cfg, client, out_dir: str, step: int) -> None:
@@ -102,7 +76,7 @@ def _trainer(args: dict, work: str) -> dict:
         if rank == 0:
             server = ServerProcess(initial, None, 0.0, os.path.join(work, "server.log"),
                                    extra_args=["--threads", "1"]).wait_ready(600)  # fmt: skip
-            client = RolloutClient([server.url], timeout=600)
+            client = RolloutClient([server.url], token=server.token, timeout=600)
         pusher = PolicyPusher(model, cfg, client, bucket_bytes=int(args["bucket_mb"] * 2**20), push_timeout=600)
         pusher.push(1)  # builds the group (a one-off), not timed
         times: dict[str, list[float]] = {"collective": [], "filesystem": []}
