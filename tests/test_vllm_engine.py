@@ -495,7 +495,8 @@ def test_bundle_is_served_by_vllms_own_api_server(model_dirs, engines, tmp_path)
 
 
 def _vllm_push_world(url: str, token: str, policy: str, reference: str) -> dict:
-    """A TP=2 trainer holding ``policy`` pushes it to the vLLM server collectively and reads back completions."""
+    """A trainer (one gloo rank: the tiny model's one KV head does not split) holding ``policy`` pushes it to the
+    vLLM server collectively and reads back completions."""
     import torch.distributed as dist
 
     from nemo_logitavg.models import LlamaConfig
@@ -505,7 +506,7 @@ def _vllm_push_world(url: str, token: str, policy: str, reference: str) -> dict:
     from nemo_logitavg.rollout.weight_push import PolicyPusher
     from nemo_logitavg.trainer import micro_batches, pack_rollouts
 
-    init_parallel(tensor_parallel_size=2)
+    init_parallel()
     try:
         cfg = LlamaConfig.from_hf(policy)
         actor = LogitAveragingActor(cfg, LlamaConfig.from_hf(reference), ActorConfig(ref_weight=0.7))
@@ -530,8 +531,7 @@ def _vllm_push_world(url: str, token: str, policy: str, reference: str) -> dict:
 @pytest.mark.slow
 def test_collective_push_into_vllm(engines, model_dirs, tmp_path):
     """The collective push lands in the vLLM worker (through its extension): the served weights are bit-identical
-    to vLLM loading the same policy from its Hugging Face files, and the served log pi_mix equals the TP=2
-    trainer's."""
+    to vLLM loading the same policy from its Hugging Face files, and the served log pi_mix equals the trainer's."""
     from nemo_logitavg.rollout.process import ServerProcess
     from tests.distributed import run_distributed
 
@@ -553,7 +553,7 @@ def test_collective_push_into_vllm(engines, model_dirs, tmp_path):
                 return json.loads(response.read())
 
         before = digests()
-        (r0, _) = run_distributed(_vllm_push_world, 2, timeout_s=900, url=server.url, token=server.token,
+        (r0,) = run_distributed(_vllm_push_world, 1, timeout_s=900, url=server.url, token=server.token,
                                   policy=model_dirs["policy2"], reference=model_dirs["reference"])  # fmt: skip
         pushed = digests()
         assert r0["confirmed"] == [server.url] and r0["steps"] == {1} and r0["buckets"] > 4

@@ -441,10 +441,12 @@ class TorchEngine(EngineCommon):
         def load(bucket: list) -> None:
             with torch.no_grad():
                 for name, tensor in bucket:
-                    state[name].copy_(tensor)
+                    if tensor.data_ptr() != state[name].data_ptr():  # else it was received in place
+                        state[name].copy_(tensor)
 
         with self._lock:
-            self._receiver.receive(plans, dtype, load, timeout_s, device=self._receive_device)
+            self._receiver.receive(plans, dtype, load, timeout_s, device=self._receive_device,
+                                   into=lambda name, shape: state[name])  # fmt: skip
             self.policy_path, self.policy_step = None, int(step)
 
     # ------------------------------------------------------------------------------------------ decoding

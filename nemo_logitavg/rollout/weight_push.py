@@ -165,11 +165,24 @@ def send_buckets(
 
 
 def receive_buckets(
-    group: dist.ProcessGroup, plan: BucketPlan, dtype: torch.dtype, device: torch.device | str = "cpu"
+    group: dist.ProcessGroup,
+    plan: BucketPlan,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    into: Callable[[str, tuple[int, ...]], torch.Tensor | None] | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The receiving side of ``send_buckets``: yields each bucket as ``(name, tensor)`` once it has landed."""
+    """The receiving side of ``send_buckets``: yields each bucket as ``(name, tensor)`` once it has landed.
+
+    ``into(name, shape)`` may give the tensor to receive into (the served weight itself, when its dtype, device
+    and layout allow: no copy); otherwise a fresh one is allocated.
+    """
     for bucket in plan:
-        tensors = [torch.empty(tuple(shape), dtype=dtype, device=device) for _, shape in bucket]
+        tensors = []
+        for name, shape in bucket:
+            target = into(name, tuple(shape)) if into is not None else None
+            ok = target is not None and target.dtype == dtype and target.is_contiguous()
+            ok = ok and target.device == torch.device(device) and tuple(target.shape) == tuple(shape)
+            tensors.append(target if ok else torch.empty(tuple(shape), dtype=dtype, device=device))
         _broadcast_all(group, tensors)
         yield [(name, t) for (name, _), t in zip(bucket, tensors, strict=True)]
 
@@ -251,6 +264,7 @@ class WeightReceiver:
         load_bucket: Callable[[list[tuple[str, torch.Tensor]]], None],
         timeout_s: float,
         device: torch.device | str = "cpu",
+        into: Callable[[str, tuple[int, ...]], torch.Tensor | None] | None = None,
     ) -> int:
         """Receive every stage's buckets (stages in parallel) into ``load_bucket``; returns the tensors loaded.
 
@@ -263,7 +277,7 @@ class WeightReceiver:
 
         def stage(s: int) -> None:
             try:
-                for bucket in receive_buckets(self._groups[s], plans[s], dtype, device):
+                for bucket in receive_buckets(self._groups[s], plans[s], dtype, device, into):
                     with lock:  # buckets of different stages land in the engine one at a time
                         load_bucket(bucket)
                         loaded[0] += len(bucket)

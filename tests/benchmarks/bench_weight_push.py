@@ -74,7 +74,7 @@ def _trainer(args: dict, work: str) -> dict:
         # The server starts from the model's own export (the old path, which also warms it up).
         filesystem_push(model, cfg, _NoServer(), initial, 0)
         if rank == 0:
-            server = ServerProcess(initial, None, 0.0, os.path.join(work, "server.log"),
+            server = ServerProcess(initial, None, 0.0, os.path.join(work, "server.log"), weights_root=work,
                                    extra_args=["--threads", "1"]).wait_ready(600)  # fmt: skip
             client = RolloutClient([server.url], token=server.token, timeout=600)
         pusher = PolicyPusher(model, cfg, client, bucket_bytes=int(args["bucket_mb"] * 2**20), push_timeout=600)
@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=float, default=128.0)
     parser.add_argument("--reps", type=int, default=3)
     args = vars(parser.parse_args())
+    # A fixed mmap threshold (inherited by the ranks): freed buffers go back to the OS, so the RSS growth is what a
+    # push holds alive, not what glibc's heap happened to keep from the previous one.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     with tempfile.TemporaryDirectory() as work:
         result = run_distributed(_trainer, 2, timeout_s=3600, args=args, work=work)[0]
     med = {m: statistics.median(t) for m, t in result["times"].items()}
