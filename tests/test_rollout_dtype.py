@@ -77,7 +77,8 @@ def test_recipe_refuses_a_bfloat16_server_unless_allowed_and_then_warns_once(tmp
         def run(name: str, allow: bool) -> tuple[int, str]:
             config = write_config(tmp_path, tmp_path / name, policy, reference, steps=2)
             config.write_text(config.read_text().replace(
-                "rollout:\n", f"rollout:\n  urls: [{server.url}]\n  allow_dtype_mismatch: {str(allow).lower()}\n"))
+                "rollout:\n", f"rollout:\n  urls: [{server.url}]\n  token: {server.token}\n"
+                f"  allow_dtype_mismatch: {str(allow).lower()}\n"))
             log = tmp_path / f"{name}.log"
             proc = launch(config, log)
             return proc.wait(timeout=400), log.read_text()

@@ -75,9 +75,10 @@ def _update_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, cases:
     from nemo_logitavg.config import GRPOConfig
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import gather_mcore_shards, mcore_to_hf_state_dict
+    from nemo_logitavg.models.hf_conversion import mcore_to_hf_state_dict
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.trainer import update_policy
+    from tests.distributed import gather_mcore_shards
 
     init_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
