@@ -396,7 +396,8 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
         assert card["engine"] == "vllm" and card["ref_weight"] == 0.7 and card["dtype"] == "float32"
         from nemo_logitavg.rollout.client import RolloutClient, RolloutError
 
-        with RolloutClient([server.url], timeout=60) as client:  # the trainer's start-up check, on dtype too
+        # The trainer's start-up check, on dtype too.
+        with RolloutClient([server.url], token=server.token, timeout=60) as client:
             client.check(0.7, dtype="float32")
             with pytest.raises(RolloutError, match="serves dtype=float32"):
                 client.check(0.7, dtype="bfloat16")
