@@ -7,25 +7,16 @@ One set of processes per layout runs every case (a fresh actor per case), so the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.test_trainer import Completion
 from tests.tiny_models import TINY, make_spread_llama
 
 pytestmark = pytest.mark.slow
 SHAPE = {**TINY, "max_position_embeddings": 256}
 TIMING = ("time/", "throughput/")
-
-
-@dataclass
-class Completion:
-    token_ids: list
-    logprobs: list
-    finish_reason: str = "stop"
-    text: str = ""
 
 
 def make_batch(completion_lengths: list[int], group_size: int, seed: int):

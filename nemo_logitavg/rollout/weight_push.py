@@ -228,12 +228,10 @@ class WeightReceiver:
         self._groups: dict[int, dist.ProcessGroup] = {}
         self._joining: list[threading.Thread] = []
         self._join_errors: list[str] = []
-        self.build: str | None = None
         self.backends: dict[int, str] = {}
 
     def join(self, specs: Sequence[GroupSpec], rank: int) -> None:
         self._groups, self._join_errors = {}, []
-        self.build = specs[0].name if specs else None
         self.backends = {s.stage: s.backend for s in specs}
 
         def one(spec: GroupSpec) -> None:
