@@ -448,7 +448,8 @@ class PolicyPusher:
             from nemo_logitavg.models.hf_conversion import iter_hf_buckets
 
             try:
-                buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes)
+                # Only the sender (TP rank 0) needs the full tensors: the TP peers send it their shards.
+                buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes, dst=0)
                 if self.is_sender:
                     send_buckets(self._group, buckets, self.plans[self.stage], self._backend)
                 else:
