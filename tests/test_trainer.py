@@ -26,6 +26,7 @@ class Completion:
     logprobs: list
     finish_reason: str = "stop"
     text: str = ""
+    policy_step: int = 0
 
 
 def test_pack_rollouts_layout():
@@ -64,7 +65,8 @@ def test_micro_batch_losses_sum_to_the_step_loss(agg, budget):
     # float64 throughout, so that the comparison is of the normalisation, not of float32 rounding.
     old_logprobs = batch.rollout_logprobs.double()
     new_logprobs = old_logprobs + 0.1 * torch.randn(old_logprobs.shape, generator=gen, dtype=torch.float64)
-    cfg = SimpleNamespace(algorithm=SimpleNamespace(clip_low=0.2, clip_high=0.28, agg=agg, dual_clip=None, beta=0.0))
+    cfg = SimpleNamespace(algorithm=SimpleNamespace(clip_low=0.2, clip_high=0.28, agg=agg, dual_clip=None, beta=0.0,
+                                                    max_staleness=0, is_cap=2.0))  # fmt: skip
     expected, _ = policy_loss(new_logprobs, old_logprobs, batch.advantages, batch.mask,
                               clip_low=0.2, clip_high=0.28, agg=agg, max_response_length=8)  # fmt: skip
     loss_fn = make_loss_fn(cfg, *step_counts(cfg, batch.mask), max_response_length=8)
