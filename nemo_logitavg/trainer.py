@@ -816,8 +816,12 @@ class GRPOTrainer:
             self.log.close()
 
     def _fit_loop(self) -> None:
+        period_start = time.monotonic()
         while self.step < self.cfg.run.steps:
             metrics = self.train_step()
+            # The loop's period (since the previous step's metrics: its evaluation and checkpoint included).
+            now = time.monotonic()
+            metrics["time/step_s"], period_start = now - period_start, now
             # Metrics of the step are gathered on the last pipeline stage; send them to rank 0.
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, metrics)
