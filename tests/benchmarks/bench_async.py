@@ -137,11 +137,15 @@ def main() -> None:
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
     print(f"R (rollout + grading, sync) = {R:.3f} s   U (old + update + push, sync) = {U:.3f} s   "
           f"push alone = {median(sync, 'time/weight_sync_s'):.3f} s")  # fmt: skip
-    print("| max_staleness | step period (s) | steps/min | trainer waited (s) | servers waited (s) |")
-    print("|---|---|---|---|---|")
+    print("| max_staleness | rollout + grading (s) | update + push (s) | step period (s) | steps/min | "
+          "trainer waited (s) | servers waited (s) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for k, r in results.items():
         waited = median(r, "time/weights_wait_s") if "time/weights_wait_s" in r[0] else float("nan")
-        print(f"| {k} | {period[k]:.3f} | {per_min[k]:.2f} | {median(r, 'time/rollout_wait_s'):.3f} | {waited:.3f} |")
+        rollout = median(r, "time/rollout_s", "time/reward_s")
+        update = median(r, "time/old_logprobs_s", "time/update_s", "time/weight_sync_s")
+        print(f"| {k} | {rollout:.3f} | {update:.3f} | {period[k]:.3f} | {per_min[k]:.2f} | "
+              f"{median(r, 'time/rollout_wait_s'):.3f} | {waited:.3f} |")  # fmt: skip
     print(f"speed-up {speedup:.2f}x, ideal (R + U) / max(R, U) = {ideal:.2f}x, fraction of the ideal "
           f"{speedup / ideal:.2f} (target >= 0.8)")  # fmt: skip
 
