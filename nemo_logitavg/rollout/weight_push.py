@@ -432,6 +432,7 @@ class PolicyPusher:
         # rank 0 posts the update to every member (each answers once the push landed); senders broadcast.
         posts = {}
         if self.rank == 0:
+            self.client.begin_push(step)  # rollouts running meanwhile (asynchronous GRPO) may come back at `step`
             body = {
                 "step": int(step), "run_id": self.client.run_id, "dtype": dtype_name(self.dtype),
                 "plan": plan_to_wire(self.plans), "timeout_s": self.push_timeout,
