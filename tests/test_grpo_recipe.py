@@ -84,6 +84,21 @@ def models(tmp_path_factory):
     return make_llama_with_tokenizer(str(root / "policy"), seed=1), make_llama_with_tokenizer(str(root / "ref"), 2)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every descendant at once: torchrun starts its workers in sessions of their own, so
+    killing its process group alone leaves the trainer ranks running."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
 def test_logit_averaging_grpo_runs(models, tmp_path):
     run_dir = tmp_path / "run"
     run_to_end(write_config(tmp_path, run_dir, *models), tmp_path / "log.txt")
@@ -134,8 +149,7 @@ def test_killed_run_resumes_to_identical_metrics(models, tmp_path):
             break
         assert proc.poll() is None, (tmp_path / "killed.txt").read_text()[-4000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # trainer ranks and the rollout server, mid-step
-    proc.wait()
+    kill_tree(proc)  # torchrun, the trainer ranks and the rollout server, mid-step
     resumed_from = int((killed / "checkpoints" / "latest").read_text())
     assert resumed_from in (1, 2)  # killed after step 2 was logged: its checkpoint may or may not be complete
     run_to_end(config, tmp_path / "resumed.txt")
@@ -169,21 +183,6 @@ def test_sigusr1_checkpoints_and_exits_then_resumes(models, tmp_path):
     assert stopped == max(metrics_by_step(run_dir)) < 6, "the checkpoint is of the last finished step"
     run_to_end(config, tmp_path / "after.txt")
     assert sorted(metrics_by_step(run_dir)) == [1, 2, 3, 4, 5, 6]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every descendant at once: torchrun starts its workers in sessions of their own, so
-    killing its process group alone leaves the trainer ranks running."""
-    import psutil
-
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(tree, timeout=30)
 
 
 def trained_lineage(run_dir: Path) -> list[dict]:
