@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,6 +58,23 @@ def test_aggregate_and_compare_across_seeds(tmp_path):
     again = evaluation.runs_from_json(str(tmp_path / "results.json"))
     assert [r.per_problem() for r in again] == [r.per_problem() for r in runs]
     assert evaluation.compare(again, "sft", 2000) == payload["comparison"]
+
+
+def test_plot_ablation_writes_a_png(tmp_path):
+    by_ref_weight = {0.25: (0.60, 0.55, 0.65), 0.5: (0.64, 0.60, 0.68), 0.75: (0.62, math.nan, math.nan)}
+    out = evaluation.plot_ablation(by_ref_weight, str(tmp_path / "ablation.png"), kl=(0.58, 0.55, 0.61), sft=0.55)
+    data = Path(out).read_bytes()
+    assert out == str(tmp_path / "ablation.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert evaluation.plot_ablation({0.5: (0.6, 0.5, 0.7)}, str(tmp_path / "bare.png"))  # no reference lines
+
+
+def test_seed_table_lists_each_seed_and_the_t_interval():
+    table = evaluation.seed_table({"logit_avg": {1: 0.6, 0: 0.5}, "kl": {0: 0.4, 1: 0.4, 2: 0.4}})
+    lines = table.splitlines()
+    assert lines[0] == "| method | seed 0 | seed 1 | seed 2 | n | mean | t_low | t_high |"
+    half = math.tan(0.475 * math.pi) * 0.05  # two seeds: t_{0.975, 1} s / sqrt(2)
+    assert lines[2] == f"| logit_avg | 0.5000 | 0.6000 |  | 2 | 0.5500 | {0.55 - half:.4f} | {0.55 + half:.4f} |"
+    assert lines[3] == "| kl | 0.4000 | 0.4000 | 0.4000 | 3 | 0.4000 | 0.4000 | 0.4000 |"
 
 
 # --------------------------------------------------------------------------------------------------- models

@@ -1,5 +1,6 @@
 """Reports and plots of evaluations: markdown and CSV tables, the ``results.*`` files of an evaluation (and reading
-them back), the main job's report and its training-curve plots. Data in, files out: nothing here reads a run
+them back), the main job's report and its training-curve plots, and for the reproduction job the per-seed table and
+the ref_weight ablation plot. Data in, files out: nothing here reads a run
 directory; the pipeline and the recipes gather the data.
 """
 
@@ -10,9 +11,10 @@ import io
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from nemo_logitavg.evaluation.scoring import Run, aggregate, compare
+from nemo_logitavg.evaluation.stats import seed_t_interval
 
 
 def _fmt(value) -> str:
@@ -129,6 +131,56 @@ def plot_curves(curves: dict[str, list[dict]], out: str, start_accuracy: float |
     return files
 
 
+def plot_ablation(
+    by_ref_weight: Mapping[float, tuple[float, float, float]], out: str,
+    kl: tuple[float, float, float] | None = None, sft: float | None = None,
+    ylabel: str = "held-out greedy accuracy", title: str = "logit averaging: accuracy against ref_weight",
+) -> str:  # fmt: skip
+    """A PNG at ``out``: accuracy against ref_weight (``by_ref_weight``: a -> (mean, low, high) over training seeds,
+    e.g. ``seed_t_interval``), the intervals as error bars; KL-GRPO's level (mean, low, high) as a horizontal line
+    with its interval shaded, and the SFT model's accuracy as a horizontal line. NaN bounds (one seed) draw no
+    bar. Returns ``out``."""
+    plt = _pyplot()
+    weights = sorted(by_ref_weight)
+    means = [by_ref_weight[a][0] for a in weights]
+    below = [_bar(by_ref_weight[a][0] - by_ref_weight[a][1]) for a in weights]
+    above = [_bar(by_ref_weight[a][2] - by_ref_weight[a][0]) for a in weights]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(weights, means, yerr=[below, above], marker="o", capsize=4, label="logit-avg GRPO (pi_mix)")
+    if kl is not None:
+        line = ax.axhline(kl[0], linestyle="--", color="tab:red", label="KL-GRPO")
+        if math.isfinite(kl[1]) and math.isfinite(kl[2]):
+            ax.axhspan(kl[1], kl[2], color=line.get_color(), alpha=0.15)
+    if sft is not None:
+        ax.axhline(sft, linestyle=":", color="tab:gray", label="SFT")
+    ax.set_xlabel("ref_weight a")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _bar(length: float) -> float:
+    """An error-bar length: none where the interval is undefined (NaN, one seed)."""
+    return length if math.isfinite(length) else 0.0
+
+
+def seed_table(by_method: Mapping[str, Mapping[int, float]], confidence: float = 0.95) -> str:
+    """A markdown table with a row per method: its value at each training seed (a column per seed; blank where
+    the method lacks that seed), their mean and the t-interval across seeds (``seed_t_interval``)."""
+    seeds = sorted({s for values in by_method.values() for s in values})
+    rows = []
+    for method, values in by_method.items():
+        mean, low, high = seed_t_interval([values[s] for s in sorted(values)], confidence)
+        row: dict = {"method": method, **{f"seed {s}": values.get(s, "") for s in seeds}}
+        rows.append({**row, "n": len(values), "mean": mean, "t_low": low, "t_high": high})
+    return markdown_table(rows)
+
+
 def report_markdown(
     payload: dict, plots: Sequence[str], by_type: Sequence[dict], timings: dict[str, float], *, baseline: str,
     sampled_k: int, seeds: Sequence[int], methods: Sequence[dict], config_yaml: str,
@@ -165,4 +217,13 @@ def report_markdown(
     return "\n".join(lines)
 
 
-__all__ = ["csv_text", "markdown_table", "plot_curves", "report_markdown", "runs_from_json", "write_reports"]
+__all__ = [
+    "csv_text",
+    "markdown_table",
+    "plot_ablation",
+    "plot_curves",
+    "report_markdown",
+    "runs_from_json",
+    "seed_table",
+    "write_reports",
+]
