@@ -42,6 +42,9 @@ class ProblemsSection:
     # careless teacher who moves b across without changing its sign (x = c + b). GRPO's reward can correct what
     # imitation learned; 0 gives clean data.
     teacher_error_rate: float = 0.0
+    # This fraction of the problems is asked as four-option questions (MMLU format, a letter answer graded by
+    # score_mcq, record source "arith_mcq") in the same data set, for SFT and GRPO alike; 0 keeps math only.
+    mcq_fraction: float = 0.0
     seed: int = 0
 
 
@@ -158,19 +161,30 @@ def check_run_dir(p: Plan, config_path: str) -> None:
 
 
 def make_data(p: Plan) -> None:
-    """Problems -> prompt records (MATH loader), duplicates removed, hash split; SFT pairs from the train split."""
+    """Problems -> prompt records (the MATH loader, or the MMLU loader for the ``problems.mcq_fraction`` asked as
+    multiple choice), duplicates removed, hash split; SFT pairs from the train split."""
     from nemo_logitavg.data import dedupe, split_by_hash, write_prompts
-    from nemo_logitavg.data.loaders import math_record
-    from nemo_logitavg.data.synthetic import make_problems
+    from nemo_logitavg.data.loaders import math_record, mmlu_record
+    from nemo_logitavg.data.synthetic import make_problems, multiple_choice
 
     pc = p.cfg.problems
+    if not 0.0 <= pc.mcq_fraction <= 1.0:
+        raise ValueError(f"problems.mcq_fraction must lie in [0, 1], got {pc.mcq_fraction}")
     problems = make_problems(pc.count, pc.seed, tuple(pc.kinds))
     records, solutions = [], {}
     teacher = random.Random(pc.seed + 1)
     for i, raw in enumerate(problems):
-        record = math_record(raw, f"generated problem {i}", source="arith")
-        records.append(record)
+        where = f"generated problem {i}"
+        # The teacher draws once per algebra problem whatever its form, and the form and the options come from
+        # the problem's own generator: with mcq_fraction 0 the data are exactly the math-only data.
         flawed = "flawed_solution" in raw and teacher.random() < pc.teacher_error_rate
+        form = random.Random(f"{pc.seed}:mcq:{i}")
+        if pc.mcq_fraction > 0 and form.random() < pc.mcq_fraction:
+            raw = multiple_choice(raw, form)
+            record = mmlu_record(raw, where, source="arith_mcq")
+        else:
+            record = math_record(raw, where, source="arith")
+        records.append(record)
         solutions.setdefault(record["id"], raw["flawed_solution"] if flawed else raw["solution"])
     train, test = split_by_hash(dedupe(records), pc.test_fraction, salt=str(pc.seed))
     test = test[: pc.test_size]
@@ -187,8 +201,9 @@ def make_data(p: Plan) -> None:
             fh.write(json.dumps({"prompt": record["prompt"], "response": solutions[record["id"]]}) + "\n")
     os.replace(tmp, p.path("data"))
     flawed = sum(1 for r in train if not solutions[r["id"]].endswith(f"\\boxed{{{r['answer']}}}$."))
-    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)}); "
-        f"{flawed} SFT solutions flawed by the teacher")  # fmt: skip
+    mcq = sum(r["reward"] == "mcq" for r in train), sum(r["reward"] == "mcq" for r in test)
+    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)}; multiple choice: "
+        f"{mcq[0]} / {mcq[1]}); {flawed} SFT solutions flawed by the teacher")  # fmt: skip
 
 
 def make_init_model(p: Plan) -> None:

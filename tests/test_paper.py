@@ -1,0 +1,116 @@
+"""The reproduction job (configs/paper_cpu.yaml): the generated multiple-choice task, per-record reward dispatch,
+the config, and (slow) the job shrunk to 2 training seeds and 2 ref_weights end to end."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from nemo_logitavg import pipeline
+from nemo_logitavg.data import check_record, mmlu_record, read_jsonl, read_prompts
+from nemo_logitavg.data.prompts import CHOICE_LETTERS, read_training_prompts
+from nemo_logitavg.data.synthetic import GENERATORS, make_problems, multiple_choice
+from nemo_logitavg.rewards import extract_last_boxed, score_by_kind, score_math, score_mcq
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CPU = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def _option_value(choice: str) -> str:
+    return choice.strip("$ ")
+
+
+def test_multiple_choice_options_letters_and_demonstrations():
+    problems = make_problems(2000, seed=5, kinds=tuple(GENERATORS))
+    letters = Counter()
+    for i, problem in enumerate(problems):
+        mcq = multiple_choice(problem, random.Random(i))
+        assert mcq == multiple_choice(problem, random.Random(i))  # fixed by the record's rng
+        values = [_option_value(c) for c in mcq["choices"]]
+        right = extract_last_boxed(problem["solution"])
+        # Four distinct options, the right value at the gold index, three of the problem's plausible wrong values.
+        assert len(set(values)) == 4 and values[mcq["answer"]] == right
+        assert set(values) - {right} <= set(problem["distractors"])
+        record = check_record(mmlu_record(mcq, f"problem {i}", source="arith_mcq"), f"problem {i}")
+        assert (record["reward"], record["source"], record["meta"]["type"]) == ("mcq", "arith_mcq", problem["type"])
+        assert record["answer"] == CHOICE_LETTERS[mcq["answer"]]
+        letters[record["answer"]] += 1
+        # The demonstration ends in the right letter, the careless teacher's in the letter of its wrong value.
+        assert score_mcq([mcq["solution"]], [record["answer"]]) == [1.0]
+        letter = record["answer"]
+        assert mcq["solution"].endswith(f"That is option {letter}. The answer is $\\boxed{{{letter}}}$.")
+        if "flawed_solution" in problem:
+            teacher = extract_last_boxed(problem["flawed_solution"])
+            assert teacher in values and teacher != right
+            assert score_mcq([mcq["flawed_solution"]], [CHOICE_LETTERS[values.index(teacher)]]) == [1.0]
+            assert score_mcq([mcq["flawed_solution"]], [record["answer"]]) == [0.0]
+    # The right letter is uniform over A-D (chi-square goodness of fit).
+    assert stats.chisquare([letters[c] for c in CHOICE_LETTERS]).pvalue > 1e-3, letters
+
+
+def test_score_by_kind_grades_each_record_by_its_own_reward():
+    completions = ["so $\\boxed{7}$", "The correct option is B.", "Answer: C", "$\\boxed{\\frac{1}{2}}$",
+                   "$\\boxed{B}$"]
+    golds = ["7", "B", "D", "0.5", "B"]
+    kinds = ["math", "mcq", "mcq", "math", "mcq"]
+    one = {"math": score_math, "mcq": score_mcq}
+    expected = [one[k]([text], [gold])[0] for text, gold, k in zip(completions, golds, kinds, strict=True)]
+    assert expected == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert score_by_kind(completions, golds, kinds) == expected
+    # Graded by one reward for the whole batch, a mixed batch comes out wrong either way.
+    assert score_math(completions, golds) != expected
+    with pytest.raises(ValueError, match="unknown reward kinds \\['gsm'\\]"):
+        score_by_kind(["x"], ["1"], ["gsm"])
+    with pytest.raises(ValueError, match="2 completions, 1 gold answers, 2 kinds"):
+        score_by_kind(["x", "y"], ["1"], ["math", "math"])
+
+
+def test_training_prompts_carry_their_reward_and_name_bad_lines(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import save_char_tokenizer
+
+    save_char_tokenizer(str(tmp_path / "tok"))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "a or b?", "answer": "B", "reward": "mcq"}\n')
+    records = read_training_prompts(path, tokenizer)
+    assert [r["answer"] for r in records] == [("math", "2"), ("mcq", "B")]
+    assert records[0]["prompt_ids"] == tokenizer("1+1=")["input_ids"]
+    path.write_text('{"prompt": "a or b?", "answer": "B"}\n')  # no reward field: the default
+    assert read_training_prompts(path, tokenizer, default_reward="mcq")[0]["answer"] == ("mcq", "B")
+    for line, message in (
+        ('{"prompt": "q", "answer": "B", "reward": "gsm"}', r"train\.jsonl:2: reward must be one of"),
+        ('{"prompt": "q", "answer": "E", "reward": "mcq"}', r"train\.jsonl:2: an mcq answer must be one letter"),
+        ('{"prompt": "q", "answer": 3}', r"train\.jsonl:2: field 'answer' must be a string"),
+    ):
+        path.write_text('{"prompt": "1+1=", "answer": "2"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_training_prompts(path, tokenizer)
+
+
+def test_data_phase_mixes_multiple_choice_for_sft_and_grpo(tmp_path):
+    overrides = [f"dir={tmp_path}/run", "problems.count=800", "problems.test_size=60", "problems.mcq_fraction=0.5"]
+    p = pipeline.plan(str(TINY_CPU), overrides)
+    pipeline.make_data(p)
+    train, test = read_prompts(p.path("data", "train.jsonl")), read_prompts(p.path("data", "test.jsonl"))
+    sft = read_jsonl(p.path("data", "sft.jsonl"))
+    assert [s["prompt"] for s in sft] == [r["prompt"] for r in train]
+    for split in (train, test):
+        kinds = Counter((r["reward"], r["source"]) for r in split)
+        assert set(kinds) == {("math", "arith"), ("mcq", "arith_mcq")}
+    share = sum(r["reward"] == "mcq" for r in train) / len(train)
+    assert 0.35 < share < 0.75  # half of the generated problems; multiple-choice prompts repeat less often
+    # Every demonstration is graded by its record's own reward: 1 unless the careless teacher wrote it (algebra).
+    scores = score_by_kind([s["response"] for s in sft], [r["answer"] for r in train], [r["reward"] for r in train])
+    wrong = [r for r, score in zip(train, scores, strict=True) if score == 0.0]
+    assert wrong and all(r["prompt"].startswith("Solve for") for r in wrong)
+    assert {r["reward"] for r in wrong} == {"math", "mcq"}
+    # The main job keeps its data: no multiple choice unless asked for.
+    assert pipeline.plan(str(TINY_CPU)).cfg.problems.mcq_fraction == 0.0
+    with pytest.raises(ValueError, match=r"problems\.mcq_fraction must lie in \[0, 1\]"):
+        pipeline.make_data(pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/bad", "problems.mcq_fraction=1.5"]))
