@@ -15,8 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,33 +59,64 @@ class EvalSection:
 
 
 @dataclass
+class SweepSection:
+    """An ablation over the averaging weight: ``methods.<method>`` is trained once per ref_weight (everything else,
+    group size, reward and budget included, held fixed), as methods named ``<method>_a<ref_weight>``."""
+
+    method: str = "logit_avg"
+    ref_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
-    """``configs/tiny_cpu.yaml``. ``sft`` and ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are
-    filled in by the pipeline); ``methods`` maps a method name to its GRPO overrides."""
+    """``configs/tiny_cpu.yaml`` (the main job) and ``configs/paper_cpu.yaml`` (the reproduction job). ``sft`` and
+    ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are filled in by the pipeline); ``methods`` maps a
+    method name to its GRPO overrides."""
 
     dir: str = "runs/tiny_cpu"
-    nproc: int = 2  # torchrun processes for SFT and GRPO (= model.tensor_parallel x pipeline x data parallel)
+    nproc: int = 2  # processes (cores) of the job: SFT runs on all of them, each GRPO run on nproc / concurrent_runs
     problems: ProblemsSection = field(default_factory=ProblemsSection)
     model: ScratchModelConfig = field(default_factory=ScratchModelConfig)
     model_seed: int = 0
     sft: dict[str, Any] = field(default_factory=dict)
     grpo: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Any] = field(default_factory=dict)
+    ref_weight_sweep: SweepSection | None = None  # set: methods.<method> once per ref_weight (the ablation)
+    # Training seeds: every method is trained once per seed (run.seed = the seed, and with it the rollout seeds;
+    # the SFT model is shared). Empty: one run per method with grpo.run.seed (the main job).
+    seeds: list[int] = field(default_factory=list)
+    concurrent_runs: int = 1  # GRPO runs trained at the same time, each with its own torchrun and rollout server
     baseline: str = "sft"  # the model every method is compared with (paired bootstrap)
     eval: EvalSection = field(default_factory=EvalSection)
 
 
+@dataclass(frozen=True)
+class TrainedRun:
+    """One GRPO run of a plan: its method and training seed (None: the main job's one run per method)."""
+
+    method: str
+    seed: int | None
+
+
 @dataclass
 class Plan:
-    """Where everything of a run lives, and the phase configs built from the pipeline config."""
+    """Where everything of a run lives, and the phase configs built from the pipeline config. ``methods`` maps a
+    run name (the method, or ``<method>_seed<seed>`` with training seeds) to its GRPO config, ``runs`` the same
+    names to what they train, seed-major (every method of the first seed, then the next seed)."""
 
     cfg: PipelineConfig
     root: str
     sft: SFTConfig
     methods: dict[str, GRPOConfig]
+    runs: dict[str, TrainedRun] = field(default_factory=dict)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
+
+    @property
+    def method_names(self) -> list[str]:
+        """The trained methods (the ablation's expanded), in config order."""
+        return list(dict.fromkeys(r.method for r in self.runs.values()))
 
 
 def _typed(schema: type, values: dict, where: str) -> Any:
@@ -108,27 +141,68 @@ def plan(config_path: str, overrides: list[str] | None = None) -> Plan:
         raise ValueError(f"{config_path}: baseline {cfg.baseline!r} must be 'sft', not a GRPO method")
     if cfg.nproc < 1 or cfg.problems.test_size < 1 or not cfg.eval.seeds:
         raise ValueError(f"{config_path}: nproc, problems.test_size and eval.seeds must be positive / non-empty")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"{config_path}: seeds: repeated training seeds {cfg.seeds}")
+    if cfg.concurrent_runs < 1 or cfg.nproc % cfg.concurrent_runs:
+        raise ValueError(f"{config_path}: concurrent_runs ({cfg.concurrent_runs}) must be >= 1 and divide nproc "
+                         f"({cfg.nproc}): each GRPO run gets nproc / concurrent_runs processes")  # fmt: skip
+    for name in cfg.methods:
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"{config_path}: methods.{name}: use letters, digits and '_' in method names")
     root = os.path.abspath(cfg.dir)
     data, models = os.path.join(root, "data"), os.path.join(root, "models")
     fixed_sft = {"model": os.path.join(models, "init"), "data": os.path.join(data, "sft.jsonl"),
                  "out": os.path.join(models, "sft")}  # fmt: skip
     sft = _typed(SFTConfig, {**cfg.sft, **fixed_sft}, f"{config_path}: sft")
-    methods = {}
+    methods, runs = {}, {}
+    expanded = _expand_methods(cfg, config_path)
+    for seed in cfg.seeds or [None]:
+        for name, (where, method) in expanded.items():
+            run_name = name if seed is None else f"{name}_seed{seed}"
+            run_dir = os.path.join(root, "grpo", name, *([] if seed is None else [f"seed{seed}"]))
+            values = OmegaConf.merge(OmegaConf.create(cfg.grpo), OmegaConf.create(method))
+            values = OmegaConf.merge(values, {
+                "model": {"policy": fixed_sft["out"]},
+                "data": {"train": os.path.join(data, "train.jsonl"), "test": os.path.join(data, "curve.jsonl")},
+                "run": {"dir": run_dir} if seed is None else {"dir": run_dir, "seed": seed},
+            })  # fmt: skip
+            grpo = _typed(GRPOConfig, OmegaConf.to_container(values), f"{config_path}: {where}")
+            try:
+                methods[run_name] = grpo.validate()
+            except ValueError as exc:
+                raise ValueError(f"{config_path}: {where} (grpo merged with its overrides): {exc}") from None
+            per_run = cfg.nproc // cfg.concurrent_runs
+            if per_run % (grpo.model.tensor_parallel * grpo.model.pipeline_parallel):
+                raise ValueError(
+                    f"{config_path}: {where}: model.tensor_parallel x model.pipeline_parallel "
+                    f"({grpo.model.tensor_parallel} x {grpo.model.pipeline_parallel}) must divide the {per_run} "
+                    f"processes of a GRPO run (nproc {cfg.nproc} / concurrent_runs {cfg.concurrent_runs})"
+                )
+            runs[run_name] = TrainedRun(name, seed)
+    return Plan(cfg, root, sft, methods, runs)
+
+
+def _expand_methods(cfg: PipelineConfig, config_path: str) -> dict[str, tuple[str, dict]]:
+    """Method name -> (where its config comes from, for errors; its GRPO overrides), the ablation expanded: the
+    swept method replaced by one method per ref_weight, in its place."""
+    sweep = cfg.ref_weight_sweep
+    if sweep is not None and sweep.method not in cfg.methods:
+        raise ValueError(f"{config_path}: ref_weight_sweep.method {sweep.method!r} is not one of methods "
+                         f"({', '.join(cfg.methods)})")  # fmt: skip
+    if sweep is not None and (not sweep.ref_weights or len(set(sweep.ref_weights)) != len(sweep.ref_weights)):
+        raise ValueError(f"{config_path}: ref_weight_sweep.ref_weights must be non-empty and distinct, got "
+                         f"{sweep.ref_weights}")  # fmt: skip
+    out: dict[str, tuple[str, dict]] = {}
     for name, method in cfg.methods.items():
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"{config_path}: methods.{name}: use letters, digits and '_' in method names")
-        values = OmegaConf.merge(OmegaConf.create(cfg.grpo), OmegaConf.create(method or {}))
-        values = OmegaConf.merge(values, {
-            "model": {"policy": fixed_sft["out"]},
-            "data": {"train": os.path.join(data, "train.jsonl"), "test": os.path.join(data, "curve.jsonl")},
-            "run": {"dir": os.path.join(root, "grpo", name)},
-        })  # fmt: skip
-        grpo = _typed(GRPOConfig, OmegaConf.to_container(values), f"{config_path}: methods.{name}")
-        try:
-            methods[name] = grpo.validate()
-        except ValueError as exc:
-            raise ValueError(f"{config_path}: methods.{name} (grpo merged with its overrides): {exc}") from None
-    return Plan(cfg, root, sft, methods)
+        method = OmegaConf.to_container(OmegaConf.create(method or {}))
+        if sweep is None or name != sweep.method:
+            out[name] = (f"methods.{name}", method)
+            continue
+        for weight in sweep.ref_weights:
+            point = OmegaConf.merge(method, {"algorithm": {"ref_weight": weight}})
+            out[f"{name}_a{weight:g}"] = (f"methods.{name} at ref_weight_sweep.ref_weights {weight:g}",
+                                          OmegaConf.to_container(point))  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- phases
@@ -233,11 +307,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def torchrun(p: Plan, recipe: str, config_file: str, log_file: str) -> None:
-    """Run a recipe under torchrun on this machine (rendezvous on 127.0.0.1), its output to the console and
-    ``log_file``; raise naming the log when it fails."""
+def torchrun(p: Plan, recipe: str, config_file: str, log_file: str, nproc: int | None = None, tag: str = "") -> None:
+    """Run a recipe under torchrun on this machine (rendezvous on 127.0.0.1) with ``nproc`` processes (default
+    ``p.cfg.nproc``), its output to the console (progress lines prefixed with ``tag``) and ``log_file``; raise
+    naming the log when it fails."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.cfg.nproc),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc or p.cfg.nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         str(RECIPES / recipe), "--config", config_file,
     ]  # fmt: skip
@@ -249,7 +324,7 @@ def torchrun(p: Plan, recipe: str, config_file: str, log_file: str) -> None:
         for line in proc.stdout:
             out.write(line)
             if line.startswith(("[sft]", "[grpo]")) or "Error" in line:
-                print(line, end="", flush=True)
+                print(tag + line, end="", flush=True)
         code = proc.wait()
     if code != 0:
         raise RuntimeError(f"{recipe} failed with exit code {code}; its output is in {log_file}")
@@ -278,7 +353,9 @@ def final_policy(p: Plan, name: str) -> str:
 def run_grpo(p: Plan, name: str) -> None:
     config_file = p.path("configs", f"grpo_{name}.yaml")
     _dump(p.methods[name], config_file)
-    torchrun(p, "grpo.py", config_file, p.path("logs", f"grpo_{name}.log"))
+    # Runs trained side by side share the cores; their progress lines say which run they come from.
+    tag = f"({name}) " if p.cfg.concurrent_runs > 1 else ""
+    torchrun(p, "grpo.py", config_file, p.path("logs", f"grpo_{name}.log"), p.cfg.nproc // p.cfg.concurrent_runs, tag)
     if not grpo_done(p, name):  # the recipe stops early (exit 0) on SIGTERM/SIGUSR1
         raise RuntimeError(f"GRPO {name} stopped before step {p.methods[name].run.steps}; rerun to resume")
 
@@ -324,6 +401,7 @@ class Phase:
     name: str
     done: Callable[[], bool]
     run: Callable[[], None]
+    concurrent: bool = False  # may run beside the neighbouring concurrent phases (independent GRPO runs)
 
 
 def phases(p: Plan) -> list[Phase]:
@@ -334,7 +412,7 @@ def phases(p: Plan) -> list[Phase]:
         Phase("sft", lambda: exists(p.sft.out), lambda: run_sft(p)),
     ]
     for name in p.methods:
-        out.append(Phase(f"grpo {name}", lambda n=name: grpo_done(p, n), lambda n=name: run_grpo(p, n)))
+        out.append(Phase(f"grpo {name}", lambda n=name: grpo_done(p, n), lambda n=name: run_grpo(p, n), True))
     names = [p.cfg.baseline, *p.methods]
     for name in names:
         done = os.path.join(p.root, "eval", name, "results.json")
@@ -352,18 +430,64 @@ def run(config_path: str, overrides: list[str] | None = None) -> str:
     todo = phases(p)
     timings = _read_timings(p)
     started = time.monotonic()
-    for i, phase in enumerate(todo, 1):
-        if phase.done():
-            log(f"phase {i}/{len(todo)} {phase.name}: done earlier, skipped")
-            continue
+    lock = threading.Lock()
+
+    def run_phase(i: int, phase: Phase) -> None:
         log(f"phase {i}/{len(todo)} {phase.name} (elapsed {(time.monotonic() - started) / 60:.1f} min)")
         t0 = time.monotonic()
         phase.run()
-        timings[phase.name] = timings.get(phase.name, 0.0) + time.monotonic() - t0
-        with open(p.path("timings.json"), "w", encoding="utf-8") as fh:
-            json.dump(timings, fh, indent=1)
+        with lock:
+            timings[phase.name] = timings.get(phase.name, 0.0) + time.monotonic() - t0
+            _write_timings(p, timings)
+
+    i = 0
+    while i < len(todo):
+        end = i + 1  # a phase, or a stretch of concurrent phases (GRPO runs) run concurrent_runs at a time
+        if p.cfg.concurrent_runs > 1 and todo[i].concurrent:
+            while end < len(todo) and todo[end].concurrent:
+                end += 1
+        pending = []
+        for j in range(i, end):
+            if todo[j].done():
+                log(f"phase {j + 1}/{len(todo)} {todo[j].name}: done earlier, skipped")
+            else:
+                pending.append(j)
+        if end - i == 1:
+            for j in pending:
+                run_phase(j + 1, todo[j])
+        elif pending:
+            t0 = time.monotonic()
+            _run_concurrently([lambda j=j: run_phase(j + 1, todo[j]) for j in pending], p.cfg.concurrent_runs)
+            key = f"grpo runs, {p.cfg.concurrent_runs} at a time (wall clock)"
+            timings[key] = timings.get(key, 0.0) + time.monotonic() - t0
+            _write_timings(p, timings)
+        i = end
     log(f"finished in {(time.monotonic() - started) / 60:.1f} min; report: {p.path('report', 'report.md')}")
     return p.path("report")
+
+
+def _run_concurrently(jobs: list[Callable[[], None]], workers: int) -> None:
+    """Run ``jobs``, ``workers`` at a time. After a failure no further job starts; the running ones finish (their
+    checkpoints stay, a rerun resumes them) and the first error is raised."""
+    failed: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_unless_failed, job, failed) for job in jobs]
+        for future in as_completed(futures):
+            error = future.exception()
+            if error is not None and not failed:
+                failed.append(error)
+    if failed:
+        raise failed[0]
+
+
+def _unless_failed(job: Callable[[], None], failed: list[BaseException]) -> None:
+    if not failed:
+        job()
+
+
+def _write_timings(p: Plan, timings: dict[str, float]) -> None:
+    with open(p.path("timings.json"), "w", encoding="utf-8") as fh:
+        json.dump(timings, fh, indent=1)
 
 
 def _read_timings(p: Plan) -> dict[str, float]:

@@ -114,3 +114,69 @@ def test_data_phase_mixes_multiple_choice_for_sft_and_grpo(tmp_path):
     assert pipeline.plan(str(TINY_CPU)).cfg.problems.mcq_fraction == 0.0
     with pytest.raises(ValueError, match=r"problems\.mcq_fraction must lie in \[0, 1\]"):
         pipeline.make_data(pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/bad", "problems.mcq_fraction=1.5"]))
+
+
+PAPER_CPU = ROOT / "configs" / "paper_cpu.yaml"
+
+
+def test_paper_config_plans_seeds_by_methods_with_one_budget():
+    p = pipeline.plan(str(PAPER_CPU))
+    seeds, weights = p.cfg.seeds, p.cfg.ref_weight_sweep.ref_weights
+    assert len(seeds) >= 3 and sorted(weights) == [0.25, 0.5, 0.75]
+    assert p.method_names == [f"logit_avg_a{a:g}" for a in weights] + ["kl"]
+    assert len(p.methods) == len(seeds) * 4 and len({c.run.dir for c in p.methods.values()}) == len(p.methods)
+    first = next(iter(p.methods.values()))
+    for name, cfg in p.methods.items():
+        run = p.runs[name]
+        assert name == f"{run.method}_seed{run.seed}" and cfg.run.seed == run.seed  # the training seed
+        assert cfg.run.dir == p.path("grpo", run.method, f"seed{run.seed}")
+        a, beta = (0.0, 0.05) if run.method == "kl" else (float(run.method.rsplit("_a", 1)[1]), 0.0)
+        assert (cfg.algorithm.ref_weight, cfg.algorithm.beta) == (a, beta)
+        # Same budget, group size, reward, data and start point for every run: only the objective and seed differ.
+        for section in ("rollout", "optim", "model", "data"):
+            assert getattr(cfg, section) == getattr(first, section)
+        assert (cfg.run.steps, cfg.algorithm.group_size) == (first.run.steps, first.algorithm.group_size)
+    assert first.model.policy == p.sft.out and first.model.tensor_parallel * p.cfg.concurrent_runs <= p.cfg.nproc
+    # Seed-major: a job stopped half-way has every method of its first seeds.
+    assert [p.runs[n].seed for n in p.methods] == sorted(p.runs[n].seed for n in p.methods)
+    assert p.cfg.problems.mcq_fraction > 0 and p.cfg.eval.sampled_k == 0
+    # The main job is planned as before: one run per method, in grpo/<method>, with grpo.run.seed.
+    tiny = pipeline.plan(str(TINY_CPU))
+    assert list(tiny.methods) == ["logit_avg", "kl"] and tiny.cfg.concurrent_runs == 1
+    assert tiny.methods["kl"].run.dir == tiny.path("grpo", "kl") and tiny.runs["kl"].seed is None
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["ref_weight_sweep.method=nope"], r"paper_cpu\.yaml: ref_weight_sweep\.method 'nope' is not one of"),
+        (["ref_weight_sweep.ref_weights=[0.5,0.5]"], r"ref_weight_sweep\.ref_weights must be non-empty and distinct"),
+        (["ref_weight_sweep.ref_weights=[0.5,1.5]"], r"methods\.logit_avg at ref_weight_sweep.ref_weights 1\.5.*"
+                                                     r"algorithm\.ref_weight"),
+        (["seeds=[1,1]"], r"seeds: repeated training seeds"),
+        (["concurrent_runs=3"], r"concurrent_runs \(3\) must be >= 1 and divide nproc \(2\)"),
+        (["grpo.model.tensor_parallel=2"], r"model\.tensor_parallel x model\.pipeline_parallel \(2 x 1\) must "
+                                           r"divide the 1 processes"),
+        (["methods.kl.algorithm.bta=1"], r"methods\.kl.*bta"),
+    ],
+)  # fmt: skip
+def test_bad_paper_config_names_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        pipeline.plan(str(PAPER_CPU), overrides)
+
+
+def test_concurrent_phases_overlap_and_a_failure_stops_the_rest():
+    import threading
+
+    both = threading.Barrier(2, timeout=30)  # passes only if two jobs are running at the same time
+    ran = []
+    pipeline._run_concurrently([lambda: ran.append(both.wait()), lambda: ran.append(both.wait())], workers=2)
+    assert sorted(ran) == [0, 1]
+
+    def fail() -> None:
+        raise RuntimeError("GRPO x failed")
+
+    started = []
+    with pytest.raises(RuntimeError, match="GRPO x failed"):
+        pipeline._run_concurrently([fail, lambda: started.append(1)], workers=1)
+    assert started == []  # not started after the failure (a rerun resumes it)
