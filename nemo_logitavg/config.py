@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -86,6 +87,10 @@ class AlgorithmSection:
     mask_truncated: bool = False  # drop completions cut at max_tokens from the loss
     temperature: float = 1.0
     top_p: float = 1.0
+    # Asynchronous GRPO: the rollouts of up to this many later steps are sampled while a step trains, and a
+    # completion sampled more than this many policy steps ago is dropped and regenerated. 0: synchronous.
+    max_staleness: int = 0
+    is_cap: float = 2.0  # truncation of the importance weight pi_prox / pi_behav (used when max_staleness > 0)
 
 
 @dataclass
@@ -169,7 +174,8 @@ class GRPOConfig:
 
         ``rollout.attempts x (rollout.timeout + the client's largest backoff)`` + the grading bound (every answer
         of the step graded one after another at ``data.reward_timeout``, after the grader's start-up) +
-        ``rollout.push_timeout``.
+        ``rollout.push_timeout``. With ``algorithm.max_staleness > 0`` the rollout and grading terms count
+        twice: rank 0 may wait for a prefetched step and then regenerate its stale completions.
         """
         import inspect
 
@@ -181,7 +187,8 @@ class GRPOConfig:
         r = self.rollout
         answers = r.prompts_per_step * self.algorithm.group_size
         grading = grader_start + answers * self.data.reward_timeout
-        return r.attempts * (r.timeout + max_backoff) + grading + r.push_timeout
+        rollouts = 2 if self.algorithm.max_staleness > 0 else 1
+        return rollouts * (r.attempts * (r.timeout + max_backoff) + grading) + r.push_timeout
 
     def wait_timeout(self) -> float:
         """The waiting ranks' timeout in seconds: ``run.wait_timeout``, or ``wait_bound()`` when it is not set."""
@@ -203,6 +210,9 @@ class GRPOConfig:
             (0.0 < a.top_p <= 1.0, "algorithm.top_p", "must lie in (0, 1]"),
             (a.epochs >= 1, "algorithm.epochs", "must be >= 1"),
             (a.mini_batches >= 1, "algorithm.mini_batches", "must be >= 1"),
+            (a.max_staleness >= 0, "algorithm.max_staleness", "must be >= 0 (0: synchronous)"),
+            (math.isfinite(a.is_cap) and a.is_cap >= 1.0, "algorithm.is_cap",
+             "must be >= 1 (an on-policy token keeps importance weight 1)"),
             (r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1"),
             (r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1"),
             (r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1"),

@@ -363,7 +363,7 @@ def run_grpo(p: Plan, name: str) -> None:
 def eval_target(p: Plan, name: str) -> str:
     """What model ``name`` is evaluated as: the SFT directory for the baseline; for a method, the deployed model
     (a pi_mix bundle of its final policy and the SFT reference when ref_weight > 0, else the policy)."""
-    from nemo_logitavg.evaluation import write_bundle
+    from nemo_logitavg.release.bundle import write_bundle
 
     if name == p.cfg.baseline:
         return p.sft.out
@@ -504,6 +504,7 @@ def _read_timings(p: Plan) -> dict[str, float]:
 def write_report(p: Plan) -> None:
     """report/: report.md (tables, plots, config), results.{md,csv,json}, comparison.*, reward/accuracy PNGs."""
     from nemo_logitavg import evaluation
+    from nemo_logitavg.data import read_jsonl
 
     out = p.path("report")
     os.makedirs(out, exist_ok=True)
@@ -513,35 +514,37 @@ def write_report(p: Plan) -> None:
         runs += evaluation.runs_from_json(p.path("eval", name, "results.json"))
     payload = evaluation.write_reports(out, runs, p.cfg.baseline)
     curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
-    plots = plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
-    by_type = accuracy_by_type(p, names)
+    plots = evaluation.plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
+    types = {r["id"]: r["meta"]["type"] for r in read_jsonl(p.path("data", "test.jsonl"))}
+    samples = {name: read_jsonl(p.path("eval", name, "samples.jsonl")) for name in names}
+    by_type = evaluation.accuracy_by_type(types, samples)
     with open(os.path.join(out, "accuracy_by_type.json"), "w", encoding="utf-8") as fh:
         json.dump(by_type, fh, indent=1)
     for name in ("config.yaml", "timings.json"):
         shutil.copy(p.path(name), os.path.join(out, name))
     shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
+    report = evaluation.report_markdown(
+        payload, plots, by_type, _read_timings(p), baseline=p.cfg.baseline, sampled_k=p.cfg.eval.sampled_k,
+        seeds=p.cfg.eval.seeds, methods=_method_rows(p), config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
+    )  # fmt: skip
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report_markdown(p, payload, plots, by_type, _read_timings(p)))
+        fh.write(report)
 
 
-def accuracy_by_type(p: Plan, names: list[str]) -> list[dict]:
-    """Accuracy per problem type (``meta.type`` of the held-out records; the key says how many problems) of every
-    evaluated model and mode: one row per (model, mode), sampled runs averaged over their seeds. Shows where
-    training changed the model."""
-    from nemo_logitavg.data import read_jsonl
-
-    kind = {r["id"]: r["meta"]["type"] for r in read_jsonl(p.path("data", "test.jsonl"))}
-    count = {t: list(kind.values()).count(t) for t in set(kind.values())}
-    rows = []
-    for name in names:
-        scores: dict[str, dict[str, list[float]]] = {}
-        for sample in read_jsonl(p.path("eval", name, "samples.jsonl")):
-            scores.setdefault(sample["mode"], {}).setdefault(kind[sample["id"]], []).append(sample["score"])
-        for mode, per_type in scores.items():
-            row: dict = {"model": name, "mode": mode}
-            row.update({f"{t} ({count[t]})": sum(v) / len(v) for t, v in sorted(per_type.items())})
-            rows.append(row)
-    return rows
+def _method_rows(p: Plan) -> list[dict]:
+    """The report's table of GRPO methods: the settings that tell them apart."""
+    return [
+        {
+            "method": name,
+            "ref_weight": c.algorithm.ref_weight,
+            "beta": c.algorithm.beta,
+            "steps": c.run.steps,
+            "prompts_per_step": c.rollout.prompts_per_step,
+            "group_size": c.algorithm.group_size,
+            "lr": c.optim.lr,
+        }
+        for name, c in p.methods.items()
+    ]
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -567,85 +570,6 @@ def _baseline_curve_accuracy(p: Plan) -> float | None:
         if s["mode"] == "greedy" and s["id"] in curve
     ]
     return sum(scores) / len(scores) if scores else None
-
-
-def plot_curves(curves: dict[str, list[dict]], out: str, start_accuracy: float | None = None) -> list[str]:
-    """PNG plots of training reward and held-out greedy accuracy against step, one line per method; the accuracy
-    lines start at ``start_accuracy`` (step 0) when given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    for key, title, filename in (
-        ("reward/mean", "training reward (mean over the step's samples)", "reward.png"),
-        ("eval/accuracy", "held-out greedy accuracy (curve subset; step 0: the SFT model)", "accuracy.png"),
-    ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, rows in curves.items():
-            points = [(r["step"], r[key]) for r in rows if key in r]
-            if key == "eval/accuracy" and start_accuracy is not None:
-                points.insert(0, (0, start_accuracy))
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
-        ax.set_xlabel("GRPO step")
-        ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, filename), dpi=100)
-        plt.close(fig)
-        files.append(filename)
-    return files
-
-
-def report_markdown(
-    p: Plan, payload: dict, plots: list[str], by_type: list[dict], timings: dict[str, float]
-) -> str:
-    from nemo_logitavg.evaluation import markdown_table
-
-    agg = payload["aggregate"]
-    columns = ["model", "mode", "num_seeds", "num_problems", "k", "accuracy_mean", "accuracy_std", "ci_low",
-               "ci_high", "has_boxed", "boxed_latex_valid", "ended_by_eos", "mean_length"]  # fmt: skip
-    columns = [c for c in columns if not agg or c in agg[0]]
-    cmp_columns = ["model", "mode", "accuracy", "baseline_accuracy", "diff", "diff_ci_low", "diff_ci_high", "verdict"]
-    lines = [
-        "# Main job: logit-averaging GRPO vs KL-GRPO from one SFT model\n",
-        f"Held-out problems: {agg[0]['num_problems'] if agg else 0}; greedy is the headline (once), sampled runs "
-        f"k={p.cfg.eval.sampled_k} at temperature 1 for each of the seeds {list(p.cfg.eval.seeds)}. Logit-averaging "
-        "models are evaluated as deployed: pi_mix (the bundle of policy, SFT reference and ref_weight).\n",
-        "## Accuracy (95% bootstrap CI over problems), format compliance, response length\n",
-        markdown_table(agg, columns),
-        f"\n## Against {p.cfg.baseline} (paired bootstrap over problems, 95% CI of the accuracy difference)\n",
-        markdown_table(payload["comparison"], cmp_columns),
-        "\n## Accuracy by problem type (where training changed the model)\n",
-        markdown_table(by_type),
-        "\n## Training curves\n",
-        *[f"![{name}]({name})\n" for name in plots],
-        "\n## Methods\n",
-        markdown_table(
-            [
-                {
-                    "method": name,
-                    "ref_weight": c.algorithm.ref_weight,
-                    "beta": c.algorithm.beta,
-                    "steps": c.run.steps,
-                    "prompts_per_step": c.rollout.prompts_per_step,
-                    "group_size": c.algorithm.group_size,
-                    "lr": c.optim.lr,
-                }
-                for name, c in p.methods.items()
-            ]
-        ),  # fmt: skip
-        "\n## Time per phase (seconds; a phase that was interrupted counts the run that completed it)\n",
-        markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
-        "\n## Exact config\n",
-        "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
-        "report.\n\n```yaml\n" + OmegaConf.to_yaml(OmegaConf.structured(p.cfg)) + "```\n",
-    ]
-    return "\n".join(lines)
 
 
 __all__ = ["PipelineConfig", "Plan", "plan", "run"]

@@ -6,6 +6,17 @@ train/rollout mismatch), then runs ``epochs x mini_batches`` optimiser steps wit
 the new policy streams into the servers over a collective (``rollout.weight_push``; nothing is written to disk
 per step). The final save also writes ``run.dir/policy_final/`` (a Hugging Face directory) for evaluation and
 release. The KL-GRPO baseline is the same loop with ``ref_weight = 0`` and ``beta > 0``.
+
+Asynchronous GRPO (``algorithm.max_staleness = k >= 1``): on rank 0 a ``RolloutProducer`` thread samples and grades
+the rollouts of the next steps while the main thread trains, at most ``k`` steps ahead of the last pushed policy
+(the servers serve step ``t`` while step ``t`` trains and sample step ``t + 1 .. t + k`` with it). A push lands
+between requests, so one prefetched step may mix completions of two policy steps: each carries its own
+``policy_step``, and a completion older than ``t - k`` is dropped, regenerated with its own seed and counted
+(``async/dropped_stale``). The update then corrects with the truncated importance weight against the rollout's
+log-probs (the decoupled loss of ``algorithms.grpo``). Only rank 0's main thread runs collectives; the producer
+only talks HTTP and grades. A checkpoint counts trained steps only: prefetched rollouts are discarded on exit
+and regenerated (same seeds) after a resume. ``run.dir/rollouts.jsonl`` records, per trained step, which
+prompts were trained and each completion's policy step.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +55,8 @@ class StepBatch:
 
     ``targets[b, t]`` is the token predicted at position ``t``; ``mask`` marks completion tokens that count;
     ``rollout_logprobs`` holds the servers' log pi_mix at the same places; ``lengths[b]`` is the number of
-    positions sequence ``b`` uses (its tokens - 1; the rest is padding).
+    positions sequence ``b`` uses (its tokens - 1; the rest is padding); ``policy_steps[b]`` the step that
+    sampled completion ``b`` (its ``policy_step``).
     """
 
     input_ids: torch.Tensor  # [B, L] int64
@@ -54,6 +67,7 @@ class StepBatch:
     rewards: torch.Tensor  # [B] float32
     truncated: torch.Tensor  # [B] bool
     lengths: torch.Tensor  # [B] int64
+    policy_steps: torch.Tensor  # [B] int64: the policy step whose weights sampled each completion
 
 
 def pack_rollouts(
@@ -67,10 +81,10 @@ def pack_rollouts(
 ) -> StepBatch:
     """Lay out prompt + completion token sequences, right-padded, with the completion tokens masked in.
 
-    ``completions[p]`` are prompt p's ``group_size`` completions (objects with ``token_ids``, ``logprobs`` and
-    ``finish_reason``), ``rewards`` their rewards in the same order.
+    ``completions[p]`` are prompt p's ``group_size`` completions (objects with ``token_ids``, ``logprobs``,
+    ``finish_reason`` and ``policy_step``), ``rewards`` their rewards in the same order.
     """
-    sequences, rollout_lps, starts, truncated = [], [], [], []
+    sequences, rollout_lps, starts, truncated, steps = [], [], [], [], []
     for prompt, group in zip(prompt_ids, completions, strict=True):
         if len(group) != group_size:
             raise ValueError(f"expected {group_size} completions per prompt, got {len(group)}")
@@ -81,6 +95,7 @@ def pack_rollouts(
             rollout_lps.append(list(completion.logprobs))
             starts.append(len(prompt) - 1)  # target index of the first completion token
             truncated.append(completion.finish_reason == "length")
+            steps.append(int(completion.policy_step))
     length = max(len(s) for s in sequences) - 1
     count = len(sequences)
     input_ids = torch.full((count, length), pad_id, dtype=torch.long)
@@ -104,6 +119,7 @@ def pack_rollouts(
         rewards=reward_t,
         truncated=torch.tensor(truncated),
         lengths=torch.tensor([len(seq) - 1 for seq in sequences], dtype=torch.long),
+        policy_steps=torch.tensor(steps, dtype=torch.long),
     )
 
 
@@ -192,6 +208,7 @@ def micro_batches(batch: StepBatch, groups: Sequence[Sequence[int]], pad_to: int
                 "mask": batch.mask[idx, :length],
                 "advantages": batch.advantages[idx],
                 "rollout_logprobs": batch.rollout_logprobs[idx, :length],
+                "policy_steps": batch.policy_steps[idx],
             }
         )
     return out
@@ -257,7 +274,8 @@ def step_counts(cfg: Any, mask: torch.Tensor) -> tuple[float, int]:
 
 # Per-token metrics of ``policy_loss`` that the loss function returns as sums over a micro-batch's tokens, so that
 # the trainer can reduce them over micro-batches and DP ranks and divide once by the total token count.
-TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fraction", "pi_mix_entropy")
+TOKEN_MEAN_METRICS = ("clip_fraction", "approx_kl", "ratio_mean", "dual_clip_fraction", "pi_mix_entropy",
+                      "is_truncated_fraction", "is_weight_mean")  # fmt: skip
 
 
 def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_length: int) -> Callable:
@@ -278,10 +296,13 @@ def make_loss_fn(cfg: Any, num_tokens: float, num_sequences: int, max_response_l
         # seq-mean-token-mean of those with tokens, the ones its mean runs over), so any split sums exactly.
         rows = mask.any(1).sum() if alg.agg == "seq-mean-token-mean" else torch.tensor(mask.shape[0])
         old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()  # no old pass: the same weights
+        # Asynchronous GRPO: old = the proximal policy, the rollout's log-probs = the behaviour policy (DESIGN §7b).
+        behaviour = mb["rollout_logprobs"] if alg.max_staleness > 0 else None
         loss, metrics = policy_loss(
             logprobs, old, mb["advantages"], mask, clip_low=alg.clip_low, clip_high=alg.clip_high,
             agg=alg.agg, dual_clip=alg.dual_clip, max_response_length=max_response_length,
             num_tokens=num_tokens if alg.agg == "token-mean" else None,
+            behaviour_logprobs=behaviour, is_cap=alg.is_cap,
         )  # fmt: skip
         share = 1.0 if alg.agg == "token-mean" else rows.to(loss.device, loss.dtype) / num_sequences  # no host sync
         loss = loss * share
@@ -358,7 +379,7 @@ def reduce_update_metrics(step_results: Sequence[Sequence[dict]], mismatch: Sequ
 
 
 def update_policy(
-    cfg: Any, actor: Any, batch: StepBatch, reuse_update_logprobs: bool | None = None
+    cfg: Any, actor: Any, batch: StepBatch, reuse_update_logprobs: bool | None = None, step: int | None = None
 ) -> dict[str, float]:
     """The update phase of one GRPO step: the old log pi_mix, then ``epochs x mini_batches`` optimiser steps.
 
@@ -368,6 +389,8 @@ def update_policy(
     log-probs, detached, as the old ones: the same update with one forward fewer. A collective over every rank
     of the actor. Returns the update's metrics (see ``reduce_update_metrics``; the loss-derived ones only on
     the last pipeline stage, which ``GRPOTrainer.fit`` merges into rank 0's record) and its timings.
+    ``step`` is the policy step being trained: ``mismatch/*`` counts only the completions it sampled (None: all);
+    with ``algorithm.max_staleness > 0`` the loss also reports the importance weights' ``is_truncated_fraction``.
     """
     from megatron.core import parallel_state as ps
 
@@ -379,8 +402,9 @@ def update_policy(
     mini_mbs = build_micro_batches(cfg, batch, minis, dp_rank, dp_size)
     mbs = [mb for group in mini_mbs for mb in group]
 
-    # Old log pi_mix (the proximal policy), on the weights that sampled. With a single optimiser step the update
-    # forward runs on those same weights: its own log-probs, detached, are the old ones (DESIGN §7b).
+    # Old log pi_mix (the proximal policy), on the current weights before the update (the weights that sampled,
+    # when synchronous). With a single optimiser step the update forward runs on those same weights: its own
+    # log-probs, detached, are the old ones (DESIGN §7b).
     if reuse_update_logprobs is None:
         reuse_update_logprobs = alg.epochs == 1 and alg.mini_batches == 1
     start = time.monotonic()
@@ -404,14 +428,20 @@ def update_policy(
         for mb, result in zip(mbs, step_results[0], strict=True):
             mb["old_logprobs"] = result["logprobs"]
     # The old log-probs are on the actor's device, the micro-batches on the host: compared where the former are.
+    # Only completions sampled by the current weights measure the train/rollout mismatch (stale ones differ by
+    # the update too).
+    current = [mb["mask"] & (mb["policy_steps"] == step).unsqueeze(1) if step is not None else mb["mask"]
+               for mb in mbs]  # fmt: skip
     mismatch = [
         (mb["old_logprobs"] - mb["rollout_logprobs"].to(mb["old_logprobs"].device)).abs()[
-            mb["mask"].to(mb["old_logprobs"].device)]
-        for mb in mbs
+            keep.to(mb["old_logprobs"].device)]
+        for mb, keep in zip(mbs, current, strict=True)
     ] if on_last_stage else []  # fmt: skip
     reduced = reduce_update_metrics(step_results, mismatch)
     logged = ("loss", "pi_mix_entropy", "kl", "clip_fraction", "approx_kl", "ratio_mean", "ratio_max",
               "mismatch/mean_abs", "mismatch/max_abs")  # fmt: skip
+    if alg.max_staleness > 0:
+        logged += ("is_truncated_fraction", "is_weight_mean")
     metrics = {k: v for k, v in reduced.items() if k in logged} if on_last_stage else {}
     metrics.update({
         "grad_norm": sum(grad_norms) / len(grad_norms),
@@ -421,6 +451,88 @@ def update_policy(
         "throughput/update_tokens_per_s": float(batch.mask.sum()) * cfg.algorithm.epochs / max(update_s, 1e-9),
     })  # fmt: skip
     return metrics
+
+
+def stale_prompts(groups: Sequence[Sequence[Any]], step: int, max_staleness: int) -> list[int]:
+    """Indices of the prompts with a completion too old to train on at ``step``: ``policy_step < step - k``.
+
+    Raises:
+        RuntimeError: a completion reports a policy step above ``step`` (weights the trainer never pushed).
+    """
+    future = [c.policy_step for group in groups for c in group if c.policy_step > step]
+    if future:
+        raise RuntimeError(f"a rollout server reports policy step {max(future)} while the trainer is at step {step}")
+    return [i for i, group in enumerate(groups) if any(c.policy_step < step - max_staleness for c in group)]
+
+
+class RolloutProducer:
+    """Rank 0 of asynchronous GRPO: a thread that samples (and grades) step after step, ahead of the trainer.
+
+    ``sample(s)`` makes step ``s``'s payload (HTTP and grading only: no collective runs in this thread). Step ``s``
+    starts only once ``s <= pushed + max_staleness`` (``allow(pushed)`` after each push), so it is sampled by
+    weights at most ``max_staleness`` steps older than the step that trains on it; ``take(s)`` hands it over.
+    Steps from ``end`` on are never sampled (the run stops before them).
+    ``weights_wait_s`` adds up the time the producer (so the servers) waited for a push to be allowed on.
+    """
+
+    def __init__(self, sample: Callable[[int], dict], first_step: int, max_staleness: int, end: int) -> None:
+        self._sample, self._k, self._end = sample, max_staleness, end
+        self._cond = threading.Condition()
+        self._ready: dict[int, dict] = {}
+        self._next, self._allowed = first_step, first_step + max_staleness
+        self._error: BaseException | None = None
+        self._closed = False
+        self.weights_wait_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def allow(self, pushed_step: int) -> None:
+        """The servers now serve ``pushed_step``: steps up to ``pushed_step + max_staleness`` may be sampled."""
+        with self._cond:
+            self._allowed = pushed_step + self._k
+            self._cond.notify_all()
+
+    def take(self, step: int) -> tuple[dict, float]:
+        """Step ``step``'s payload and the seconds the caller waited for it; re-raises the producer's error."""
+        start = time.monotonic()
+        with self._cond:
+            self._cond.wait_for(lambda: step in self._ready or self._error is not None)
+            if step not in self._ready:
+                raise RuntimeError(f"the rollout producer failed before step {step}") from self._error
+            return self._ready.pop(step), time.monotonic() - start
+
+    def take_weights_wait(self) -> float:
+        with self._cond:
+            waited, self.weights_wait_s = self.weights_wait_s, 0.0
+        return waited
+
+    def close(self) -> int:
+        """Stop after the request in progress; returns how many sampled steps are discarded (never trained)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        return len(self._ready)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                start = time.monotonic()
+                self._cond.wait_for(lambda: self._closed or self._next <= self._allowed)
+                self.weights_wait_s += time.monotonic() - start
+                if self._closed or self._next >= self._end:
+                    return
+                step, self._next = self._next, self._next + 1
+            try:
+                payload = self._sample(step)
+            except BaseException as exc:  # handed to the trainer's take(): a dead producer must not hang it
+                with self._cond:
+                    self._error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._ready[step] = payload
+                self._cond.notify_all()
 
 
 class MetricsLog:
@@ -509,6 +621,9 @@ class GRPOTrainer:
         self.eval_prompts = list(eval_prompts)
         self.client, self.score, self.export_policy = client, score, export_policy
         self.rank = dist.get_rank()
+        self.producer: RolloutProducer | None = None  # rank 0 of asynchronous GRPO, while fit() runs
+        if client is not None:
+            client.max_staleness = cfg.algorithm.max_staleness
         self.step = 0
         self.position = 0  # index of the next prompt
         self.ckpt_dir = os.path.join(cfg.run.dir, "checkpoints")
@@ -552,43 +667,88 @@ class GRPOTrainer:
         self.pusher.push(self.step)
 
     # ---------------------------------------------------------------------------------------------- step
+    def _sample(self, step: int, position: int, only: Sequence[int] | None = None) -> dict:
+        """Rank 0: sample and grade the rollouts of ``step``, whose first prompt is ``position`` in the data.
+
+        ``only`` (prompt indices within the step) redoes just those, each with the seed it had in the whole step.
+        """
+        from nemo_logitavg.rollout.engine import derive_seed
+
+        cfg = self.cfg
+        start = time.monotonic()
+        indices = list(range(cfg.rollout.prompts_per_step)) if only is None else list(only)
+        records = [self.prompts[(position + i) % len(self.prompts)] for i in indices]
+        seed = sample_seed(cfg.run.seed, step)
+        groups = self.client.generate(
+            [r["prompt_ids"] for r in records], n=cfg.algorithm.group_size, max_tokens=cfg.rollout.max_tokens,
+            temperature=cfg.algorithm.temperature, top_p=cfg.algorithm.top_p,
+            **({"seed": seed} if only is None else {"seeds": [derive_seed(seed, i) for i in indices]}),
+        )  # fmt: skip
+        rollout_s = time.monotonic() - start
+        texts = [c.text for group in groups for c in group]
+        answers = [r["answer"] for r in records for _ in range(cfg.algorithm.group_size)]
+        rewards = self.score(texts, answers)
+        return {"records": records, "groups": groups, "rewards": rewards, "rollout_s": rollout_s,
+                "reward_s": time.monotonic() - start - rollout_s}  # fmt: skip
+
     def _rollout(self) -> dict:
-        """Rank 0: sample, grade and pack this step's batch; every rank receives it."""
+        """Rank 0: sample (or take the prefetched), check, grade and pack this step's batch; every rank receives it."""
         cfg, payload = self.cfg, [None]
         if self.rank == 0:
-            start = time.monotonic()
-            count = cfg.rollout.prompts_per_step
-            records = [self.prompts[(self.position + i) % len(self.prompts)] for i in range(count)]
-            prompt_ids = [r["prompt_ids"] for r in records]
-            groups = self.client.generate(
-                prompt_ids, n=cfg.algorithm.group_size, max_tokens=cfg.rollout.max_tokens,
-                temperature=cfg.algorithm.temperature, top_p=cfg.algorithm.top_p,
-                seed=sample_seed(cfg.run.seed, self.step),
-            )  # fmt: skip
-            rollout_s = time.monotonic() - start
-            texts = [c.text for group in groups for c in group]
-            answers = [r["answer"] for r in records for _ in range(cfg.algorithm.group_size)]
-            rewards = self.score(texts, answers)
-            batch = pack_rollouts(prompt_ids, groups, rewards, cfg.algorithm.group_size,
-                                  cfg.algorithm.normalize_std, cfg.algorithm.mask_truncated)  # fmt: skip
-            payload = [{"batch": batch, "rollout_s": rollout_s, "reward_s": time.monotonic() - start - rollout_s}]
+            k = cfg.algorithm.max_staleness
+            if self.producer is None:
+                got, waited = self._sample(self.step, self.position), None
+            else:
+                got, waited = self.producer.take(self.step)
+            groups, rewards = list(got["groups"]), list(got["rewards"])
+            stale = stale_prompts(groups, self.step, k)
+            if stale:  # sampled by weights older than step - k: never trained on; redone by the current ones
+                redo = self._sample(self.step, self.position, stale)
+                size = cfg.algorithm.group_size
+                for j, i in enumerate(stale):
+                    groups[i] = redo["groups"][j]
+                    rewards[i * size : (i + 1) * size] = redo["rewards"][j * size : (j + 1) * size]
+                if stale_prompts(groups, self.step, k):
+                    raise RuntimeError(f"step {self.step}: regenerated rollouts are still older than {k} steps")
+            batch = pack_rollouts([r["prompt_ids"] for r in got["records"]], groups, rewards,
+                                  cfg.algorithm.group_size, cfg.algorithm.normalize_std,
+                                  cfg.algorithm.mask_truncated)  # fmt: skip
+            payload = [{"batch": batch, "rollout_s": got["rollout_s"], "reward_s": got["reward_s"],
+                        "rollout_wait_s": got["rollout_s"] + got["reward_s"] if waited is None else waited,
+                        "dropped_stale": len(stale) * cfg.algorithm.group_size}]  # fmt: skip
         # The others wait here while rank 0 samples and grades: on the CPU group, whose timeout covers the
         # client's worst case (run.wait_timeout); the batch stays on the host (the actor moves micro-batches).
         dist.broadcast_object_list(payload, src=0, group=wait_group())
         return payload[0]
+
+    def _record_rollouts(self, batch: StepBatch) -> None:
+        """Rank 0: append the trained step's identity to ``rollouts.jsonl`` (its prompts' data position, seed,
+        and each completion's policy step), so that what was trained can be audited across kills and resumes."""
+        record = {"step": self.step, "position": self.position, "prompts": self.cfg.rollout.prompts_per_step,
+                  "group_size": self.cfg.algorithm.group_size, "seed": sample_seed(self.cfg.run.seed, self.step),
+                  "policy_steps": batch.policy_steps.tolist()}  # fmt: skip
+        with open(os.path.join(self.cfg.run.dir, "rollouts.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def train_step(self) -> dict[str, float]:
         """One GRPO step on the current policy; returns the step's metrics (complete on rank 0)."""
         cfg = self.cfg
         got = self._rollout()
         batch: StepBatch = got["batch"]
-        update = update_policy(cfg, self.actor, batch)
+        update = update_policy(cfg, self.actor, batch, step=self.step)
+        staleness = self.step - batch.policy_steps
+        if self.rank == 0:
+            self._record_rollouts(batch)
         self.step += 1
         self.position += cfg.rollout.prompts_per_step
 
         start = time.monotonic()
         self.push_policy()
         sync_s = time.monotonic() - start
+        weights_wait_s = None
+        if self.producer is not None:
+            self.producer.allow(self.step)
+            weights_wait_s = self.producer.take_weights_wait()
 
         mask = batch.mask
         metrics = {
@@ -599,8 +759,15 @@ class GRPOTrainer:
             "time/rollout_s": got["rollout_s"],
             "time/reward_s": got["reward_s"],
             "time/weight_sync_s": sync_s,
+            "time/rollout_wait_s": got["rollout_wait_s"],
             **update,
         }
+        if cfg.algorithm.max_staleness > 0:  # the staleness histogram: fraction of the step's completions per age
+            for age in range(cfg.algorithm.max_staleness + 1):
+                metrics[f"staleness/{age}"] = (staleness == age).float().mean().item()
+            metrics["async/dropped_stale"] = float(got["dropped_stale"])
+            if weights_wait_s is not None:
+                metrics["time/weights_wait_s"] = weights_wait_s
         return metrics
 
     _mismatch_warned = False
@@ -626,8 +793,35 @@ class GRPOTrainer:
         """Run (or resume) until ``run.steps``, checkpointing every ``run.checkpoint_every`` and on a signal."""
         self.resume()
         self.push_policy()  # the servers must serve exactly this policy before the first rollout
+        if self.rank == 0 and self.cfg.algorithm.max_staleness > 0:
+            # Positions follow from the trained steps alone: the producer's step s starts at this one.
+            step0, position0, count = self.step, self.position, self.cfg.rollout.prompts_per_step
+
+            def sample(s: int) -> dict:
+                return self._sample(s, position0 + (s - step0) * count)
+
+            self.producer = RolloutProducer(sample, step0, self.cfg.algorithm.max_staleness, end=self.cfg.run.steps)
+        try:
+            self._fit_loop()
+        finally:
+            if self.producer is not None:
+                discarded = self.producer.close()
+                self.producer = None
+                if discarded and self.step < self.cfg.run.steps:
+                    print(f"[grpo] discarded {discarded} prefetched step(s) after step {self.step} (not trained; "
+                          "a resume samples them again)", flush=True)  # fmt: skip
+        if self.step >= self.cfg.run.steps:  # the final save: the policy as a Hugging Face directory
+            self.export_policy(self.final_dir)
+        if self.log is not None:
+            self.log.close()
+
+    def _fit_loop(self) -> None:
+        period_start = time.monotonic()
         while self.step < self.cfg.run.steps:
             metrics = self.train_step()
+            # The loop's period (since the previous step's metrics: its evaluation and checkpoint included).
+            now = time.monotonic()
+            metrics["time/step_s"], period_start = now - period_start, now
             # Metrics of the step are gathered on the last pipeline stage; send them to rank 0.
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, metrics)
@@ -648,7 +842,3 @@ class GRPOTrainer:
                 if self.rank == 0:
                     print(f"[grpo] stopped at step {self.step} on request; rerun to resume", flush=True)
                 break
-        if self.step >= self.cfg.run.steps:  # the final save: the policy as a Hugging Face directory
-            self.export_policy(self.final_dir)
-        if self.log is not None:
-            self.log.close()

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}: {model_cfg.num_hidden_layers} layers, vocab {model_cfg.vocab_size}")
     write_model_card(args.out, cfg, args.results)
     if args.bundle:
-        from nemo_logitavg.evaluation import write_bundle
+        from nemo_logitavg.release.bundle import write_bundle
 
         write_bundle(args.out, reference, cfg["algorithm"]["ref_weight"], args.bundle)
         write_model_card(args.bundle, cfg, args.results)

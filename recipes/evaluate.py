@@ -20,6 +20,7 @@ import os
 
 from nemo_logitavg import evaluation
 from nemo_logitavg.data import read_prompts
+from nemo_logitavg.release.bundle import is_bundle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             parser.error(f"--model takes NAME=PATH, got {spec!r}")
         targets = [(name, False)]
-        if args.policy_alone and evaluation.is_bundle(path):
+        if args.policy_alone and is_bundle(path):
             targets.append((f"{name}/policy", True))
         for label, alone in targets:
             runs += evaluation.evaluate_model(

@@ -1,5 +1,6 @@
-"""Evaluation: bootstrap intervals against closed forms and scipy, the paired bootstrap, bundles, reports, and an
-end-to-end run of recipes/evaluate.py on tiny models behind real rollout servers."""
+"""Evaluation: the across-seed aggregate and comparison, reports, how models are served, and an end-to-end run of
+recipes/evaluate.py on tiny models behind real rollout servers. The interval statistics are tested alone in
+test_evaluation_stats.py, the bundle in test_release.py."""
 
 from __future__ import annotations
 
@@ -16,68 +17,10 @@ import pytest
 
 from nemo_logitavg import evaluation
 from nemo_logitavg.data import write_prompts
-from tests.tiny_models import make_llama_with_tokenizer
+from nemo_logitavg.release.bundle import read_bundle, write_bundle
+from tests.tiny_models import make_fake_hf_dir, make_llama_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------------------------------- bootstrap
-
-
-def test_bootstrap_ci_matches_normal_closed_form_for_bernoulli_mean():
-    n, p = 4000, 0.3
-    values = np.zeros(n)
-    values[: int(p * n)] = 1.0
-    low, high = evaluation.bootstrap_ci(values, num_resamples=20_000, seed=1)
-    half = 1.96 * math.sqrt(p * (1 - p) / n)
-    assert low == pytest.approx(p - half, abs=0.0015)
-    assert high == pytest.approx(p + half, abs=0.0015)
-
-
-def test_bootstrap_ci_matches_scipy_percentile_bootstrap():
-    scipy_stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(0)
-    values = rng.integers(0, 5, size=300) / 4.0  # mean pass@1 over k = 4 samples
-    low, high = evaluation.bootstrap_ci(values, num_resamples=20_000, seed=3)
-    ref = scipy_stats.bootstrap(
-        (values,), np.mean, confidence_level=0.95, n_resamples=20_000, method="percentile", random_state=4
-    ).confidence_interval
-    assert low == pytest.approx(ref.low, abs=0.005)
-    assert high == pytest.approx(ref.high, abs=0.005)
-
-
-def test_bootstrap_is_seeded_and_chunking_does_not_change_it():
-    values = np.random.default_rng(0).random(50)
-    a = evaluation.bootstrap_means(values, 1000, seed=7)
-    b = evaluation.bootstrap_means(values, 1000, seed=7, max_elements=50 * 3)  # chunks of 3 resamples
-    # Same generator stream drawn in different chunk shapes gives the same indices row by row.
-    np.testing.assert_allclose(a, b)
-    assert not np.allclose(a, evaluation.bootstrap_means(values, 1000, seed=8))
-
-
-def test_paired_bootstrap_sees_a_small_consistent_gain_that_unpaired_intervals_miss():
-    rng = np.random.default_rng(0)
-    n = 400
-    baseline = (rng.random(n) < 0.5).astype(float)
-    better = baseline.copy()
-    flip = np.flatnonzero(baseline == 0)[:24]  # 24 more problems solved, none lost: +6 points
-    better[flip] = 1.0
-    diff, low, high = evaluation.paired_bootstrap(better, baseline, num_resamples=20_000, seed=0)
-    assert diff == pytest.approx(24 / n)
-    # The paired difference is a Bernoulli(0.06) mean: closed form 0.06 +- 1.96 sqrt(0.06 * 0.94 / 400).
-    half = 1.96 * math.sqrt(0.06 * 0.94 / n)
-    assert low == pytest.approx(0.06 - half, abs=0.006) and high == pytest.approx(0.06 + half, abs=0.006)
-    assert low > 0
-    # Unpaired, the two accuracy intervals overlap: only the paired interval separates them.
-    assert evaluation.bootstrap_ci(better)[0] < evaluation.bootstrap_ci(baseline)[1]
-    # Identical runs: a zero-width interval at 0; a run that loses problems: below.
-    assert evaluation.paired_bootstrap(baseline, baseline) == (0.0, 0.0, 0.0)
-    assert evaluation.paired_bootstrap(baseline, better)[2] < 0
-
-
-def test_paired_bootstrap_refuses_misaligned_arrays():
-    with pytest.raises(ValueError, match="aligned"):
-        evaluation.paired_bootstrap([1.0, 0.0], [1.0])
 
 
 # --------------------------------------------------------------------------------------------------- reports
@@ -117,47 +60,39 @@ def test_aggregate_and_compare_across_seeds(tmp_path):
     assert evaluation.compare(again, "sft", 2000) == payload["comparison"]
 
 
-# --------------------------------------------------------------------------------------------------- bundles
+def test_plot_ablation_writes_a_png(tmp_path):
+    by_ref_weight = {0.25: (0.60, 0.55, 0.65), 0.5: (0.64, 0.60, 0.68), 0.75: (0.62, math.nan, math.nan)}
+    out = evaluation.plot_ablation(by_ref_weight, str(tmp_path / "ablation.png"), kl=(0.58, 0.55, 0.61), sft=0.55)
+    data = Path(out).read_bytes()
+    assert out == str(tmp_path / "ablation.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert evaluation.plot_ablation({0.5: (0.6, 0.5, 0.7)}, str(tmp_path / "bare.png"))  # no reference lines
 
 
-def _fake_hf(path: Path, tag: str) -> str:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 100, "tag": tag}))
-    (path / "model.safetensors").write_bytes(b"weights " + tag.encode())
-    return str(path)
+def test_seed_table_lists_each_seed_and_the_t_interval():
+    table = evaluation.seed_table({"logit_avg": {1: 0.6, 0: 0.5}, "kl": {0: 0.4, 1: 0.4, 2: 0.4}})
+    lines = table.splitlines()
+    assert lines[0] == "| method | seed 0 | seed 1 | seed 2 | n | mean | t_low | t_high |"
+    half = math.tan(0.475 * math.pi) * 0.05  # two seeds: t_{0.975, 1} s / sqrt(2)
+    assert lines[2] == f"| logit_avg | 0.5000 | 0.6000 |  | 2 | 0.5500 | {0.55 - half:.4f} | {0.55 + half:.4f} |"
+    assert lines[3] == "| kl | 0.4000 | 0.4000 | 0.4000 | 3 | 0.4000 | 0.4000 | 0.4000 |"
 
 
-def test_bundle_round_trip(tmp_path):
-    policy, reference = _fake_hf(tmp_path / "pol", "p"), _fake_hf(tmp_path / "ref", "r")
-    out = evaluation.write_bundle(policy, reference, 0.25, tmp_path / "bundle")
-    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
-    assert config["architectures"] == ["LogitAveragedForCausalLM"] and config["ref_weight"] == 0.25
-    bundle = evaluation.read_bundle(out)
-    assert bundle.ref_weight == 0.25
-    assert Path(bundle.policy, "model.safetensors").read_bytes() == b"weights p"
-    assert Path(bundle.reference, "model.safetensors").read_bytes() == b"weights r"
+# --------------------------------------------------------------------------------------------------- models
+
+
+def test_resolve_model_serves_a_bundle_as_pi_mix_or_its_policy_alone_and_a_plain_directory_alone(tmp_path):
+    policy, reference = make_fake_hf_dir(tmp_path / "pol", "p"), make_fake_hf_dir(tmp_path / "ref", "r")
+    out = write_bundle(policy, reference, 0.25, tmp_path / "bundle")
+    bundle = read_bundle(out)
     served = evaluation.resolve_model(out, str(tmp_path))
     assert (served.kind, served.ref_weight, served.reference) == ("bundle", 0.25, bundle.reference)
     alone = evaluation.resolve_model(out, str(tmp_path), policy_alone=True)
     assert (alone.ref_weight, alone.reference, alone.policy) == (0.0, None, bundle.policy)  # one model served
-
-    linked = evaluation.read_bundle(evaluation.write_bundle(policy, reference, 1.0, tmp_path / "b2", False))
-    assert linked.reference == os.path.abspath(reference) and not (tmp_path / "b2" / "reference").exists()
     plain = evaluation.resolve_model(policy, str(tmp_path))
     assert (plain.kind, plain.policy, plain.reference, plain.ref_weight) == ("hf", policy, None, 0.0)
 
 
-def test_bundle_errors(tmp_path):
-    policy = _fake_hf(tmp_path / "pol", "p")
-    with pytest.raises(ValueError, match="ref_weight must lie"):
-        evaluation.write_bundle(policy, policy, 1.5, tmp_path / "b")
-    with pytest.raises(ValueError, match="not a bundle"):
-        evaluation.read_bundle(policy)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"architectures": ["LogitAveragedForCausalLM"], "ref_weight": 0.5}))
-    with pytest.raises(ValueError, match="policy"):
-        evaluation.read_bundle(bad)
+def test_resolve_model_refuses_what_it_cannot_serve(tmp_path):
     with pytest.raises(ValueError, match="neither"):
         evaluation.resolve_model(tmp_path, str(tmp_path))
 
@@ -169,7 +104,7 @@ def test_bundle_errors(tmp_path):
 def test_evaluate_recipe_end_to_end(tmp_path):
     policy = make_llama_with_tokenizer(str(tmp_path / "policy"), seed=1)
     reference = make_llama_with_tokenizer(str(tmp_path / "reference"), seed=2)
-    bundle = evaluation.write_bundle(policy, reference, 0.5, tmp_path / "bundle")
+    bundle = write_bundle(policy, reference, 0.5, tmp_path / "bundle")
     records = [
         {"id": "m1", "source": "math", "prompt": "1+1=?", "answer": "2", "reward": "math"},
         {"id": "m2", "source": "math", "prompt": "2*3=?", "answer": "6", "reward": "math"},

@@ -457,3 +457,68 @@ def test_mixed_logprobs_ref_weight_zero_matches_plain_log_softmax():
     (grad_plain,) = torch.autograd.grad(loss_plain, plain_logits)
     (grad_mix,) = torch.autograd.grad(loss_mix, mix_logits)
     torch.testing.assert_close(grad_mix, grad_plain, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# policy_loss with a behaviour policy (asynchronous GRPO: the decoupled estimator with a truncated weight)
+
+# Behaviour log-probs for the batch above: log(pi_prox / pi_behav) = OLD - BEHAV is, per counted token,
+#   (0,0) 0.5  w = e^0.5 = 1.649 < 2 (kept)    (0,1) 1.0  w = e = 2.718 -> 2 (truncated)    (0,2) -0.2  w = 0.819
+#   (1,0) 0.0  w = 1                            (1,1) 0.7  w = e^0.7 = 2.014 -> 2 (truncated)
+# and padding / masked rows hold anything (NaN included): they must not reach the loss.
+BEHAV = [[-1.6, -1.8, -1.5], [-0.9, -1.7, math.nan], [math.nan, -9.0, -0.5]]
+
+
+@pytest.mark.parametrize("agg", grpo.AGGREGATIONS)
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
+def test_truncated_is_weight_matches_its_formula(agg, dual_clip):
+    cap = 2.0
+    tokens = ref_token_losses(LP, OLD, ADV, MASK, dual_clip=dual_clip)
+    weighted = [
+        [None if x is None else min(math.exp(OLD[i][j] - BEHAV[i][j]), cap) * x for j, x in enumerate(row)]
+        for i, row in enumerate(tokens)
+    ]
+    expected = ref_aggregate(weighted, agg, max_response_length=4)
+    lp, old, adv, mask = batch(torch.float64, requires_grad=True)
+    behav = torch.tensor(BEHAV, dtype=torch.float64)
+    loss, metrics = policy_loss(lp, old, adv, mask, agg=agg, dual_clip=dual_clip, max_response_length=4,
+                                behaviour_logprobs=behav, is_cap=cap)  # fmt: skip
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    assert metrics["is_truncated_fraction"].item() == pytest.approx(2 / 5)
+    weights = [min(math.exp(OLD[i][j] - BEHAV[i][j]), cap) for i in range(2) for j in range(3) if MASK[i][j]]
+    assert metrics["is_weight_mean"].item() == pytest.approx(sum(weights) / 5, abs=1e-12)
+    # The weight is a constant: the gradient is the weight times the unweighted (loop-checked above) gradient.
+    loss.backward()
+    lp2, _, _, _ = batch(torch.float64, requires_grad=True)
+    w = torch.exp(old - behav).nan_to_num(0.0).clamp(max=cap)
+    unweighted, _ = policy_loss(lp2, old, adv, mask, agg=agg, dual_clip=dual_clip, max_response_length=4)
+    grad_plain = torch.autograd.grad(unweighted, lp2)[0]
+    assert torch.isfinite(lp.grad).all()
+    torch.testing.assert_close(lp.grad, torch.where(mask, w * grad_plain, 0.0), rtol=1e-12, atol=1e-12)
+
+
+def test_equal_behaviour_and_proximal_gives_the_synchronous_loss_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    lp = -torch.rand(6, 9, generator=gen) * 3
+    old = lp + 0.3 * torch.randn(6, 9, generator=gen)
+    adv, mask = torch.randn(6, generator=gen), torch.rand(6, 9, generator=gen) > 0.3
+    for agg in grpo.AGGREGATIONS:
+        sync, _ = policy_loss(lp, old, adv, mask, agg=agg, max_response_length=9)
+        decoupled, metrics = policy_loss(lp, old, adv, mask, agg=agg, max_response_length=9,
+                                         behaviour_logprobs=old.clone(), is_cap=2.0)  # fmt: skip
+        assert decoupled.item() == sync.item(), agg
+        assert metrics["is_truncated_fraction"].item() == 0.0 and metrics["is_weight_mean"].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"behaviour_logprobs": torch.zeros(2, 2)}, "behaviour_logprobs must have the shape"),
+        ({"behaviour_logprobs": torch.zeros(3, 3, dtype=torch.long)}, "behaviour_logprobs must be a floating"),
+        ({"behaviour_logprobs": torch.zeros(3, 3), "is_cap": 0.5}, r"is_cap must be a number >= 1 \(algorithm"),
+    ],
+)
+def test_behaviour_bad_inputs(kwargs, match):
+    lp, old, adv, mask = batch()
+    with pytest.raises(ValueError, match=match):
+        policy_loss(lp, old, adv, mask, **kwargs)

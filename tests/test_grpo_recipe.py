@@ -84,6 +84,21 @@ def models(tmp_path_factory):
     return make_llama_with_tokenizer(str(root / "policy"), seed=1), make_llama_with_tokenizer(str(root / "ref"), 2)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every descendant at once: torchrun starts its workers in sessions of their own, so
+    killing its process group alone leaves the trainer ranks running."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
 def test_logit_averaging_grpo_runs(models, tmp_path):
     run_dir = tmp_path / "run"
     run_to_end(write_config(tmp_path, run_dir, *models), tmp_path / "log.txt")
@@ -134,8 +149,7 @@ def test_killed_run_resumes_to_identical_metrics(models, tmp_path):
             break
         assert proc.poll() is None, (tmp_path / "killed.txt").read_text()[-4000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # trainer ranks and the rollout server, mid-step
-    proc.wait()
+    kill_tree(proc)  # torchrun, the trainer ranks and the rollout server, mid-step
     resumed_from = int((killed / "checkpoints" / "latest").read_text())
     assert resumed_from in (1, 2)  # killed after step 2 was logged: its checkpoint may or may not be complete
     run_to_end(config, tmp_path / "resumed.txt")
@@ -169,3 +183,57 @@ def test_sigusr1_checkpoints_and_exits_then_resumes(models, tmp_path):
     assert stopped == max(metrics_by_step(run_dir)) < 6, "the checkpoint is of the last finished step"
     run_to_end(config, tmp_path / "after.txt")
     assert sorted(metrics_by_step(run_dir)) == [1, 2, 3, 4, 5, 6]
+
+
+def trained_lineage(run_dir: Path) -> list[dict]:
+    """The records of ``rollouts.jsonl`` that the final weights descend from: a step recorded again (after a
+    resume from an earlier checkpoint) replaces what the killed run trained from that step on."""
+    kept: list[dict] = []
+    for line in (run_dir / "rollouts.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        kept = [r for r in kept if r["step"] < record["step"]] + [record]
+    return kept
+
+
+def test_async_grpo_kill_mid_overlap_and_resume(models, tmp_path):
+    """max_staleness=1: every trained completion comes from the current policy step or the one before; a run
+    SIGKILLed while the producer samples the next step resumes, regenerates that step from the checkpoint's
+    weights, and trains every (step, prompt, sample) exactly once."""
+    run_dir = tmp_path / "async"
+    config = write_config(tmp_path, run_dir, *models, steps=5, max_staleness=1)
+    log = tmp_path / "async.txt"
+    proc = launch(config, log)
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "rollouts.jsonl").exists() and (run_dir / "rollouts.jsonl").read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+    # Step 1 is trained: the producer is sampling step 2 (or 3) with the weights of step 1 (or 2) meanwhile.
+    kill_tree(proc)
+    before = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    resumed_from = int((run_dir / "checkpoints" / "latest").read_text())
+    assert 1 <= resumed_from <= len(before)
+    run_to_end(config, tmp_path / "async_resumed.txt")
+    assert f"(step {resumed_from})" in (tmp_path / "async_resumed.txt").read_text()
+
+    lineage = trained_lineage(run_dir)
+    assert [r["step"] for r in lineage] == [0, 1, 2, 3, 4]
+    identities = []
+    for r in lineage:
+        assert r["position"] == r["step"] * r["prompts"], "the data position counts trained steps only"
+        assert len(r["policy_steps"]) == r["prompts"] * r["group_size"]
+        assert set(r["policy_steps"]) <= {r["step"], r["step"] - 1}, r
+        identities += [(r["step"], r["position"] + i // r["group_size"], i % r["group_size"])
+                       for i in range(len(r["policy_steps"]))]  # fmt: skip
+    assert len(identities) == len(set(identities)) == 5 * 2 * 4, "a completion trained twice or lost"
+    # The overlap happened: steps trained on rollouts of the previous policy (all but the first of each run).
+    assert any(s == r["step"] - 1 for r in lineage for s in r["policy_steps"])
+    # After the resume the in-flight step was sampled again, by the checkpoint's weights: staleness 0.
+    first = next(r for r in lineage if r["step"] == resumed_from)
+    assert set(first["policy_steps"]) == {resumed_from}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in metrics:
+        for key in ("staleness/0", "staleness/1", "is_truncated_fraction", "is_weight_mean", "async/dropped_stale",
+                    "time/rollout_wait_s", "time/weights_wait_s", "mismatch/max_abs"):  # fmt: skip
+            assert key in record, key
+        assert record["staleness/0"] + record["staleness/1"] == pytest.approx(1.0)
+        assert record["async/dropped_stale"] == 0 and record["mismatch/max_abs"] < 1e-4

@@ -363,6 +363,16 @@ def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
             buckets = list(iter_hf_buckets(model, cfg, STREAM_BUCKET))
             yielded = [[(n, tuple(t.shape), t.dtype) for n, t in bucket] for bucket in buckets]
             tensors = [(n, t) for bucket in buckets for n, t in bucket]
+            # Gathered to TP rank 0 only (the push's sender, the export's writer): the same buckets there, an
+            # empty list per bucket on the other TP ranks.
+            to_first = list(iter_hf_buckets(model, cfg, STREAM_BUCKET, dst=0))
+            if ps.get_tensor_model_parallel_rank() == 0:
+                same_to_first = [[n for n, _ in b] for b in to_first] == [[n for n, _ in b] for b in buckets] and all(
+                    torch.equal(t, u) for b, c in zip(to_first, buckets, strict=True)
+                    for (_, t), (_, u) in zip(b, c, strict=True)
+                )  # fmt: skip
+            else:
+                same_to_first = to_first == [[] for _ in buckets]
             records.append(
                 {
                     "layout": (tp, pp),
@@ -374,6 +384,7 @@ def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
                     "yielded": yielded,
                     "same as source": [n for n, t in tensors if not torch.equal(t, hf_states[name][n])],
                     "same as old": [n for n, t in tensors if not torch.equal(t, old[n])],
+                    "same to TP rank 0": same_to_first,
                     "fresh": all(
                         t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
                         for _, t in tensors
@@ -403,6 +414,7 @@ def test_streamed_buckets_match_the_plan_and_the_gathered_export(hf_models):
                 where = f"{name} at TP={tp} PP={pp}, rank {r['rank']}"
                 assert not r["same as source"] and not r["same as old"], (where, r)
                 assert r["fresh"], where
+                assert r["same to TP rank 0"], where
                 plan = hf_bucket_plan(cfg, r["pp"], pp, STREAM_BUCKET, torch.float32)
                 assert [[(n, s) for n, s, _ in b] for b in r["yielded"]] == plan, where
                 assert [n for b in r["yielded"] for n, _, _ in b] == stage_hf_names(cfg, r["pp"], pp), where

@@ -1,12 +1,45 @@
-"""The averaged-model bundle in transformers: AutoModelForCausalLM(trust_remote_code) gives pi_mix."""
+"""The averaged-model bundle: its layout on disk (written and read back, and what is refused) and in transformers,
+where AutoModelForCausalLM(trust_remote_code) gives pi_mix."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+import pytest
 import torch
 
-from nemo_logitavg.evaluation import write_bundle
 from nemo_logitavg.ops import mixed_logprobs
-from tests.tiny_models import make_llama_with_tokenizer
+from nemo_logitavg.release.bundle import read_bundle, write_bundle
+from tests.tiny_models import make_fake_hf_dir, make_llama_with_tokenizer
+
+
+def test_bundle_round_trip(tmp_path):
+    policy, reference = make_fake_hf_dir(tmp_path / "pol", "p"), make_fake_hf_dir(tmp_path / "ref", "r")
+    out = write_bundle(policy, reference, 0.25, tmp_path / "bundle")
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["architectures"] == ["LogitAveragedForCausalLM"] and config["ref_weight"] == 0.25
+    bundle = read_bundle(out)
+    assert bundle.ref_weight == 0.25
+    assert Path(bundle.policy, "model.safetensors").read_bytes() == b"weights p"
+    assert Path(bundle.reference, "model.safetensors").read_bytes() == b"weights r"
+
+    linked = read_bundle(write_bundle(policy, reference, 1.0, tmp_path / "b2", False))
+    assert linked.reference == os.path.abspath(reference) and not (tmp_path / "b2" / "reference").exists()
+
+
+def test_bundle_errors(tmp_path):
+    policy = make_fake_hf_dir(tmp_path / "pol", "p")
+    with pytest.raises(ValueError, match="ref_weight must lie"):
+        write_bundle(policy, policy, 1.5, tmp_path / "b")
+    with pytest.raises(ValueError, match="not a bundle"):
+        read_bundle(policy)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["LogitAveragedForCausalLM"], "ref_weight": 0.5}))
+    with pytest.raises(ValueError, match="policy"):
+        read_bundle(bad)
 
 
 def test_bundle_loads_in_transformers_and_gives_pi_mix(tmp_path):

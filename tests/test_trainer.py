@@ -11,11 +11,13 @@ import torch
 from nemo_logitavg.algorithms.grpo import policy_loss
 from nemo_logitavg.config import GRPOConfig
 from nemo_logitavg.trainer import (
+    RolloutProducer,
     make_loss_fn,
     micro_batches,
     pack_rollouts,
     plan_micro_batches,
     sample_seed,
+    stale_prompts,
     step_counts,
 )
 
@@ -26,6 +28,7 @@ class Completion:
     logprobs: list
     finish_reason: str = "stop"
     text: str = ""
+    policy_step: int = 0
 
 
 def test_pack_rollouts_layout():
@@ -64,7 +67,8 @@ def test_micro_batch_losses_sum_to_the_step_loss(agg, budget):
     # float64 throughout, so that the comparison is of the normalisation, not of float32 rounding.
     old_logprobs = batch.rollout_logprobs.double()
     new_logprobs = old_logprobs + 0.1 * torch.randn(old_logprobs.shape, generator=gen, dtype=torch.float64)
-    cfg = SimpleNamespace(algorithm=SimpleNamespace(clip_low=0.2, clip_high=0.28, agg=agg, dual_clip=None, beta=0.0))
+    cfg = SimpleNamespace(algorithm=SimpleNamespace(clip_low=0.2, clip_high=0.28, agg=agg, dual_clip=None, beta=0.0,
+                                                    max_staleness=0, is_cap=2.0))  # fmt: skip
     expected, _ = policy_loss(new_logprobs, old_logprobs, batch.advantages, batch.mask,
                               clip_low=0.2, clip_high=0.28, agg=agg, max_response_length=8)  # fmt: skip
     loss_fn = make_loss_fn(cfg, *step_counts(cfg, batch.mask), max_response_length=8)
@@ -234,3 +238,63 @@ def test_planner_activations_follow_the_token_budget():
     # the shipped budget of 8192 tokens plans like two 4096-token sequences of the fixed-size path
     fixed = activations("rollout.max_tokens_per_micro_batch=null", "rollout.micro_batch_size=2")
     assert shipped == pytest.approx(fixed)
+
+
+def test_stale_prompts_are_those_older_than_the_window():
+    def group(*steps):
+        return [Completion([1], [-0.1], policy_step=s) for s in steps]
+
+    groups = [group(5, 5), group(4, 5), group(3, 5), group(4, 4)]
+    assert stale_prompts(groups, step=5, max_staleness=1) == [2]
+    assert stale_prompts(groups, step=5, max_staleness=0) == [1, 2, 3]
+    assert stale_prompts(groups, step=6, max_staleness=2) == [2]
+    with pytest.raises(RuntimeError, match="policy step 5 while the trainer is at step 4"):
+        stale_prompts(groups, step=4, max_staleness=1)
+
+
+def test_producer_samples_at_most_max_staleness_steps_ahead_of_the_push():
+    import threading
+
+    started, gate = [], threading.Event()
+
+    def sample(step):
+        started.append(step)
+        if step == 3:
+            gate.wait(5)  # the producer is mid-request when the trainer closes it
+        return {"step": step}
+
+    producer = RolloutProducer(sample, first_step=1, max_staleness=1, end=6)
+    assert producer.take(1)[0] == {"step": 1} and producer.take(2)[0] == {"step": 2}
+    assert started == [1, 2], "step 3 must wait for the push of step 2"
+    producer.allow(2)
+    gate.set()
+    assert producer.take(3)[0] == {"step": 3}
+    assert started == [1, 2, 3]
+    producer.allow(5)  # the run ends at step 6: step 6 is never sampled
+    assert producer.take(4)[0] == {"step": 4} and producer.take(5)[0] == {"step": 5}
+    assert producer.close() == 0 and started == [1, 2, 3, 4, 5]
+
+
+def test_producer_error_reaches_the_trainer():
+    def sample(step):
+        raise ValueError(f"server down at step {step}")
+
+    producer = RolloutProducer(sample, first_step=0, max_staleness=2, end=10)
+    with pytest.raises(RuntimeError, match="producer failed before step 0") as info:
+        producer.take(0)
+    assert "server down at step 0" in str(info.value.__cause__)
+    producer.close()
+
+
+def test_config_checks_async_keys():
+    cfg = GRPOConfig()
+    base = cfg.wait_bound()
+    cfg.algorithm.max_staleness = -1
+    with pytest.raises(ValueError, match="algorithm.max_staleness"):
+        cfg.validate()
+    cfg.algorithm.max_staleness, cfg.algorithm.is_cap = 1, 0.9
+    with pytest.raises(ValueError, match="algorithm.is_cap"):
+        cfg.validate()
+    cfg.algorithm.is_cap = 2.0
+    r = cfg.rollout
+    assert cfg.wait_bound() - base == pytest.approx(base - r.push_timeout), "rollout + grading count twice"

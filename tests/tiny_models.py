@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,16 @@ def save_char_tokenizer(path: str) -> int:
     )
     fast.save_pretrained(path)
     return len(vocab)
+
+
+def make_fake_hf_dir(path, tag: str) -> str:
+    """A directory that passes for a Hugging Face model by its files alone (a config.json and a weights file whose
+    bytes name ``tag``), for tests of file layouts that never load it."""
+    path = Path(path)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 100, "tag": tag}))
+    (path / "model.safetensors").write_bytes(b"weights " + tag.encode())
+    return str(path)
 
 
 def make_llama_with_tokenizer(

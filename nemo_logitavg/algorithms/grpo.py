@@ -6,7 +6,29 @@ DESIGN §1 and §7 are the contract:
     rho_t    = exp(log pi_new(y_t) - log pi_old(y_t))
     loss_t   = -min(rho_t * A, clip(rho_t, 1 - clip_low, 1 + clip_high) * A)
 
-aggregated over the completion tokens by one of ``AGGREGATIONS``. The log-probs are whatever policy is being
+aggregated over the completion tokens by one of ``AGGREGATIONS``.
+
+Bounded-staleness asynchronous GRPO (``algorithm.max_staleness = k >= 1``) trains on completions sampled up to
+k policy steps ago. Its estimator is the decoupled PPO objective (Hilton et al. 2022, "Batch size-invariance for
+policy optimization"; as AReaL), with three policies per token:
+
+    behaviour  log pi_behav(y_t)   the rollout's log pi_mix, returned by the server that sampled (weights of step
+                                   t - d, d <= k, its own completion's ``policy_step``)
+    proximal   log pi_prox(y_t)    log pi_mix at the current weights before the update (the old-log-prob pass;
+                                   with epochs = mini_batches = 1 the update forward's own log-probs, detached)
+    current    log pi(y_t)         the differentiable log pi_mix being optimised
+
+    w_t      = min(exp(log pi_prox(y_t) - log pi_behav(y_t)), is_cap)       truncated importance weight, detached
+    rho_t    = exp(log pi(y_t) - log pi_prox(y_t))
+    loss_t   = -w_t * min(rho_t * A, clip(rho_t, 1 - clip_low, 1 + clip_high) * A)
+
+aggregated as above. The weight corrects for sampling from pi_behav instead of pi_prox; the clip keeps the update
+within a trust region around pi_prox (not around the stale behaviour policy, so staleness does not shrink the
+step); truncation at ``is_cap`` (default 2, >= 1) bounds the variance (Espeholt et al. 2018, V-trace).
+With ``max_staleness = 0`` there is no weight: the loss is the synchronous one above, bit for bit (and with
+identical behaviour and proximal log-probs ``w_t = exp(0) = 1`` exactly, so the two agree).
+
+The log-probs are whatever policy is being
 optimised (log pi_mix from ``nemo_logitavg.ops.mixed_logprobs``; with ``ref_weight = 0`` that is the policy
 alone, and the KL baseline adds ``beta * aggregate(kl_penalty(...), ...)``).
 
@@ -231,6 +253,8 @@ def policy_loss(
     dual_clip: float | None = None,
     max_response_length: int | None = None,
     num_tokens: int | float | torch.Tensor | None = None,
+    behaviour_logprobs: torch.Tensor | None = None,
+    is_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped GRPO/PPO surrogate loss, aggregated over the completion tokens.
 
@@ -246,6 +270,10 @@ def policy_loss(
     i.e. a negative-advantage token's loss is capped at ``c * |A|``, reached when ``r > c``; above it the
     token gives no gradient. Tokens with ``A >= 0`` are unchanged.
 
+    Decoupled (asynchronous GRPO, see the module docstring): with ``behaviour_logprobs`` given, ``old_logprobs``
+    is the proximal policy and each token's loss above is multiplied by the detached truncated importance
+    weight ``w = min(exp(old_logprobs - behaviour_logprobs), is_cap)``. ``None``: no weight (today's loss).
+
     Args:
         logprobs: ``[B, T]`` float log-probs of the sampled tokens under the policy being optimised
             (differentiable).
@@ -258,6 +286,9 @@ def policy_loss(
         dual_clip: ``c > 1`` or ``None`` (off).
         max_response_length: the constant of ``"seq-mean-token-sum-norm"`` (required there).
         num_tokens: the ``"token-mean"`` denominator (default: this call's masked token count).
+        behaviour_logprobs: ``[B, T]`` float log-probs under the policy that sampled (the rollout's), or
+            ``None`` (synchronous: no importance weight). Treated as constants.
+        is_cap: the truncation of the importance weight, ``>= 1`` (an on-policy token keeps weight 1).
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim float32 tensor (float64 for float64 inputs); ``metrics`` maps
@@ -265,12 +296,14 @@ def policy_loss(
         are none): ``clip_fraction`` (fraction where the clipped term is strictly the larger loss, i.e. the
         clip changed the token's loss; counted before dual clip), ``approx_kl`` (mean k3 estimate of
         KL(pi_old || pi_new), ``(r - 1) - log r``), ``ratio_mean``, ``ratio_max``, ``ratio_min`` and, when
-        ``dual_clip`` is set, ``dual_clip_fraction`` (fraction where the ``-c * A`` cap was strictly active).
+        ``dual_clip`` is set, ``dual_clip_fraction`` (fraction where the ``-c * A`` cap was strictly active); with
+        ``behaviour_logprobs``, ``is_truncated_fraction`` (fraction where ``exp(old - behaviour) > is_cap``) and
+        ``is_weight_mean`` (the mean truncated weight).
 
     Raises:
         ValueError: on mismatched shapes, non-float log-probs, an unknown ``agg``, a missing
             ``max_response_length`` for ``"seq-mean-token-sum-norm"``, clip values out of range, or
-            ``dual_clip <= 1``.
+            ``dual_clip <= 1``, ``is_cap < 1`` or a ``behaviour_logprobs`` of another shape.
     """
     fn = "policy_loss"
     _check_float_tensor("logprobs", fn, logprobs)
@@ -297,8 +330,18 @@ def policy_loss(
     if dual_clip is not None and not (math.isfinite(dual_clip) and dual_clip > 1.0):
         raise ValueError(f"{fn}: dual_clip must be a number > 1 (or None), got {dual_clip!r}")
     _check_agg(agg, fn, num_tokens, max_response_length)
+    if behaviour_logprobs is not None:
+        _check_float_tensor("behaviour_logprobs", fn, behaviour_logprobs)
+        if behaviour_logprobs.shape != logprobs.shape:
+            raise ValueError(
+                f"{fn}: behaviour_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
+                f"got {tuple(behaviour_logprobs.shape)}"
+            )
+        if not (math.isfinite(is_cap) and is_cap >= 1.0):
+            raise ValueError(f"{fn}: is_cap must be a number >= 1 (algorithm.is_cap), got {is_cap!r}")
 
-    dtype = _compute_dtype(logprobs, old_logprobs, advantages)
+    extra = () if behaviour_logprobs is None else (behaviour_logprobs,)
+    dtype = _compute_dtype(logprobs, old_logprobs, advantages, *extra)
     adv = advantages.detach().to(dtype)
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)  # one advantage for every token of the completion
@@ -314,6 +357,12 @@ def policy_loss(
     if dual_clip is not None:
         cap = -dual_clip * adv  # = c |A| where A < 0
         token_loss = torch.where(adv < 0, torch.minimum(clipped_loss, cap), clipped_loss)
+    if behaviour_logprobs is not None:
+        # Zeroed at padding as the log-ratio above; detached: the weight corrects the sampling, it is not optimised.
+        log_w = torch.where(mask, old_logprobs.detach().to(dtype) - behaviour_logprobs.detach().to(dtype), 0.0)
+        raw_weight = torch.exp(log_w)
+        weight = raw_weight.clamp(max=is_cap)
+        token_loss = weight * token_loss
 
     loss = _aggregate(token_loss, mask, agg, num_tokens, max_response_length)
 
@@ -335,6 +384,9 @@ def policy_loss(
         }
         if dual_clip is not None:
             metrics["dual_clip_fraction"] = masked_mean(((adv < 0) & (cap < clipped_loss)).to(dtype))
+        if behaviour_logprobs is not None:
+            metrics["is_truncated_fraction"] = masked_mean((raw_weight > is_cap).to(dtype))
+            metrics["is_weight_mean"] = masked_mean(weight)
     return loss, metrics
 
 

@@ -783,46 +783,67 @@ _COLUMN_BLOCKS = 4  # column-split tensors move in this many row blocks: a quart
 _COLUMN_BLOCK_MAX_BYTES = 64 * 2**20
 
 
-def _fill_full(out: torch.Tensor, local: torch.Tensor, source: _HFSource, group, tp_size: int) -> None:
-    """Write the full Hugging Face tensor ``source`` describes into ``out`` (its place in the bucket), from this
-    rank's shard ``local``: a collective over the TP ``group``; every rank ends with the same values.
+def _fill_full(
+    out: torch.Tensor | None, local: torch.Tensor, source: _HFSource, group, tp_size: int, shape: tuple[int, ...],
+    dst: int | None = None,
+) -> None:
+    """Write the full Hugging Face tensor ``source`` describes (``shape``) into ``out`` (its place in the bucket),
+    from this rank's shard ``local``: a collective over the TP ``group``.
 
-    Broadcasts, in place: each TP rank sends its rows straight into their place (gloo's all-gather would stage the
-    whole tensor in a second buffer); column-split tensors pass through one buffer of a block of rows.
+    ``dst=None``: every rank ends with the same values; each TP rank broadcasts its rows straight into their place
+    (gloo's all-gather would stage the whole tensor in a second buffer). ``dst`` a TP rank: only that rank
+    assembles the tensor (the others pass ``out=None``), the others send it their parts point to point, half the
+    traffic of the broadcasts at TP=2 and 1/TP of it at larger TP. Column-split tensors pass through one buffer of
+    a block of rows on the receiving ranks.
     """
     import torch.distributed as dist
 
     piece = (source.piece(local) if source.piece is not None else local).detach()
-    if tp_size == 1 or source.dim is None:
-        rows = out.shape[0]
-        out.copy_(piece[:rows])  # TP=1: the vocabulary padding rows are dropped by the slice
-        if tp_size > 1:  # replicated: TP rank 0's copy, as the offline mapping takes, on every rank
-            dist.broadcast(out, src=dist.get_global_rank(group, 0), group=group)
-        return
     me = dist.get_rank(group)
+    mine = dst is None or me == dst  # this rank assembles the tensor
+
+    def move(r: int, part: torch.Tensor) -> None:  # rank r's part, from r to the assembling rank(s), in place
+        if dst is None:
+            dist.broadcast(part, src=dist.get_global_rank(group, r), group=group)
+        elif r != dst and me == r:
+            dist.send(part.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
+        elif r != dst and me == dst:
+            dist.recv(part, src=dist.get_global_rank(group, r), group=group)
+
+    if tp_size == 1 or source.dim is None:
+        if mine:
+            out.copy_(piece[: shape[0]])  # TP=1: the vocabulary padding rows are dropped by the slice
+        if tp_size > 1:  # replicated: TP rank 0's copy, as the offline mapping takes, on every assembling rank
+            move(0, out if mine else piece[: shape[0]])
+        return
     if source.dim == 0:
         per_rank = piece.shape[0]
         for r in range(tp_size):
             start = r * per_rank
-            count = min(per_rank, out.shape[0] - start)  # the vocabulary's padding rows are not sent
+            count = min(per_rank, shape[0] - start)  # the vocabulary's padding rows are not sent
             if count <= 0:
                 break
-            if r == me:
+            if r == me and mine:
                 out[start : start + count].copy_(piece[:count])
-            dist.broadcast(out[start : start + count], src=dist.get_global_rank(group, r), group=group)
+            move(r, out[start : start + count] if mine else piece[:count])
         return
-    # Split on columns: rank r's columns, row block by row block, through one block-sized buffer.
+    # Split on columns: rank r's columns, row block by row block; the assembling ranks receive through one
+    # block-sized buffer, a sending rank's rows are contiguous already.
     rows, cols = piece.shape
     row_bytes = cols * piece.element_size()
     block = max(1, min(-(-rows // _COLUMN_BLOCKS), _COLUMN_BLOCK_MAX_BYTES // row_bytes))
-    staging = piece.new_empty((block, cols))
+    staging = piece.new_empty((block, cols)) if mine else None
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         for r in range(tp_size):
+            if not mine:
+                if r == me:
+                    move(r, piece[start:stop])
+                continue
             part = staging[: stop - start]
             if r == me:
                 part.copy_(piece[start:stop])
-            dist.broadcast(part, src=dist.get_global_rank(group, r), group=group)
+            move(r, part)
             out[start:stop, r * cols : (r + 1) * cols].copy_(part)
 
 
@@ -841,14 +862,16 @@ def _check_piece(name: str, local: torch.Tensor, source: _HFSource, shape: tuple
 
 
 def iter_hf_buckets(
-    model: torch.nn.Module, cfg: LlamaConfig, bucket_bytes: int
+    model: torch.nn.Module, cfg: LlamaConfig, bucket_bytes: int, dst: int | None = None
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """This pipeline stage's policy weights as Hugging Face-named FULL tensors, bucket by bucket, exactly following
     hf_bucket_plan(cfg, pp_rank, pp_size, bucket_bytes, param dtype). A collective over this rank's tensor-parallel
     group only (every TP rank of the stage calls it in lockstep, any DP replica may); TP shards are all-gathered per
     tensor (vocab padding removed, q/k/v and gate/up split as the mapping does), never the whole model. Every TP
     rank yields identical full tensors, on the model's device (CUDA tensors over NCCL on GPUs, CPU over gloo).
-    Peak extra memory: one bucket plus one tensor in flight.
+    With ``dst`` (a TP rank: the push's sender, the export's writer) only that rank assembles and yields the
+    tensors; the others send it their shards and yield an empty list per bucket, in lockstep. Peak extra memory:
+    one bucket plus one tensor in flight (on the other ranks with ``dst``: one contiguous part in flight).
 
     The tensors are fresh (no views of the parameters): consecutive views of one buffer per bucket, in plan
     order. A consumer that drops each bucket before asking for the next keeps the peak at one bucket. Checked
@@ -888,14 +911,20 @@ def iter_hf_buckets(
         _check_piece(name, state[sources[name].mcore], sources[name], shape, tp_size)
     device = next(iter(state.values())).device
     bucket_numel = bucket_bytes // torch.empty((), dtype=dtype).element_size()
+    assembles = dst is None or ps.get_tensor_model_parallel_rank() == dst
     for planned in plan:
+        if not assembles:
+            for name, shape in planned:
+                _fill_full(None, state[sources[name].mcore], sources[name], group, tp_size, tuple(shape), dst)
+            yield []
+            continue
         # One fresh buffer per bucket, its tensors consecutive views in plan order (a consumer may move the bucket
         # as one tensor); always the bucket's size at least, so the allocator reuses one block for all of them.
         flat = torch.empty(max(sum(math.prod(shape) for _, shape in planned), bucket_numel), dtype=dtype, device=device)
         bucket, offset = [], 0
         for name, shape in planned:
             view = flat[offset : offset + math.prod(shape)].view(shape)
-            _fill_full(view, state[sources[name].mcore], sources[name], group, tp_size)
+            _fill_full(view, state[sources[name].mcore], sources[name], group, tp_size, tuple(shape), dst)
             bucket.append((name, view))
             offset += view.numel()
         del flat, view
@@ -1094,7 +1123,7 @@ def export_model_hf(
         stage_files = iter(files[pp_rank])
         file, names = next(stage_files)
         failure: BaseException | None = None
-        for bucket in iter_hf_buckets(model, cfg, bucket_bytes):
+        for bucket in iter_hf_buckets(model, cfg, bucket_bytes, dst=0):  # only the writer assembles tensors
             # After a failure the writer keeps consuming: its TP peers are still gathering with it.
             if writer and failure is None:
                 try:

@@ -1,1 +1,2 @@
-"""Release artifacts: the averaged-model bundle's transformers code (copied into every bundle) and the model card."""
+"""Release artifacts: the averaged-model bundle (``bundle``: its layout, written and read), its transformers code
+(``modeling_logit_averaged``, copied into every bundle) and the model card."""

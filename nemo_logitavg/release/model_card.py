@@ -70,7 +70,7 @@ def _training_section(cfg: Mapping) -> list[str]:
 
 
 def _evaluation_section(results: Mapping) -> list[str]:
-    from nemo_logitavg.evaluation import markdown_table
+    from nemo_logitavg.evaluation.reports import markdown_table
 
     out = [
         "## Evaluation",
@@ -90,7 +90,7 @@ def _evaluation_section(results: Mapping) -> list[str]:
 
 
 def _usage(name: str, hf_config: Mapping, cfg: Mapping) -> list[str]:
-    from nemo_logitavg.evaluation import BUNDLE_ARCHITECTURE
+    from nemo_logitavg.release.bundle import BUNDLE_ARCHITECTURE
 
     if BUNDLE_ARCHITECTURE in (hf_config.get("architectures") or []):
         what = (

@@ -30,7 +30,8 @@
   evaluation) does the same by path. After a push only those servers get requests: a server that missed it
   (died, restarted, timed out) is stale until a later push lands in it. A completion that reports another
   ``policy_step`` than the pushed one is never returned: its server is marked stale and the request goes to
-  another server.
+  another server. Asynchronous GRPO (``max_staleness = k``): completions of the last ``k`` pushed steps, and of the
+  step a push is landing (``begin_push``), are accepted too; the trainer checks each completion's step itself.
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ class RolloutClient:
         self.run_id = uuid.uuid4().hex  # one trainer run: the servers refuse a step that does not rise within it
         self.policy_step: int | None = None  # the last step pushed (None: serve whatever the servers hold)
         self.server_steps: dict[str, int] = {}  # server -> the step it confirmed; the others are stale
+        # Asynchronous GRPO: rollouts run while a push lands, so a completion may come from one of the last
+        # `max_staleness` pushed steps or from the step being pushed (`pushing`), not only the pushed one.
+        self.max_staleness = 0
+        self.pushing: int | None = None
 
     # -------------------------------------------------------------------------------------------- plumbing
 
@@ -177,11 +182,17 @@ class RolloutClient:
                 return list(self.urls)
             return [u for u in self.urls if self.server_steps.get(u) == self.policy_step]
 
+    def begin_push(self, step: int) -> None:
+        """A push of ``step`` starts landing: completions of ``step`` are no longer stale (``mark_pushed`` ends it)."""
+        with self._lock:
+            self.pushing = int(step)
+
     def mark_pushed(self, step: int, urls: Sequence[str]) -> None:
         """``urls`` now serve the policy of ``step``; every other server is stale until a push lands in it."""
         with self._lock:
             self.policy_step = int(step)
             self.server_steps = {u: int(step) for u in urls}
+            self.pushing = None
 
     def _mark_stale(self, url: str) -> None:
         with self._lock:
@@ -315,10 +326,13 @@ class RolloutClient:
         step = payload.get("policy_step") if isinstance(payload, dict) else None
         if not isinstance(step, int):
             return "the response carries no integer policy_step"
-        if self.policy_step is None or step == self.policy_step:
+        with self._lock:
+            pushed, pushing, window = self.policy_step, self.pushing, self.max_staleness
+        if pushed is None or pushed - window <= step <= pushed or step == pushing:
             return None
         self._mark_stale(url)
-        return f"served policy step {step}, not the pushed step {self.policy_step} (stale until the next push)"
+        allowed = f"the pushed step {pushed}" if window == 0 else f"pushed steps {pushed - window}..{pushed}"
+        return f"served policy step {step}, not {allowed} (stale until the next push)"
 
     def models(self, url: str, timeout: float = 10.0) -> dict | None:
         """One ``GET /v1/models`` without retries: the server's card, or None when it does not answer."""
@@ -355,9 +369,16 @@ class RolloutClient:
         *,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]:
-        """``n`` completions of each prompt (token ids), in prompt order, from pi_mix of the pushed policy step."""
+        """``n`` completions of each prompt (token ids), in prompt order, from pi_mix of the pushed policy step.
+
+        ``seeds`` (instead of ``seed``): prompt ``i``'s own seed, e.g. ``derive_seed(s, k)`` to redo prompt ``k`` of
+        an earlier call with seed ``s`` exactly (the trainer regenerates stale completions so).
+        """
         prompts = [list(p) for p in prompt_token_ids]
+        if seeds is not None and (seed is not None or len(seeds) != len(prompts)):
+            raise ValueError("generate: give seed or one seed per prompt (seeds), not both")
         if any(not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompts):
             raise ValueError("prompt_token_ids must be a list of non-empty lists of int token ids")
         if n < 1 or max_tokens < 1:
@@ -385,7 +406,9 @@ class RolloutClient:
                 "logprobs": 1,
                 "ignore_eos": ignore_eos,
             }
-            if seed is not None:
+            if seeds is not None:
+                body["seeds"] = [int(seeds[i]) for i in chunk]
+            elif seed is not None:
                 body["seeds"] = [derive_seed(seed, i) for i in chunk]
             if stop_token_ids:
                 body["stop_token_ids"] = list(stop_token_ids)

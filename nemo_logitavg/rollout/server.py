@@ -25,9 +25,10 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
 - The collective policy push (``weight_push``): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
   "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
   ``POST /v1/weights/update`` ``{"step", "run_id", "dtype", "plan", "timeout_s"}`` lands a push between requests
-  and answers ``{"policy_step": K}`` once every bucket is in (409 when the step does not rise within the run id;
-  after a failed push completions answer 503 until a complete push lands); ``GET /v1/weights/digest``: sha256 of
-  every served tensor (policy and reference halves).
+  (requests that arrive while a push waits for the one in progress wait behind it: weights change only
+  between requests) and answers ``{"policy_step": K}`` once every bucket is in (409 when the step does not rise
+  within the run id; after a failed push completions answer 503 until a complete push lands);
+  ``GET /v1/weights/digest``: sha256 of every served tensor (policy and reference halves).
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K, "run_id": R}``: reload the policy half from a Hugging Face
   safetensors directory between requests (requests and reloads are serialised by one lock, so no request sees
   half-loaded weights) and answer ``{"policy_step": K}``. For operators and the evaluation: refused (403) unless
@@ -288,7 +289,10 @@ def create_app(
     if token is not None:
         app.add_middleware(_BearerAuth, token=token)
     server_id = uuid.uuid4().hex  # per start: the trainer rebuilds its weight-update groups when it changes
-    push = {"stale": False}  # a push failed or is landing: no rollouts until a complete one lands
+    push = {"stale": False, "waiting": 0}  # a push failed or is landing: no rollouts until a complete one lands
+    # Pushes waiting for the serve lock hold back requests that have not started (asynchronous GRPO keeps
+    # requests coming while a push arrives): weights land after the request in progress, not after a queue.
+    push_gate = threading.Condition()
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
@@ -414,14 +418,21 @@ def create_app(
             raise BadRequest(f"step {body.step} does not rise above this run's last pushed step {last}", 409)
 
         def land() -> int:
-            with serve_lock:  # between requests: no completion ever mixes two policies
-                push["stale"] = True
-                timeout = min(float(body.timeout_s or limits.push_timeout), limits.push_timeout)
-                engine.receive_policy(plans, dtype, body.step, timeout_s=timeout)
-                push["stale"] = False
-                loaded_steps.pop(body.run_id, None)
-                loaded_steps[body.run_id] = body.step
-                return engine.policy_step
+            with push_gate:
+                push["waiting"] += 1
+            try:
+                with serve_lock:  # between requests: no completion ever mixes two policies
+                    push["stale"] = True
+                    timeout = min(float(body.timeout_s or limits.push_timeout), limits.push_timeout)
+                    engine.receive_policy(plans, dtype, body.step, timeout_s=timeout)
+                    push["stale"] = False
+                    loaded_steps.pop(body.run_id, None)
+                    loaded_steps[body.run_id] = body.step
+                    return engine.policy_step
+            finally:
+                with push_gate:
+                    push["waiting"] -= 1
+                    push_gate.notify_all()
 
         try:
             step = await run_in_threadpool(land)
@@ -452,6 +463,8 @@ def create_app(
         body, prompts, n, requests = await run_in_threadpool(prepare)
 
         def run():
+            with push_gate:  # a push that arrived first lands first
+                push_gate.wait_for(lambda: push["waiting"] == 0)
             with serve_lock:
                 if cancel.is_set():  # dropped while it waited for the lock
                     raise Cancelled("the request was cancelled")

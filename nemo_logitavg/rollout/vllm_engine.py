@@ -131,7 +131,7 @@ def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, out: str) -> str:
     """A minimal bundle (DESIGN.md §7) in ``out`` that points at the two directories instead of copying them."""
-    from nemo_logitavg.rollout.vllm_plugin import ARCHITECTURE, MODEL_TYPE
+    from nemo_logitavg.release.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE
 
     os.makedirs(out, exist_ok=True)
     link = os.path.join(out, "policy")
@@ -139,8 +139,8 @@ def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, 
         os.remove(link)
     os.symlink(os.path.abspath(policy_path), link, target_is_directory=True)
     config = {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
+        "architectures": [BUNDLE_ARCHITECTURE],
+        "model_type": BUNDLE_MODEL_TYPE,
         "ref_weight": float(ref_weight),
         "reference_path": os.path.abspath(reference_path),
     }

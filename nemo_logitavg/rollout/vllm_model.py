@@ -54,7 +54,8 @@ from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 
-from nemo_logitavg.rollout.vllm_plugin import bundle_dirs, register, safetensors_files
+from nemo_logitavg.release.bundle import bundle_dirs
+from nemo_logitavg.rollout.vllm_plugin import register, safetensors_files
 
 logger = logging.getLogger(__name__)
 

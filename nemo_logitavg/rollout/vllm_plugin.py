@@ -13,8 +13,9 @@ Registered in ``pyproject.toml`` under ``[project.entry-points."vllm.general_plu
   vLLM parses a bundle's ``config.json`` without ``trust_remote_code``;
 - ``vllm.ModelRegistry`` maps ``LogitAveragedForCausalLM`` lazily to ``nemo_logitavg.rollout.vllm_model``.
 
-It also holds the small file-layout helpers shared by the model and the engine. This module imports only
-transformers at import time (the rest of the project may import it without vLLM).
+It also holds the safetensors helper shared by the model and the engine (the bundle layout itself is in
+``nemo_logitavg.release.bundle``). This module imports only transformers and that standard-library module at
+import time (the rest of the project may import it without vLLM).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-ARCHITECTURE = "LogitAveragedForCausalLM"
-MODEL_TYPE = "logit_averaged"
+from nemo_logitavg.release.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE, bundle_dirs
+
 MODEL_CLASS = "nemo_logitavg.rollout.vllm_model:LogitAveragedForCausalLM"
 WORKER_EXTENSION = "nemo_logitavg.rollout.vllm_model.PolicyWeightsExtension"
 
@@ -42,15 +43,6 @@ def _sub_config(value: Any) -> PretrainedConfig | None:
 
         return CONFIG_MAPPING[value["model_type"]].from_dict(dict(value))
     raise TypeError(f"expected a config or a dict, got {type(value).__name__}")
-
-
-def bundle_dirs(root: str, config: dict) -> tuple[str, str]:
-    """The policy and reference directories of the bundle at ``root`` (DESIGN.md §7 layout)."""
-    policy = os.path.join(root, "policy")
-    reference = config.get("reference_path") or os.path.join(root, "reference")
-    if not os.path.isabs(reference):
-        reference = os.path.join(root, reference)
-    return policy, reference
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -74,7 +66,7 @@ class LogitAveragedVLLMConfig(PretrainedConfig):
     ``config.json`` when the config is loaded from a directory (``from_pretrained`` / ``AutoConfig``).
     """
 
-    model_type = MODEL_TYPE
+    model_type = BUNDLE_MODEL_TYPE
 
     def __init__(
         self,
@@ -140,9 +132,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    AutoConfig.register(MODEL_TYPE, LogitAveragedVLLMConfig, exist_ok=True)
+    AutoConfig.register(BUNDLE_MODEL_TYPE, LogitAveragedVLLMConfig, exist_ok=True)
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    if BUNDLE_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(BUNDLE_ARCHITECTURE, MODEL_CLASS)
     _registered = True

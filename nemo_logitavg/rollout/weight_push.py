@@ -432,6 +432,7 @@ class PolicyPusher:
         # rank 0 posts the update to every member (each answers once the push landed); senders broadcast.
         posts = {}
         if self.rank == 0:
+            self.client.begin_push(step)  # rollouts running meanwhile (asynchronous GRPO) may come back at `step`
             body = {
                 "step": int(step), "run_id": self.client.run_id, "dtype": dtype_name(self.dtype),
                 "plan": plan_to_wire(self.plans), "timeout_s": self.push_timeout,
@@ -448,7 +449,8 @@ class PolicyPusher:
             from nemo_logitavg.models.hf_conversion import iter_hf_buckets
 
             try:
-                buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes)
+                # Only the sender (TP rank 0) needs the full tensors: the TP peers send it their shards.
+                buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes, dst=0)
                 if self.is_sender:
                     send_buckets(self._group, buckets, self.plans[self.stage], self._backend)
                 else:
