@@ -417,7 +417,8 @@ def phases(p: Plan) -> list[Phase]:
     for name in names:
         done = os.path.join(p.root, "eval", name, "results.json")
         out.append(Phase(f"eval {name}", lambda d=done: exists(d), lambda n=name: evaluate(p, n)))
-    out.append(Phase("report", lambda: False, lambda: write_report(p)))
+    report = write_seed_report if p.cfg.seeds else write_report
+    out.append(Phase("report", lambda: False, lambda: report(p)))
     return out
 
 
@@ -520,9 +521,7 @@ def write_report(p: Plan) -> None:
     by_type = evaluation.accuracy_by_type(types, samples)
     with open(os.path.join(out, "accuracy_by_type.json"), "w", encoding="utf-8") as fh:
         json.dump(by_type, fh, indent=1)
-    for name in ("config.yaml", "timings.json"):
-        shutil.copy(p.path(name), os.path.join(out, name))
-    shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
+    _copy_configs(p, out)
     report = evaluation.report_markdown(
         payload, plots, by_type, _read_timings(p), baseline=p.cfg.baseline, sampled_k=p.cfg.eval.sampled_k,
         seeds=p.cfg.eval.seeds, methods=_method_rows(p), config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
@@ -531,8 +530,81 @@ def write_report(p: Plan) -> None:
         fh.write(report)
 
 
-def _method_rows(p: Plan) -> list[dict]:
-    """The report's table of GRPO methods: the settings that tell them apart."""
+def _copy_configs(p: Plan, out: str) -> None:
+    """The pipeline config, the seconds per phase and every phase's config, beside the report."""
+    for name in ("config.yaml", "timings.json"):
+        shutil.copy(p.path(name), os.path.join(out, name))
+    shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
+
+
+# Held-out benchmarks by record source: the generated problems asked for a boxed answer, and as multiple choice.
+BENCHMARKS = {"arith": "MATH-style", "arith_mcq": "MMLU-style", "all": "all held-out"}
+
+
+def write_seed_report(p: Plan) -> None:
+    """report/ of a job with training seeds (the reproduction job): report.md (accuracy across seeds with
+    t-intervals, paired differences to SFT and KL-GRPO with the detectable difference, format metrics, the
+    ref_weight ablation plots, the per-seed tables), seeds.json (every figure of it), results.* (every evaluated
+    model, bootstrap over problems) and the training curves."""
+    from nemo_logitavg import evaluation
+    from nemo_logitavg.data import read_prompts
+    from nemo_logitavg.evaluation import reproduction
+
+    out = p.path("report")
+    os.makedirs(out, exist_ok=True)
+    names = [p.cfg.baseline, *p.methods]
+    runs = {name: evaluation.runs_from_json(p.path("eval", name, "results.json")) for name in names}
+    evaluation.write_reports(out, [run for group in runs.values() for run in group], p.cfg.baseline)
+    greedy = {name: _greedy_by_benchmark(group) for name, group in runs.items()}
+    sft = greedy[p.cfg.baseline]
+    per_seed: dict[str, dict[str, dict[int, dict]]] = {benchmark: {} for benchmark in sft}
+    for name, trained in p.runs.items():
+        for benchmark, summary in greedy[name].items():
+            per_seed[benchmark].setdefault(trained.method, {})[trained.seed] = summary
+    first: dict[str, GRPOConfig] = {}  # a method's config (its first seed's; the seeds differ in run.seed only)
+    for name, trained in p.runs.items():
+        first.setdefault(trained.method, p.methods[name])
+    # The ablation's points are the pi_mix runs; the KL-GRPO level is the policy-alone run with a KL term.
+    ref_weights = {m: c.algorithm.ref_weight for m, c in first.items() if c.algorithm.ref_weight > 0}
+    kl = next((m for m, c in first.items() if c.algorithm.ref_weight == 0 and c.algorithm.beta > 0), None)
+    plots = reproduction.ablation_plots(per_seed, sft, ref_weights, kl, BENCHMARKS, out)
+    curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
+    curve_plots = evaluation.plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
+    records = read_prompts(p.path("data", "test.jsonl"))
+    counts = {b: sum(r["source"] == b for r in records) for b in per_seed} | {"all": len(records)}
+    seeds_by_method = {m: sorted(v) for m, v in next(iter(per_seed.values())).items()}
+    methods = [row | {"seeds": seeds_by_method[row["method"]]} for row in _method_rows(p, first)]
+    _copy_configs(p, out)
+    report = reproduction.reproduction_markdown(
+        per_seed, sft, ref_weights=ref_weights, kl_method=kl, labels=BENCHMARKS, counts=counts, plots=plots,
+        curves=curve_plots, methods=methods, timings=_read_timings(p),
+        config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
+    )  # fmt: skip
+    figures = {
+        "per_seed": per_seed, "sft": sft, "ref_weights": ref_weights, "kl_method": kl,
+        "across_seeds": reproduction.across_seed_rows(per_seed, sft, BENCHMARKS),
+        "paired": reproduction.paired_rows(per_seed, sft, kl, BENCHMARKS),
+        "format": reproduction.format_rows(per_seed, sft, BENCHMARKS),
+    }  # fmt: skip
+    with open(os.path.join(out, "seeds.json"), "w", encoding="utf-8") as fh:
+        json.dump(figures, fh, indent=1)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(report)
+
+
+def _greedy_by_benchmark(runs: list) -> dict[str, dict]:
+    """Benchmark (record source) -> the greedy run's summary; with several benchmarks also ``all``: the accuracy
+    over every held-out problem (the benchmarks' accuracies weighted by their problem counts)."""
+    out = {run.dataset: run.summary for run in runs if run.mode == "greedy"}
+    if len(out) > 1:
+        total = sum(s["num_problems"] for s in out.values())
+        accuracy = sum(s["accuracy"] * s["num_problems"] for s in out.values()) / total
+        out["all"] = {"accuracy": accuracy, "num_problems": total}
+    return out
+
+
+def _method_rows(p: Plan, methods: dict[str, GRPOConfig] | None = None) -> list[dict]:
+    """The report's table of GRPO methods (``methods``, default every run): the settings that tell them apart."""
     return [
         {
             "method": name,
@@ -543,7 +615,7 @@ def _method_rows(p: Plan) -> list[dict]:
             "group_size": c.algorithm.group_size,
             "lr": c.optim.lr,
         }
-        for name, c in p.methods.items()
+        for name, c in (p.methods if methods is None else methods).items()
     ]
 
 

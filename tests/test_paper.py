@@ -180,3 +180,50 @@ def test_concurrent_phases_overlap_and_a_failure_stops_the_rest():
     with pytest.raises(RuntimeError, match="GRPO x failed"):
         pipeline._run_concurrently([fail, lambda: started.append(1)], workers=1)
     assert started == []  # not started after the failure (a rerun resumes it)
+
+
+def test_score_records_grades_by_record_and_measures_letter_adherence():
+    from nemo_logitavg.evaluation import score_records, summarize
+    from nemo_logitavg.rollout.client import Completion
+
+    records = [
+        {"id": "m1", "source": "arith", "answer": "7", "reward": "math"},
+        {"id": "q1", "source": "arith_mcq", "answer": "B", "reward": "mcq"},
+        {"id": "q2", "source": "arith_mcq", "answer": "C", "reward": "mcq"},
+    ]
+    texts = [["so $\\boxed{7}$"], ["The correct option is B.", "$\\boxed{A}$"], ["no idea", "I think so"]]
+    completions = [[Completion([1, 2], [0.0, 0.0], t, "stop", policy_step=0) for t in group]
+                   for group in texts]  # fmt: skip
+    rows = score_records(records, completions, math_timeout=10.0)
+    assert [r["rewards"] for r in rows] == [[1.0], [1.0, 0.0], [0.0, 0.0]]
+    assert "letter_answer" not in rows[0] and [r["letter_answer"] for r in rows[1:]] == [[True, True], [False, False]]
+    assert summarize(rows[1:], 100)["letter_answer"] == 0.5 and "letter_answer" not in summarize(rows[:1], 100)
+
+
+def _summary(accuracy: float) -> dict:
+    return {"accuracy": accuracy, "has_boxed": 1.0, "boxed_latex_valid": 0.9, "ended_by_eos": 1.0}
+
+
+def test_reproduction_rows_match_scipy():
+    from nemo_logitavg.evaluation import reproduction
+
+    acc = {"la_a0.5": {1: 0.62, 2: 0.70, 3: 0.66}, "la_a0.25": {1: 0.60, 2: 0.61, 3: 0.69},
+           "kl": {1: 0.58, 2: 0.64, 3: 0.63}}
+    per_seed = {"b": {m: {s: _summary(a) for s, a in v.items()} for m, v in acc.items()}}
+    sft = {"b": _summary(0.55)}
+    across = {r["method"]: r for r in reproduction.across_seed_rows(per_seed, sft, {})}
+    for method, values in acc.items():
+        x = [values[s] for s in sorted(values)]
+        low, high = stats.t.interval(0.95, len(x) - 1, loc=sum(x) / 3, scale=stats.sem(x))
+        assert (across[method]["t_low"], across[method]["t_high"]) == pytest.approx((low, high), abs=1e-9)
+    paired = {(r["method"], r["against"]): r for r in reproduction.paired_rows(per_seed, sft, "kl", {})}
+    assert set(paired) == {(m, ref) for m in acc for ref in ("sft", "kl") if m != ref}
+    for (method, against), row in paired.items():
+        a = [acc[method][s] for s in (1, 2, 3)]
+        b = [acc[against][s] for s in (1, 2, 3)] if against == "kl" else [0.55] * 3
+        ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+        assert (row["t_low"], row["t_high"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
+        sd = stats.tstd([x - y for x, y in zip(a, b, strict=True)])
+        mdd = (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * sd / 3**0.5
+        assert row["detectable"] == pytest.approx(mdd, rel=1e-9)
+        assert row["verdict"] == ("above" if ci.low > 0 else "below" if ci.high < 0 else "within CI")

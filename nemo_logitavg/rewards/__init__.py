@@ -4,7 +4,7 @@ Imports nothing else of the package. math-verify is imported only inside the gra
 """
 
 from nemo_logitavg.rewards.by_kind import REWARD_KINDS, score_by_kind
-from nemo_logitavg.rewards.format import format_metrics, format_metrics_batch, latex_structure_ok
+from nemo_logitavg.rewards.format import format_metrics, format_metrics_batch, latex_structure_ok, letter_answer
 from nemo_logitavg.rewards.math_answer import (
     MAX_ANSWER_CHARS,
     MAX_FALLBACK_CHARS,
@@ -30,6 +30,7 @@ __all__ = [
     "format_metrics_batch",
     "get_default_grader",
     "latex_structure_ok",
+    "letter_answer",
     "score_by_kind",
     "score_math",
     "score_mcq",
