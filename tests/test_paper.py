@@ -3,6 +3,7 @@ the config, and (slow) the job shrunk to 2 training seeds and 2 ref_weights end 
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -227,3 +228,111 @@ def test_reproduction_rows_match_scipy():
         mdd = (stats.t.ppf(0.975, 2) + stats.t.ppf(0.8, 2)) * sd / 3**0.5
         assert row["detectable"] == pytest.approx(mdd, rel=1e-9)
         assert row["verdict"] == ("above" if ci.low > 0 else "below" if ci.high < 0 else "within CI")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+PAPER_SMALL = [
+    "problems.count=1500", "problems.test_size=40", "problems.curve_size=6",
+    "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2", "model.vocab_size=160",
+    "sft.steps=100", "sft.sequences_per_step=8", "sft.micro_batch_size=8", "sft.checkpoint_every=0",
+    "seeds=[1,2]", "ref_weight_sweep.ref_weights=[0.25,0.75]",
+    "grpo.run.steps=2", "grpo.run.checkpoint_every=2", "grpo.run.eval_every=2",
+    "grpo.rollout.prompts_per_step=2", "grpo.algorithm.group_size=4", "grpo.rollout.micro_batch_size=4",
+]  # fmt: skip
+
+
+def _run_paper(run_dir: Path, log: Path) -> str:
+    import subprocess
+    import sys
+
+    command = [sys.executable, str(ROOT / "recipes" / "pipeline.py"), "--config", str(PAPER_CPU), f"dir={run_dir}",
+               *PAPER_SMALL]  # fmt: skip
+    with log.open("a") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=1200).returncode
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    return text
+
+
+@pytest.mark.slow
+def test_paper_job_shrunk_end_to_end(tmp_path):
+    from nemo_logitavg.rewards import extract_choice
+
+    run_dir, log = tmp_path / "run", tmp_path / "pipeline.log"
+    _run_paper(run_dir, log)
+    report = run_dir / "report"
+    text = (report / "report.md").read_text()
+    figures = json.loads((report / "seeds.json").read_text())
+    methods = ["logit_avg_a0.25", "logit_avg_a0.75", "kl"]
+    assert set(figures["per_seed"]) == {"arith", "arith_mcq", "all"}
+
+    # The per-seed figures are each run's own evaluation: greedy accuracy of its samples, graded here again,
+    # the multiple-choice ones by score_mcq against the gold letters.
+    letters_seen = 0
+    for method in methods:
+        for seed in (1, 2):
+            samples = read_jsonl(run_dir / "eval" / f"{method}_seed{seed}" / "samples.jsonl")
+            for benchmark, grade in (("arith", None), ("arith_mcq", score_mcq)):
+                rows = [r for r in samples if r["source"] == benchmark]
+                assert rows and all(r["mode"] == "greedy" for r in rows)
+                if grade is not None:
+                    texts = [r["completions"][0] for r in rows]
+                    assert [r["rewards"][0] for r in rows] == grade(texts, [r["answer"] for r in rows])
+                    letters = [extract_choice(t) is not None for t in texts]
+                    letters_seen += sum(letters)
+                    summary = figures["per_seed"][benchmark][method][str(seed)]
+                    assert summary["letter_answer"] == pytest.approx(sum(letters) / len(letters))
+                accuracy = figures["per_seed"][benchmark][method][str(seed)]["accuracy"]
+                assert accuracy == pytest.approx(sum(r["score"] for r in rows) / len(rows))
+            overall = figures["per_seed"]["all"][method][str(seed)]["accuracy"]
+            assert overall == pytest.approx(sum(r["score"] for r in samples) / len(samples))
+    assert letters_seen > 0  # the SFT model learned to answer with a letter: the grading above has teeth
+
+    # The across-seed interval, recomputed from the per-seed figures with scipy; the paired difference to KL-GRPO.
+    across = {(r["benchmark"], r["method"]): r for r in figures["across_seeds"]}
+    paired = {(r["benchmark"], r["method"], r["against"]): r for r in figures["paired"]}
+    for benchmark, label in pipeline.BENCHMARKS.items():
+        per_seed = {m: [figures["per_seed"][benchmark][m][s]["accuracy"] for s in ("1", "2")] for m in methods}
+        for method, x in per_seed.items():
+            mean = sum(x) / 2
+            low, high = stats.t.interval(0.95, 1, loc=mean, scale=stats.sem(x)) if x[0] != x[1] else (mean, mean)
+            assert (across[label, method]["t_low"], across[label, method]["t_high"]) == pytest.approx((low, high))
+            if method != "kl":
+                d = [a - b for a, b in zip(x, per_seed["kl"], strict=True)]
+                mean_d = sum(d) / 2
+                low, high = (stats.t.interval(0.95, 1, loc=mean_d, scale=stats.sem(d)) if d[0] != d[1]
+                             else (mean_d, mean_d))  # fmt: skip
+                assert (paired[label, method, "kl"]["t_low"], paired[label, method, "kl"]["t_high"]) == \
+                    pytest.approx((low, high))  # fmt: skip
+            assert f"| {label} | {method} | 2 |" in text
+    for section in ("Accuracy across training seeds", "Paired differences across seeds", "detectable",
+                    "letter_answer", "boxed_latex_valid", "has_boxed", "Per seed: MMLU-style", "Exact config"):
+        assert section in text
+    # The ablation plots: accuracy against ref_weight per benchmark, in the report.
+    for benchmark in ("arith", "arith_mcq", "all"):
+        assert (report / f"ablation_{benchmark}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![ablation_{benchmark}.png](ablation_{benchmark}.png)" in text
+    # One SFT model; each (method, seed) its own GRPO run with run.seed = the training seed.
+    from omegaconf import OmegaConf
+
+    for method in methods:
+        for seed in (1, 2):
+            config = OmegaConf.load(run_dir / "configs" / f"grpo_{method}_seed{seed}.yaml")
+            assert config.run.seed == seed and config.model.policy == str(run_dir / "models" / "sft")
+            assert (run_dir / "grpo" / method / f"seed{seed}" / "policy_final" / "config.json").exists()
+
+    # A rerun finds every (method, seed) finished and skips it.
+    before = len(log.read_text())
+    rerun = _run_paper(run_dir, log)[before:]
+    for method in methods:
+        for seed in (1, 2):
+            assert f"grpo {method}_seed{seed}: done earlier, skipped" in rerun
+
+
+def test_tables_keep_a_metric_that_only_some_rows_have():
+    from nemo_logitavg.evaluation import csv_text, markdown_table
+
+    rows = [{"model": "a", "accuracy": 0.5}, {"model": "b", "accuracy": 0.25, "letter_answer": 1.0}]
+    assert csv_text(rows) == "model,accuracy,letter_answer\na,0.5,\nb,0.25,1.0\n"
+    assert markdown_table(rows).splitlines()[3] == "| b | 0.2500 | 1.0000 |"
