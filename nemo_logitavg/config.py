@@ -111,9 +111,9 @@ class RolloutSection:
 
 @dataclass
 class DataSection:
-    train: str = MISSING  # prompt jsonl: {"prompt": ..., "answer": ...}
+    train: str = MISSING  # prompt jsonl: {"prompt": ..., "answer": ..., "reward": "math" | "mcq" (optional)}
     test: str | None = None
-    reward: str = "math"  # math | mcq
+    reward: str = "math"  # math | mcq, for records without a "reward" field (each record is graded by its own)
     reward_timeout: float = 5.0
 
 

@@ -15,8 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,9 @@ class ProblemsSection:
     # careless teacher who moves b across without changing its sign (x = c + b). GRPO's reward can correct what
     # imitation learned; 0 gives clean data.
     teacher_error_rate: float = 0.0
+    # This fraction of the problems is asked as four-option questions (MMLU format, a letter answer graded by
+    # score_mcq, record source "arith_mcq") in the same data set, for SFT and GRPO alike; 0 keeps math only.
+    mcq_fraction: float = 0.0
     seed: int = 0
 
 
@@ -54,33 +59,64 @@ class EvalSection:
 
 
 @dataclass
+class SweepSection:
+    """An ablation over the averaging weight: ``methods.<method>`` is trained once per ref_weight (everything else,
+    group size, reward and budget included, held fixed), as methods named ``<method>_a<ref_weight>``."""
+
+    method: str = "logit_avg"
+    ref_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
 class PipelineConfig:
-    """``configs/tiny_cpu.yaml``. ``sft`` and ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are
-    filled in by the pipeline); ``methods`` maps a method name to its GRPO overrides."""
+    """``configs/tiny_cpu.yaml`` (the main job) and ``configs/paper_cpu.yaml`` (the reproduction job). ``sft`` and
+    ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are filled in by the pipeline); ``methods`` maps a
+    method name to its GRPO overrides."""
 
     dir: str = "runs/tiny_cpu"
-    nproc: int = 2  # torchrun processes for SFT and GRPO (= model.tensor_parallel x pipeline x data parallel)
+    nproc: int = 2  # processes (cores) of the job: SFT runs on all of them, each GRPO run on nproc / concurrent_runs
     problems: ProblemsSection = field(default_factory=ProblemsSection)
     model: ScratchModelConfig = field(default_factory=ScratchModelConfig)
     model_seed: int = 0
     sft: dict[str, Any] = field(default_factory=dict)
     grpo: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, Any] = field(default_factory=dict)
+    ref_weight_sweep: SweepSection | None = None  # set: methods.<method> once per ref_weight (the ablation)
+    # Training seeds: every method is trained once per seed (run.seed = the seed, and with it the rollout seeds;
+    # the SFT model is shared). Empty: one run per method with grpo.run.seed (the main job).
+    seeds: list[int] = field(default_factory=list)
+    concurrent_runs: int = 1  # GRPO runs trained at the same time, each with its own torchrun and rollout server
     baseline: str = "sft"  # the model every method is compared with (paired bootstrap)
     eval: EvalSection = field(default_factory=EvalSection)
 
 
+@dataclass(frozen=True)
+class TrainedRun:
+    """One GRPO run of a plan: its method and training seed (None: the main job's one run per method)."""
+
+    method: str
+    seed: int | None
+
+
 @dataclass
 class Plan:
-    """Where everything of a run lives, and the phase configs built from the pipeline config."""
+    """Where everything of a run lives, and the phase configs built from the pipeline config. ``methods`` maps a
+    run name (the method, or ``<method>_seed<seed>`` with training seeds) to its GRPO config, ``runs`` the same
+    names to what they train, seed-major (every method of the first seed, then the next seed)."""
 
     cfg: PipelineConfig
     root: str
     sft: SFTConfig
     methods: dict[str, GRPOConfig]
+    runs: dict[str, TrainedRun] = field(default_factory=dict)
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
+
+    @property
+    def method_names(self) -> list[str]:
+        """The trained methods (the ablation's expanded), in config order."""
+        return list(dict.fromkeys(r.method for r in self.runs.values()))
 
 
 def _typed(schema: type, values: dict, where: str) -> Any:
@@ -105,27 +141,68 @@ def plan(config_path: str, overrides: list[str] | None = None) -> Plan:
         raise ValueError(f"{config_path}: baseline {cfg.baseline!r} must be 'sft', not a GRPO method")
     if cfg.nproc < 1 or cfg.problems.test_size < 1 or not cfg.eval.seeds:
         raise ValueError(f"{config_path}: nproc, problems.test_size and eval.seeds must be positive / non-empty")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"{config_path}: seeds: repeated training seeds {cfg.seeds}")
+    if cfg.concurrent_runs < 1 or cfg.nproc % cfg.concurrent_runs:
+        raise ValueError(f"{config_path}: concurrent_runs ({cfg.concurrent_runs}) must be >= 1 and divide nproc "
+                         f"({cfg.nproc}): each GRPO run gets nproc / concurrent_runs processes")  # fmt: skip
+    for name in cfg.methods:
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"{config_path}: methods.{name}: use letters, digits and '_' in method names")
     root = os.path.abspath(cfg.dir)
     data, models = os.path.join(root, "data"), os.path.join(root, "models")
     fixed_sft = {"model": os.path.join(models, "init"), "data": os.path.join(data, "sft.jsonl"),
                  "out": os.path.join(models, "sft")}  # fmt: skip
     sft = _typed(SFTConfig, {**cfg.sft, **fixed_sft}, f"{config_path}: sft")
-    methods = {}
+    methods, runs = {}, {}
+    expanded = _expand_methods(cfg, config_path)
+    for seed in cfg.seeds or [None]:
+        for name, (where, method) in expanded.items():
+            run_name = name if seed is None else f"{name}_seed{seed}"
+            run_dir = os.path.join(root, "grpo", name, *([] if seed is None else [f"seed{seed}"]))
+            values = OmegaConf.merge(OmegaConf.create(cfg.grpo), OmegaConf.create(method))
+            values = OmegaConf.merge(values, {
+                "model": {"policy": fixed_sft["out"]},
+                "data": {"train": os.path.join(data, "train.jsonl"), "test": os.path.join(data, "curve.jsonl")},
+                "run": {"dir": run_dir} if seed is None else {"dir": run_dir, "seed": seed},
+            })  # fmt: skip
+            grpo = _typed(GRPOConfig, OmegaConf.to_container(values), f"{config_path}: {where}")
+            try:
+                methods[run_name] = grpo.validate()
+            except ValueError as exc:
+                raise ValueError(f"{config_path}: {where} (grpo merged with its overrides): {exc}") from None
+            per_run = cfg.nproc // cfg.concurrent_runs
+            if per_run % (grpo.model.tensor_parallel * grpo.model.pipeline_parallel):
+                raise ValueError(
+                    f"{config_path}: {where}: model.tensor_parallel x model.pipeline_parallel "
+                    f"({grpo.model.tensor_parallel} x {grpo.model.pipeline_parallel}) must divide the {per_run} "
+                    f"processes of a GRPO run (nproc {cfg.nproc} / concurrent_runs {cfg.concurrent_runs})"
+                )
+            runs[run_name] = TrainedRun(name, seed)
+    return Plan(cfg, root, sft, methods, runs)
+
+
+def _expand_methods(cfg: PipelineConfig, config_path: str) -> dict[str, tuple[str, dict]]:
+    """Method name -> (where its config comes from, for errors; its GRPO overrides), the ablation expanded: the
+    swept method replaced by one method per ref_weight, in its place."""
+    sweep = cfg.ref_weight_sweep
+    if sweep is not None and sweep.method not in cfg.methods:
+        raise ValueError(f"{config_path}: ref_weight_sweep.method {sweep.method!r} is not one of methods "
+                         f"({', '.join(cfg.methods)})")  # fmt: skip
+    if sweep is not None and (not sweep.ref_weights or len(set(sweep.ref_weights)) != len(sweep.ref_weights)):
+        raise ValueError(f"{config_path}: ref_weight_sweep.ref_weights must be non-empty and distinct, got "
+                         f"{sweep.ref_weights}")  # fmt: skip
+    out: dict[str, tuple[str, dict]] = {}
     for name, method in cfg.methods.items():
-        if not name.replace("_", "").isalnum():
-            raise ValueError(f"{config_path}: methods.{name}: use letters, digits and '_' in method names")
-        values = OmegaConf.merge(OmegaConf.create(cfg.grpo), OmegaConf.create(method or {}))
-        values = OmegaConf.merge(values, {
-            "model": {"policy": fixed_sft["out"]},
-            "data": {"train": os.path.join(data, "train.jsonl"), "test": os.path.join(data, "curve.jsonl")},
-            "run": {"dir": os.path.join(root, "grpo", name)},
-        })  # fmt: skip
-        grpo = _typed(GRPOConfig, OmegaConf.to_container(values), f"{config_path}: methods.{name}")
-        try:
-            methods[name] = grpo.validate()
-        except ValueError as exc:
-            raise ValueError(f"{config_path}: methods.{name} (grpo merged with its overrides): {exc}") from None
-    return Plan(cfg, root, sft, methods)
+        method = OmegaConf.to_container(OmegaConf.create(method or {}))
+        if sweep is None or name != sweep.method:
+            out[name] = (f"methods.{name}", method)
+            continue
+        for weight in sweep.ref_weights:
+            point = OmegaConf.merge(method, {"algorithm": {"ref_weight": weight}})
+            out[f"{name}_a{weight:g}"] = (f"methods.{name} at ref_weight_sweep.ref_weights {weight:g}",
+                                          OmegaConf.to_container(point))  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- phases
@@ -158,19 +235,30 @@ def check_run_dir(p: Plan, config_path: str) -> None:
 
 
 def make_data(p: Plan) -> None:
-    """Problems -> prompt records (MATH loader), duplicates removed, hash split; SFT pairs from the train split."""
+    """Problems -> prompt records (the MATH loader, or the MMLU loader for the ``problems.mcq_fraction`` asked as
+    multiple choice), duplicates removed, hash split; SFT pairs from the train split."""
     from nemo_logitavg.data import dedupe, split_by_hash, write_prompts
-    from nemo_logitavg.data.loaders import math_record
-    from nemo_logitavg.data.synthetic import make_problems
+    from nemo_logitavg.data.loaders import math_record, mmlu_record
+    from nemo_logitavg.data.synthetic import make_problems, multiple_choice
 
     pc = p.cfg.problems
+    if not 0.0 <= pc.mcq_fraction <= 1.0:
+        raise ValueError(f"problems.mcq_fraction must lie in [0, 1], got {pc.mcq_fraction}")
     problems = make_problems(pc.count, pc.seed, tuple(pc.kinds))
     records, solutions = [], {}
     teacher = random.Random(pc.seed + 1)
     for i, raw in enumerate(problems):
-        record = math_record(raw, f"generated problem {i}", source="arith")
-        records.append(record)
+        where = f"generated problem {i}"
+        # The teacher draws once per algebra problem whatever its form, and the form and the options come from
+        # the problem's own generator: with mcq_fraction 0 the data are exactly the math-only data.
         flawed = "flawed_solution" in raw and teacher.random() < pc.teacher_error_rate
+        form = random.Random(f"{pc.seed}:mcq:{i}")
+        if pc.mcq_fraction > 0 and form.random() < pc.mcq_fraction:
+            raw = multiple_choice(raw, form)
+            record = mmlu_record(raw, where, source="arith_mcq")
+        else:
+            record = math_record(raw, where, source="arith")
+        records.append(record)
         solutions.setdefault(record["id"], raw["flawed_solution"] if flawed else raw["solution"])
     train, test = split_by_hash(dedupe(records), pc.test_fraction, salt=str(pc.seed))
     test = test[: pc.test_size]
@@ -187,8 +275,9 @@ def make_data(p: Plan) -> None:
             fh.write(json.dumps({"prompt": record["prompt"], "response": solutions[record["id"]]}) + "\n")
     os.replace(tmp, p.path("data"))
     flawed = sum(1 for r in train if not solutions[r["id"]].endswith(f"\\boxed{{{r['answer']}}}$."))
-    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)}); "
-        f"{flawed} SFT solutions flawed by the teacher")  # fmt: skip
+    mcq = sum(r["reward"] == "mcq" for r in train), sum(r["reward"] == "mcq" for r in test)
+    log(f"data: {len(train)} train / {len(test)} held-out problems ({', '.join(pc.kinds)}; multiple choice: "
+        f"{mcq[0]} / {mcq[1]}); {flawed} SFT solutions flawed by the teacher")  # fmt: skip
 
 
 def make_init_model(p: Plan) -> None:
@@ -218,11 +307,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def torchrun(p: Plan, recipe: str, config_file: str, log_file: str) -> None:
-    """Run a recipe under torchrun on this machine (rendezvous on 127.0.0.1), its output to the console and
-    ``log_file``; raise naming the log when it fails."""
+def torchrun(p: Plan, recipe: str, config_file: str, log_file: str, nproc: int | None = None, tag: str = "") -> None:
+    """Run a recipe under torchrun on this machine (rendezvous on 127.0.0.1) with ``nproc`` processes (default
+    ``p.cfg.nproc``), its output to the console (progress lines prefixed with ``tag``) and ``log_file``; raise
+    naming the log when it fails."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p.cfg.nproc),
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc or p.cfg.nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         str(RECIPES / recipe), "--config", config_file,
     ]  # fmt: skip
@@ -234,7 +324,7 @@ def torchrun(p: Plan, recipe: str, config_file: str, log_file: str) -> None:
         for line in proc.stdout:
             out.write(line)
             if line.startswith(("[sft]", "[grpo]")) or "Error" in line:
-                print(line, end="", flush=True)
+                print(tag + line, end="", flush=True)
         code = proc.wait()
     if code != 0:
         raise RuntimeError(f"{recipe} failed with exit code {code}; its output is in {log_file}")
@@ -263,7 +353,9 @@ def final_policy(p: Plan, name: str) -> str:
 def run_grpo(p: Plan, name: str) -> None:
     config_file = p.path("configs", f"grpo_{name}.yaml")
     _dump(p.methods[name], config_file)
-    torchrun(p, "grpo.py", config_file, p.path("logs", f"grpo_{name}.log"))
+    # Runs trained side by side share the cores; their progress lines say which run they come from.
+    tag = f"({name}) " if p.cfg.concurrent_runs > 1 else ""
+    torchrun(p, "grpo.py", config_file, p.path("logs", f"grpo_{name}.log"), p.cfg.nproc // p.cfg.concurrent_runs, tag)
     if not grpo_done(p, name):  # the recipe stops early (exit 0) on SIGTERM/SIGUSR1
         raise RuntimeError(f"GRPO {name} stopped before step {p.methods[name].run.steps}; rerun to resume")
 
@@ -309,6 +401,7 @@ class Phase:
     name: str
     done: Callable[[], bool]
     run: Callable[[], None]
+    concurrent: bool = False  # may run beside the neighbouring concurrent phases (independent GRPO runs)
 
 
 def phases(p: Plan) -> list[Phase]:
@@ -319,12 +412,13 @@ def phases(p: Plan) -> list[Phase]:
         Phase("sft", lambda: exists(p.sft.out), lambda: run_sft(p)),
     ]
     for name in p.methods:
-        out.append(Phase(f"grpo {name}", lambda n=name: grpo_done(p, n), lambda n=name: run_grpo(p, n)))
+        out.append(Phase(f"grpo {name}", lambda n=name: grpo_done(p, n), lambda n=name: run_grpo(p, n), True))
     names = [p.cfg.baseline, *p.methods]
     for name in names:
         done = os.path.join(p.root, "eval", name, "results.json")
         out.append(Phase(f"eval {name}", lambda d=done: exists(d), lambda n=name: evaluate(p, n)))
-    out.append(Phase("report", lambda: False, lambda: write_report(p)))
+    report = write_seed_report if p.cfg.seeds else write_report
+    out.append(Phase("report", lambda: False, lambda: report(p)))
     return out
 
 
@@ -337,18 +431,64 @@ def run(config_path: str, overrides: list[str] | None = None) -> str:
     todo = phases(p)
     timings = _read_timings(p)
     started = time.monotonic()
-    for i, phase in enumerate(todo, 1):
-        if phase.done():
-            log(f"phase {i}/{len(todo)} {phase.name}: done earlier, skipped")
-            continue
+    lock = threading.Lock()
+
+    def run_phase(i: int, phase: Phase) -> None:
         log(f"phase {i}/{len(todo)} {phase.name} (elapsed {(time.monotonic() - started) / 60:.1f} min)")
         t0 = time.monotonic()
         phase.run()
-        timings[phase.name] = timings.get(phase.name, 0.0) + time.monotonic() - t0
-        with open(p.path("timings.json"), "w", encoding="utf-8") as fh:
-            json.dump(timings, fh, indent=1)
+        with lock:
+            timings[phase.name] = timings.get(phase.name, 0.0) + time.monotonic() - t0
+            _write_timings(p, timings)
+
+    i = 0
+    while i < len(todo):
+        end = i + 1  # a phase, or a stretch of concurrent phases (GRPO runs) run concurrent_runs at a time
+        if p.cfg.concurrent_runs > 1 and todo[i].concurrent:
+            while end < len(todo) and todo[end].concurrent:
+                end += 1
+        pending = []
+        for j in range(i, end):
+            if todo[j].done():
+                log(f"phase {j + 1}/{len(todo)} {todo[j].name}: done earlier, skipped")
+            else:
+                pending.append(j)
+        if end - i == 1:
+            for j in pending:
+                run_phase(j + 1, todo[j])
+        elif pending:
+            t0 = time.monotonic()
+            _run_concurrently([lambda j=j: run_phase(j + 1, todo[j]) for j in pending], p.cfg.concurrent_runs)
+            key = f"grpo runs, {p.cfg.concurrent_runs} at a time (wall clock)"
+            timings[key] = timings.get(key, 0.0) + time.monotonic() - t0
+            _write_timings(p, timings)
+        i = end
     log(f"finished in {(time.monotonic() - started) / 60:.1f} min; report: {p.path('report', 'report.md')}")
     return p.path("report")
+
+
+def _run_concurrently(jobs: list[Callable[[], None]], workers: int) -> None:
+    """Run ``jobs``, ``workers`` at a time. After a failure no further job starts; the running ones finish (their
+    checkpoints stay, a rerun resumes them) and the first error is raised."""
+    failed: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_unless_failed, job, failed) for job in jobs]
+        for future in as_completed(futures):
+            error = future.exception()
+            if error is not None and not failed:
+                failed.append(error)
+    if failed:
+        raise failed[0]
+
+
+def _unless_failed(job: Callable[[], None], failed: list[BaseException]) -> None:
+    if not failed:
+        job()
+
+
+def _write_timings(p: Plan, timings: dict[str, float]) -> None:
+    with open(p.path("timings.json"), "w", encoding="utf-8") as fh:
+        json.dump(timings, fh, indent=1)
 
 
 def _read_timings(p: Plan) -> dict[str, float]:
@@ -381,9 +521,7 @@ def write_report(p: Plan) -> None:
     by_type = evaluation.accuracy_by_type(types, samples)
     with open(os.path.join(out, "accuracy_by_type.json"), "w", encoding="utf-8") as fh:
         json.dump(by_type, fh, indent=1)
-    for name in ("config.yaml", "timings.json"):
-        shutil.copy(p.path(name), os.path.join(out, name))
-    shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
+    _copy_configs(p, out)
     report = evaluation.report_markdown(
         payload, plots, by_type, _read_timings(p), baseline=p.cfg.baseline, sampled_k=p.cfg.eval.sampled_k,
         seeds=p.cfg.eval.seeds, methods=_method_rows(p), config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
@@ -392,8 +530,81 @@ def write_report(p: Plan) -> None:
         fh.write(report)
 
 
-def _method_rows(p: Plan) -> list[dict]:
-    """The report's table of GRPO methods: the settings that tell them apart."""
+def _copy_configs(p: Plan, out: str) -> None:
+    """The pipeline config, the seconds per phase and every phase's config, beside the report."""
+    for name in ("config.yaml", "timings.json"):
+        shutil.copy(p.path(name), os.path.join(out, name))
+    shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
+
+
+# Held-out benchmarks by record source: the generated problems asked for a boxed answer, and as multiple choice.
+BENCHMARKS = {"arith": "MATH-style", "arith_mcq": "MMLU-style", "all": "all held-out"}
+
+
+def write_seed_report(p: Plan) -> None:
+    """report/ of a job with training seeds (the reproduction job): report.md (accuracy across seeds with
+    t-intervals, paired differences to SFT and KL-GRPO with the detectable difference, format metrics, the
+    ref_weight ablation plots, the per-seed tables), seeds.json (every figure of it), results.* (every evaluated
+    model, bootstrap over problems) and the training curves."""
+    from nemo_logitavg import evaluation
+    from nemo_logitavg.data import read_prompts
+    from nemo_logitavg.evaluation import reproduction
+
+    out = p.path("report")
+    os.makedirs(out, exist_ok=True)
+    names = [p.cfg.baseline, *p.methods]
+    runs = {name: evaluation.runs_from_json(p.path("eval", name, "results.json")) for name in names}
+    evaluation.write_reports(out, [run for group in runs.values() for run in group], p.cfg.baseline)
+    greedy = {name: _greedy_by_benchmark(group) for name, group in runs.items()}
+    sft = greedy[p.cfg.baseline]
+    per_seed: dict[str, dict[str, dict[int, dict]]] = {benchmark: {} for benchmark in sft}
+    for name, trained in p.runs.items():
+        for benchmark, summary in greedy[name].items():
+            per_seed[benchmark].setdefault(trained.method, {})[trained.seed] = summary
+    first: dict[str, GRPOConfig] = {}  # a method's config (its first seed's; the seeds differ in run.seed only)
+    for name, trained in p.runs.items():
+        first.setdefault(trained.method, p.methods[name])
+    # The ablation's points are the pi_mix runs; the KL-GRPO level is the policy-alone run with a KL term.
+    ref_weights = {m: c.algorithm.ref_weight for m, c in first.items() if c.algorithm.ref_weight > 0}
+    kl = next((m for m, c in first.items() if c.algorithm.ref_weight == 0 and c.algorithm.beta > 0), None)
+    plots = reproduction.ablation_plots(per_seed, sft, ref_weights, kl, BENCHMARKS, out)
+    curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
+    curve_plots = evaluation.plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
+    records = read_prompts(p.path("data", "test.jsonl"))
+    counts = {b: sum(r["source"] == b for r in records) for b in per_seed} | {"all": len(records)}
+    seeds_by_method = {m: sorted(v) for m, v in next(iter(per_seed.values())).items()}
+    methods = [row | {"seeds": seeds_by_method[row["method"]]} for row in _method_rows(p, first)]
+    _copy_configs(p, out)
+    report = reproduction.reproduction_markdown(
+        per_seed, sft, ref_weights=ref_weights, kl_method=kl, labels=BENCHMARKS, counts=counts, plots=plots,
+        curves=curve_plots, methods=methods, timings=_read_timings(p),
+        config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
+    )  # fmt: skip
+    figures = {
+        "per_seed": per_seed, "sft": sft, "ref_weights": ref_weights, "kl_method": kl,
+        "across_seeds": reproduction.across_seed_rows(per_seed, sft, BENCHMARKS),
+        "paired": reproduction.paired_rows(per_seed, sft, kl, BENCHMARKS),
+        "format": reproduction.format_rows(per_seed, sft, BENCHMARKS),
+    }  # fmt: skip
+    with open(os.path.join(out, "seeds.json"), "w", encoding="utf-8") as fh:
+        json.dump(figures, fh, indent=1)
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
+        fh.write(report)
+
+
+def _greedy_by_benchmark(runs: list) -> dict[str, dict]:
+    """Benchmark (record source) -> the greedy run's summary; with several benchmarks also ``all``: the accuracy
+    over every held-out problem (the benchmarks' accuracies weighted by their problem counts)."""
+    out = {run.dataset: run.summary for run in runs if run.mode == "greedy"}
+    if len(out) > 1:
+        total = sum(s["num_problems"] for s in out.values())
+        accuracy = sum(s["accuracy"] * s["num_problems"] for s in out.values()) / total
+        out["all"] = {"accuracy": accuracy, "num_problems": total}
+    return out
+
+
+def _method_rows(p: Plan, methods: dict[str, GRPOConfig] | None = None) -> list[dict]:
+    """The report's table of GRPO methods (``methods``, default every run): the settings that tell them apart."""
     return [
         {
             "method": name,
@@ -404,7 +615,7 @@ def _method_rows(p: Plan) -> list[dict]:
             "group_size": c.algorithm.group_size,
             "lr": c.optim.lr,
         }
-        for name, c in p.methods.items()
+        for name, c in (p.methods if methods is None else methods).items()
     ]
 
 

@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_logitavg.config import GRPOConfig, load_config
-from nemo_logitavg.data import encode_prompt, read_jsonl
+from nemo_logitavg.data.prompts import read_training_prompts
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
 from nemo_logitavg.parallel import init_parallel, rank_device, teardown
-from nemo_logitavg.rewards import score_math, score_mcq
+from nemo_logitavg.rewards import score_by_kind
 from nemo_logitavg.trainer import GRPOTrainer, StopRequested
 
 
@@ -37,12 +37,8 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy)
 
-    def tokenized(path: str) -> list[dict]:
-        records = read_jsonl(path, required=("prompt", "answer"))
-        return [{"prompt_ids": encode_prompt(r["prompt"], tokenizer), "answer": r["answer"]} for r in records]
-
-    prompts = tokenized(cfg.data.train)
-    eval_prompts = tokenized(cfg.data.test) if cfg.data.test else []
+    prompts = read_training_prompts(cfg.data.train, tokenizer, cfg.data.reward)
+    eval_prompts = read_training_prompts(cfg.data.test, tokenizer, cfg.data.reward) if cfg.data.test else []
     init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, seed=cfg.run.seed,
                   wait_timeout_s=cfg.wait_timeout())  # fmt: skip
     model_cfg = LlamaConfig.from_hf(cfg.model.policy)
@@ -80,10 +76,9 @@ def main() -> None:
         client = RolloutClient(urls, token=token, timeout=cfg.rollout.timeout, max_attempts=cfg.rollout.attempts)
         client.check(cfg.algorithm.ref_weight, dtype=None if cfg.rollout.allow_dtype_mismatch else cfg.model.dtype)
 
-    def score(texts: list[str], answers: list[str]) -> list[float]:
-        if cfg.data.reward == "mcq":
-            return score_mcq(texts, answers)
-        return score_math(texts, answers, timeout=cfg.data.reward_timeout)
+    def score(texts: list[str], answers: list[tuple[str, str]]) -> list[float]:
+        kinds, golds = zip(*answers, strict=True) if answers else ((), ())
+        return score_by_kind(texts, golds, kinds, math_timeout=cfg.data.reward_timeout)
 
     def export_policy(out_dir: str) -> None:
         export_model_hf(actor.gpt_policy, model_cfg, out_dir, source_dir=cfg.model.policy)

@@ -99,8 +99,9 @@ def cn_k12_record(raw: dict, where: str) -> dict | None:
     }
 
 
-def mmlu_record(raw: dict, where: str) -> dict:
-    """An MMLU question with four choices; the gold index (0-3) or letter becomes the letter A-D."""
+def mmlu_record(raw: dict, where: str, source: str = "mmlu") -> dict:
+    """An MMLU question with four choices; the gold index (0-3) or letter becomes the letter A-D. ``subject`` and
+    ``type`` (strings, optional) go to ``meta``."""
     question = _string(raw, "question", where)
     choices = raw.get("choices")
     if not isinstance(choices, list) or len(choices) != 4 or not all(isinstance(c, (str, int, float)) for c in choices):
@@ -115,14 +116,13 @@ def mmlu_record(raw: dict, where: str) -> dict:
     else:
         raise ValueError(f"{where}: field 'answer' must be an index 0-3 or a letter A-D, got {answer!r}")
     prompt = mcq_prompt(question, [str(c) for c in choices])
-    subject = raw.get("subject")
     return {
-        "id": record_id("mmlu", prompt),  # the choices are part of the question's identity
-        "source": "mmlu",
+        "id": record_id(source, prompt),  # the choices are part of the question's identity
+        "source": source,
         "prompt": prompt,
         "answer": letter,
         "reward": "mcq",
-        "meta": {"subject": subject} if isinstance(subject, str) and subject else {},
+        "meta": {key: raw[key] for key in ("subject", "type") if isinstance(raw.get(key), str) and raw[key]},
     }
 
 

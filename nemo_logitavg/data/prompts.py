@@ -20,8 +20,9 @@ import re
 from collections.abc import Iterable, Sequence
 
 from nemo_logitavg.data.jsonl import iter_jsonl
+from nemo_logitavg.rewards.by_kind import REWARD_KINDS
 
-REWARDS = ("math", "mcq")
+REWARDS = REWARD_KINDS
 REQUIRED_FIELDS = ("id", "source", "prompt", "answer", "reward")
 CHOICE_LETTERS = "ABCD"
 
@@ -78,13 +79,19 @@ def check_record(record: dict, where: str) -> dict:
         value = record.get(key)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"{where}: field {key!r} must be a non-empty string")
-    if record["reward"] not in REWARDS:
-        raise ValueError(f"{where}: reward must be one of {REWARDS}, got {record['reward']!r}")
-    if record["reward"] == "mcq" and record["answer"] not in CHOICE_LETTERS:
-        raise ValueError(f"{where}: an mcq answer must be one letter of {CHOICE_LETTERS}, got {record['answer']!r}")
+    check_reward(record["reward"], record["answer"], where)
     if "meta" in record and not isinstance(record["meta"], dict):
         raise ValueError(f"{where}: field 'meta' must be an object")
     return record
+
+
+def check_reward(reward: object, answer: str, where: str) -> None:
+    """Raise ValueError (prefixed with ``where``) unless ``reward`` is one of ``REWARDS`` and, for ``mcq``, the
+    answer is one letter of ``CHOICE_LETTERS``."""
+    if reward not in REWARDS:
+        raise ValueError(f"{where}: reward must be one of {REWARDS}, got {reward!r}")
+    if reward == "mcq" and (len(answer) != 1 or answer not in CHOICE_LETTERS):
+        raise ValueError(f"{where}: an mcq answer must be one letter of {CHOICE_LETTERS}, got {answer!r}")
 
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
@@ -99,6 +106,29 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
     if not records:
         raise ValueError(f"{os.fspath(path)}: no records")
     return records
+
+
+def read_training_prompts(path: str | os.PathLike, tokenizer, default_reward: str = "math") -> list[dict]:
+    """The GRPO trainer's records of a prompt jsonl file: ``{"prompt_ids": [...], "answer": (reward, gold)}``.
+
+    Lines need ``prompt`` and ``answer`` (strings); ``reward`` (``math`` or ``mcq``) is optional and defaults to
+    ``default_reward``. The reward kind travels with the answer, so a data set that mixes math and multiple-choice
+    records is graded per record (``rewards.score_by_kind``).
+
+    Raises:
+        ValueError: ``file:line`` and the reason, or a file without records.
+    """
+    out = []
+    for where, record in iter_jsonl(path):
+        for key in ("prompt", "answer"):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f"{where}: field {key!r} must be a string")
+        reward = record.get("reward", default_reward)
+        check_reward(reward, record["answer"], where)
+        out.append({"prompt_ids": encode_prompt(record["prompt"], tokenizer), "answer": (reward, record["answer"])})
+    if not out:
+        raise ValueError(f"{os.fspath(path)}: no records")
+    return out
 
 
 def write_prompts(records: Iterable[dict], path: str | os.PathLike) -> int:

@@ -2,7 +2,10 @@ r"""Generated arithmetic and algebra word problems in MATH format, for the main 
 
 Each problem is a MATH-style dict ``{"problem", "solution", "type", "level"}`` whose worked solution ends in
 ``\boxed{answer}``, so the project's MATH loader (``math_record``) turns it into a prompt record and math-verify
-grades it like any MATH problem. Everything is fixed by the seed; nothing is downloaded.
+grades it like any MATH problem. It also lists ``distractors``: plausible wrong answers (the wrong operation, an
+off-by-one count, a forgotten step), from which ``multiple_choice`` asks the same problem as a four-option
+question in MMLU format (``mmlu_record`` turns it into a prompt record graded by ``score_mcq``). Everything is
+fixed by the seed; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,8 +13,16 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from nemo_logitavg.data.prompts import CHOICE_LETTERS
+from nemo_logitavg.rewards import extract_last_boxed
+
 NAMES = ("Ana", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kira", "Liam")
 ITEMS = ("apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "stickers")
+
+
+def _numbers(answer: int, wrong: list[int]) -> list[str]:
+    """The distinct non-negative values of ``wrong`` other than ``answer``, in order, as strings."""
+    return [str(v) for v in dict.fromkeys(wrong) if v >= 0 and v != answer]
 
 
 def _add(rng: random.Random) -> dict:
@@ -20,6 +31,7 @@ def _add(rng: random.Random) -> dict:
     return {
         "problem": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
         "solution": f"{name} has $ {a} + {b} = {a + b} $ {item}. The answer is $\\boxed{{{a + b}}}$.",
+        "distractors": _numbers(a + b, [a + b - 1, a + b + 1, a * b, a + b + 2, abs(a - b)]),
         "type": "Addition",
     }
 
@@ -31,6 +43,7 @@ def _subtract(rng: random.Random) -> dict:
     return {
         "problem": f"{name} has {a} {item} and gives away {b}. How many {item} are left?",
         "solution": f"{name} has $ {a} - {b} = {c} $ {item} left. The answer is $\\boxed{{{c}}}$.",
+        "distractors": _numbers(c, [a + b, c + 1, c - 1, b, c + 2]),
         "type": "Subtraction",
     }
 
@@ -41,11 +54,13 @@ def _multiply(rng: random.Random) -> dict:
     return {
         "problem": f"A box holds {a} {item}. How many {item} are in {b} boxes?",
         "solution": f"There are $ {a} \\times {b} = {a * b} $ {item}. The answer is $\\boxed{{{a * b}}}$.",
+        "distractors": _numbers(a * b, [a * (b + 1), a * (b - 1), a + b, a * b + 1]),
         "type": "Multiplication",
     }
 
 
 VARIABLES = "abcdkmnpqrstuwxy"
+
 
 
 def _linear(rng: random.Random) -> dict:
@@ -58,6 +73,7 @@ def _linear(rng: random.Random) -> dict:
         "solution": f"{move} - {b} = {x} $. The answer is $\\boxed{{{x}}}$.",
         # A careless teacher's version: the sign error of moving a term without negating it (see make_problems).
         "flawed_solution": f"{move} + {b} = {c + b} $. The answer is $\\boxed{{{c + b}}}$.",
+        "distractors": _numbers(x, [c + b, c, x + 1, x - 1, b]),
         "type": "Algebra",
     }
 
@@ -71,6 +87,9 @@ def _fraction(rng: random.Random) -> dict:
         "problem": f"What is $ \\frac{{{a}}}{{{d}}} + \\frac{{{b}}}{{{d}}} $? Do not simplify.",
         "solution": f"Add the numerators: $ \\frac{{{a} + {b}}}{{{d}}} = {answer} $. "
         f"The answer is $\\boxed{{{answer}}}$.",
+        # Adding the denominators too, an off-by-one numerator, multiplying the numerators.
+        "distractors": [f"\\frac{{{n}}}{{{m}}}" for n, m in dict.fromkeys(
+            [(total, 2 * d), (total + 1, d), (total - 1, d), (a * b, d)]) if (n, m) != (total, d)],
         "type": "Fractions",
     }
 
@@ -101,3 +120,44 @@ def make_problems(count: int, seed: int, kinds: tuple[str, ...] = tuple(GENERATO
         problem["level"] = "Level 1"
         problems.append(problem)
     return problems
+
+
+def _choice_text(answer: str) -> str:
+    r"""An option as the problems write numbers: an integer bare, LaTeX (``\frac{5}{7}``) in ``$ ... $``."""
+    return answer if answer.isdigit() else f"$ {answer} $"
+
+
+def multiple_choice(problem: dict, rng: random.Random) -> dict:
+    r"""``problem`` (from ``make_problems``) asked as a four-option question, in MMLU format: ``question``,
+    ``choices`` (4 strings), ``answer`` (the index of the right one), ``subject`` and ``type`` (the problem type).
+
+    The three wrong options are drawn from the problem's ``distractors``; the careless teacher's answer (of a
+    ``flawed_solution``) is always one of them, so a flawed demonstration can pick it. The four options are
+    shuffled with ``rng``: the right letter is uniform over A-D. ``solution`` (and ``flawed_solution``) are the
+    problem's worked steps ending in the letter of the value they reach, in the form ``score_mcq`` reads and the
+    MCQ prompt asks for: ``That is option C. The answer is $oxed{C}$.``
+    """
+    answer = extract_last_boxed(problem["solution"])
+    teacher = extract_last_boxed(problem["flawed_solution"]) if "flawed_solution" in problem else None
+    wrong = [teacher] if teacher else []
+    pool = [d for d in problem["distractors"] if d != answer and d not in wrong]
+    rng.shuffle(pool)
+    wrong += pool[: 3 - len(wrong)]
+    if len(wrong) != 3 or answer in wrong:
+        raise ValueError(f"problem {problem['problem']!r}: fewer than 3 distractors other than {answer!r}")
+    options = [answer, *wrong]
+    rng.shuffle(options)
+    out = {
+        "question": problem["problem"],
+        "choices": [_choice_text(o) for o in options],
+        "answer": options.index(answer),
+        "subject": problem["type"],
+        "type": problem["type"],
+    }
+    for key in ("solution", "flawed_solution"):
+        if key in problem:
+            value = extract_last_boxed(problem[key])
+            work = problem[key][: problem[key].rindex("The answer is")]
+            letter = CHOICE_LETTERS[options.index(value)]
+            out[key] = f"{work}That is option {letter}. The answer is $\\boxed{{{letter}}}$."
+    return out

@@ -24,20 +24,26 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A markdown table of ``rows`` (``columns``, or the first row's keys); floats with four decimals."""
+    """A markdown table of ``rows`` (``columns``, or every key of the rows in order of appearance; blank where a row
+    lacks one); floats with four decimals."""
     if not rows:
         return "(no rows)\n"
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or _keys(rows))
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
+def _keys(rows: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
 def csv_text(rows: Sequence[dict]) -> str:
-    """``rows`` as CSV text with the first row's keys as the header (empty for no rows)."""
+    """``rows`` as CSV text with every key of the rows as the header, in order of appearance (blank where a row
+    lacks one: e.g. ``letter_answer``, a metric of multiple-choice runs only); empty for no rows."""
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=_keys(rows), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return buffer.getvalue()

@@ -3,11 +3,13 @@ bootstrap interval, the across-seed aggregate and the paired comparison with a b
 
 Metrics (per model, sampling mode, dataset and seed). Each problem gets ``k`` completions; its score is the mean
 reward over them (pass@1 estimated from k samples) and accuracy is the mean over problems. The 95% interval is a
-percentile bootstrap over problems (``stats.bootstrap_ci``). Format metrics are fractions of completions:
-``has_boxed``, ``boxed_latex_valid``, ``ended_by_eos``; ``mean_length`` is in tokens. Across seeds, ``aggregate``
-reports the mean and the sample standard deviation (ddof 1) of each seed's accuracy, and the bootstrap interval of
-the per-problem scores averaged over seeds. Greedy decoding (temperature 0, the headline of DESIGN.md §7) is
-deterministic, so a greedy mode runs once whatever the seeds.
+percentile bootstrap over problems (``stats.bootstrap_ci``). Each completion is graded by its record's reward
+(``score_math`` or ``score_mcq``). Format metrics are fractions of completions: ``has_boxed``,
+``boxed_latex_valid``, ``ended_by_eos``, and for multiple-choice records ``letter_answer`` (the reply states an
+option letter the grader reads; absent where a run has no such record); ``mean_length`` is in tokens. Across
+seeds, ``aggregate`` reports the mean and the sample standard deviation (ddof 1) of each seed's accuracy, and the
+bootstrap interval of the per-problem scores averaged over seeds. Greedy decoding (temperature 0, the headline of
+DESIGN.md §7) is deterministic, so a greedy mode runs once whatever the seeds.
 
 By type. ``accuracy_by_type`` splits each model's accuracy by problem type (where training changed the model).
 
@@ -25,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nemo_logitavg.evaluation.stats import bootstrap_ci, paired_bootstrap
-from nemo_logitavg.rewards import format_metrics_batch, score_math, score_mcq
+from nemo_logitavg.rewards import format_metrics_batch, letter_answer, score_by_kind
 
 FORMAT_KEYS = ("has_boxed", "boxed_latex_valid", "ended_by_eos")
+LETTER_KEY = "letter_answer"  # a format metric of multiple-choice records only
 
 
 @dataclass
@@ -76,16 +79,7 @@ def score_records(
             flat_reason.append(completion.finish_reason)
             flat_gold.append(record["answer"])
             flat_kind.append(record["reward"])
-    rewards = [0.0] * len(flat_text)
-    for kind, scorer in (("math", lambda t, g: score_math(t, g, timeout=math_timeout)), ("mcq", score_mcq)):
-        index = [i for i, k in enumerate(flat_kind) if k == kind]
-        if index:
-            scores = scorer([flat_text[i] for i in index], [flat_gold[i] for i in index])
-            for i, s in zip(index, scores, strict=True):
-                rewards[i] = float(s)
-    unknown = sorted(set(flat_kind) - {"math", "mcq"})
-    if unknown:
-        raise ValueError(f"unknown reward kinds {unknown}")
+    rewards = score_by_kind(flat_text, flat_gold, flat_kind, math_timeout=math_timeout)
     formats = format_metrics_batch(flat_text, flat_reason, timeout=math_timeout) if flat_text else []
     rows, pos = [], 0
     for record, group in zip(records, completions, strict=True):
@@ -104,6 +98,8 @@ def score_records(
                 "finish_reasons": [c.finish_reason for c in group],
             }
         )
+        if record["reward"] == "mcq":
+            rows[-1][LETTER_KEY] = [letter_answer(c.text) for c in group]
         pos += k
     return rows
 
@@ -121,6 +117,9 @@ def summarize(rows: Sequence[dict], num_resamples: int = 10_000, seed: int = 0) 
     }
     for key in FORMAT_KEYS:
         summary[key] = float(np.mean([v for r in rows for v in r[key]]))
+    letters = [v for r in rows for v in r.get(LETTER_KEY, ())]
+    if letters:
+        summary[LETTER_KEY] = float(np.mean(letters))
     summary["mean_length"] = float(np.mean([v for r in rows for v in r["lengths"]]))
     return summary
 
@@ -147,6 +146,8 @@ def aggregate(runs: Sequence[Run], num_resamples: int = 10_000) -> list[dict]:
         }
         for key in (*FORMAT_KEYS, "mean_length"):
             row[key] = float(np.mean([r.summary[key] for r in group]))
+        if all(LETTER_KEY in r.summary for r in group):
+            row[LETTER_KEY] = float(np.mean([r.summary[LETTER_KEY] for r in group]))
         rows.append(row)
     return rows
 
@@ -222,6 +223,7 @@ def _group(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
 __all__ = [
     "FORMAT_KEYS",
     "GREEDY",
+    "LETTER_KEY",
     "SAMPLED",
     "Run",
     "SamplingMode",

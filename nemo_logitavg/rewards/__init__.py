@@ -3,7 +3,8 @@
 Imports nothing else of the package. math-verify is imported only inside the grading worker processes.
 """
 
-from nemo_logitavg.rewards.format import format_metrics, format_metrics_batch, latex_structure_ok
+from nemo_logitavg.rewards.by_kind import REWARD_KINDS, score_by_kind
+from nemo_logitavg.rewards.format import format_metrics, format_metrics_batch, latex_structure_ok, letter_answer
 from nemo_logitavg.rewards.math_answer import (
     MAX_ANSWER_CHARS,
     MAX_FALLBACK_CHARS,
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_ANSWER_CHARS",
     "MAX_FALLBACK_CHARS",
     "MAX_NESTING_DEPTH",
+    "REWARD_KINDS",
     "GradeStats",
     "MathGrader",
     "extract_choice",
@@ -28,6 +30,8 @@ __all__ = [
     "format_metrics_batch",
     "get_default_grader",
     "latex_structure_ok",
+    "letter_answer",
+    "score_by_kind",
     "score_math",
     "score_mcq",
 ]

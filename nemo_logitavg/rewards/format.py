@@ -1,4 +1,5 @@
-r"""Format metrics of a completion: a final ``\boxed{}``, whether its LaTeX is well formed, whether it ended by EOS.
+r"""Format metrics of a completion: a final ``\boxed{}``, whether its LaTeX is well formed, whether it ended by EOS;
+for a multiple-choice reply, whether it states an option letter (``letter_answer``).
 
 ``boxed_latex_valid`` is true when the last box's content
 
@@ -26,6 +27,7 @@ from nemo_logitavg.rewards.math_answer import (
     get_default_grader,
     nesting_depth,
 )
+from nemo_logitavg.rewards.mcq import DEFAULT_LETTERS, extract_choice
 
 _STRUCTURE_TOKEN = re.compile(
     r"\\[\\{}]|[{}]|\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\(?P<kind>begin|end)\s*\{(?P<env>[^{}]*)\}"
@@ -93,3 +95,9 @@ def format_metrics(
     docstring) and ``ended_by_eos`` (``finish_reason == "stop"``). A box whose content is longer than
     ``MAX_ANSWER_CHARS`` counts as present (its end is not searched for) and invalid."""
     return format_metrics_batch([completion], [finish_reason], grader=grader)[0]
+
+
+def letter_answer(completion: str, valid_letters: str = DEFAULT_LETTERS) -> bool:
+    r"""Letter-answer adherence of a multiple-choice reply: it settles on one of ``valid_letters``, in a form the
+    grader reads (``extract_choice`` finds a letter: ``\boxed{B}``, "Answer: B", ...), right or wrong."""
+    return extract_choice(completion, valid_letters) is not None
