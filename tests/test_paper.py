@@ -42,8 +42,12 @@ def test_multiple_choice_options_letters_and_demonstrations():
         letters[record["answer"]] += 1
         # The demonstration ends in the right letter, the careless teacher's in the letter of its wrong value.
         assert score_mcq([mcq["solution"]], [record["answer"]]) == [1.0]
+        # It checks the options in order until the value it reached, then gives that option's letter.
         letter = record["answer"]
-        assert mcq["solution"].endswith(f"That is option {letter}. The answer is $\\boxed{{{letter}}}$.")
+        value = mcq["choices"][mcq["answer"]]
+        checks = ", ".join(f"{CHOICE_LETTERS[i]} {mcq['choices'][i]} = {value} {'yes' if i == mcq['answer'] else 'no'}"
+                           for i in range(mcq["answer"] + 1))  # fmt: skip
+        assert mcq["solution"].endswith(f"Check the options: {checks}. The answer is $\\boxed{{{letter}}}$.")
         if "flawed_solution" in problem:
             teacher = extract_last_boxed(problem["flawed_solution"])
             assert teacher in values and teacher != right
@@ -235,7 +239,7 @@ def test_reproduction_rows_match_scipy():
 PAPER_SMALL = [
     "problems.count=1500", "problems.test_size=40", "problems.curve_size=6",
     "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2", "model.vocab_size=160",
-    "sft.steps=100", "sft.sequences_per_step=8", "sft.micro_batch_size=8", "sft.checkpoint_every=0",
+    "sft.steps=150", "sft.sequences_per_step=8", "sft.micro_batch_size=8", "sft.lr=1e-2", "sft.checkpoint_every=0",
     "seeds=[1,2]", "ref_weight_sweep.ref_weights=[0.25,0.75]",
     "grpo.run.steps=2", "grpo.run.checkpoint_every=2", "grpo.run.eval_every=2",
     "grpo.rollout.prompts_per_step=2", "grpo.algorithm.group_size=4", "grpo.rollout.micro_batch_size=4",

@@ -134,8 +134,12 @@ def multiple_choice(problem: dict, rng: random.Random) -> dict:
     The three wrong options are drawn from the problem's ``distractors``; the careless teacher's answer (of a
     ``flawed_solution``) is always one of them, so a flawed demonstration can pick it. The four options are
     shuffled with ``rng``: the right letter is uniform over A-D. ``solution`` (and ``flawed_solution``) are the
-    problem's worked steps ending in the letter of the value they reach, in the form ``score_mcq`` reads and the
-    MCQ prompt asks for: ``That is option C. The answer is $oxed{C}$.``
+    problem's worked steps, then the options checked in order against the value they reach until it is found, then
+    its letter in the form ``score_mcq`` reads and the MCQ prompt asks for:
+    ``... = 14 $ stamps. Check the options: A 16 = 14 no, B 14 = 14 yes. The answer is $\boxed{B}$.`` Each
+    check writes the option beside the value, so that the comparison is local: the main job's model did not learn
+    to find a value's letter in the option list from afar (with the bare letter, or with "A 16 no", it stayed
+    near chance; BENCHMARKS.md).
     """
     answer = extract_last_boxed(problem["solution"])
     teacher = extract_last_boxed(problem["flawed_solution"]) if "flawed_solution" in problem else None
@@ -158,6 +162,8 @@ def multiple_choice(problem: dict, rng: random.Random) -> dict:
         if key in problem:
             value = extract_last_boxed(problem[key])
             work = problem[key][: problem[key].rindex("The answer is")]
-            letter = CHOICE_LETTERS[options.index(value)]
-            out[key] = f"{work}That is option {letter}. The answer is $\\boxed{{{letter}}}$."
+            found = options.index(value)
+            checks = ", ".join(f"{CHOICE_LETTERS[i]} {out['choices'][i]} = {_choice_text(value)} "
+                               f"{'yes' if i == found else 'no'}" for i in range(found + 1))  # fmt: skip
+            out[key] = f"{work}Check the options: {checks}. The answer is $\\boxed{{{CHOICE_LETTERS[found]}}}$."
     return out

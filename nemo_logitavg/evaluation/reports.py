@@ -210,17 +210,29 @@ def report_markdown(
         markdown_table(payload["comparison"], cmp_columns),
         "\n## Accuracy by problem type (where training changed the model)\n",
         markdown_table(by_type),
-        "\n## Training curves\n",
-        *[f"![{name}]({name})\n" for name in plots],
+        *run_sections(plots, methods, timings, config_yaml),
+    ]
+    return "\n".join(lines)
+
+
+def run_sections(
+    curves: Sequence[str], methods: Sequence[dict], timings: Mapping[str, float], config_yaml: str, *,
+    curves_title: str = "Training curves",
+    timings_note: str = "a phase that was interrupted counts the run that completed it", also: str = "",
+) -> list[str]:  # fmt: skip
+    """The closing sections of a pipeline report: training-curve plots, the methods' settings, seconds per phase
+    and the exact config (``also``: a sentence on further files beside the report)."""
+    return [
+        f"\n## {curves_title}\n",
+        *[f"![{name}]({name})\n" for name in curves],
         "\n## Methods\n",
         markdown_table(methods),
-        "\n## Time per phase (seconds; a phase that was interrupted counts the run that completed it)\n",
+        f"\n## Time per phase (seconds; {timings_note})\n",
         markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
         "\n## Exact config\n",
         "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
-        "report.\n\n```yaml\n" + config_yaml + "```\n",
+        f"report{also}.\n\n```yaml\n" + config_yaml + "```\n",
     ]
-    return "\n".join(lines)
 
 
 __all__ = [
@@ -229,6 +241,7 @@ __all__ = [
     "plot_ablation",
     "plot_curves",
     "report_markdown",
+    "run_sections",
     "runs_from_json",
     "seed_table",
     "write_reports",

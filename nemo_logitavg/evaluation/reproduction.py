@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from nemo_logitavg.evaluation.reports import markdown_table, plot_ablation, seed_table
+from nemo_logitavg.evaluation.reports import markdown_table, plot_ablation, run_sections, seed_table
 from nemo_logitavg.evaluation.scoring import FORMAT_KEYS, LETTER_KEY
 from nemo_logitavg.evaluation.stats import minimum_detectable_difference, paired_seed_difference, seed_t_interval
 
@@ -167,17 +167,9 @@ def reproduction_markdown(
     ]
     for benchmark, by_method in per_seed.items():
         lines += [f"\n## Per seed: {labels.get(benchmark, benchmark)} accuracy\n", seed_table(accuracies(by_method))]
-    lines += [
-        "\n## Training curves (every run)\n",
-        *[f"![{name}]({name})\n" for name in curves],
-        "\n## Methods\n",
-        markdown_table(methods),
-        "\n## Time per phase (seconds; GRPO runs side by side: their wall clock is the line that says so)\n",
-        markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
-        "\n## Exact config\n",
-        "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
-        "report; `seeds.json` holds every figure above.\n\n```yaml\n" + config_yaml + "```\n",
-    ]
+    lines += run_sections(curves, methods, timings, config_yaml, curves_title="Training curves (every run)",
+                          timings_note="GRPO runs side by side: their wall clock is the line that says so",
+                          also="; `seeds.json` holds every figure above")  # fmt: skip
     return "\n".join(lines)
 
 
