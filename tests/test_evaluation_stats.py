@@ -152,3 +152,10 @@ def test_minimum_detectable_difference_closed_form_and_power():
     for args in ((-0.1, 3), (0.1, 0), (0.1, 3, 0.0), (0.1, 3, 0.05, 1.0)):
         with pytest.raises(ValueError):
             stats.minimum_detectable_difference(*args)
+
+
+def test_interval_verdict_against_zero():
+    cases = [((0.01, 0.2), "above"), ((-0.2, -0.01), "below"), ((-0.1, 0.1), "within CI"), ((0.0, 0.1), "within CI"),
+             ((math.nan, math.nan), "no interval")]  # fmt: skip
+    for (low, high), verdict in cases:
+        assert stats.interval_verdict(low, high) == verdict

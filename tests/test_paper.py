@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,24 @@ def _option_value(choice: str) -> str:
     return choice.strip("$ ")
 
 
+CHECK = re.compile(r"(?P<letter>[A-D]) (?P<option>.+?) = (?P<value>.+?) (?P<says>yes|no)")
+
+
+def _assert_checks_options(demonstration: str, values: list[str], reached: str) -> None:
+    """The demonstration checks the options from A on, each option's value beside the value it reached, says "no"
+    until that value's option and "yes" there (and only there), then answers that option's letter."""
+    checks = demonstration.split("Check the options: ", 1)[1].split(". The answer is", 1)[0].split(", ")
+    found = values.index(reached)
+    assert len(checks) == found + 1
+    for i, check in enumerate(checks):
+        m = CHECK.fullmatch(check)
+        assert m, check
+        assert (m["letter"], _option_value(m["option"]), _option_value(m["value"])) == (CHOICE_LETTERS[i], values[i],
+                                                                                         reached)  # fmt: skip
+        assert m["says"] == ("yes" if values[i] == reached else "no")
+    assert extract_last_boxed(demonstration) == CHOICE_LETTERS[found]
+
+
 def test_multiple_choice_options_letters_and_demonstrations():
     problems = make_problems(2000, seed=5, kinds=tuple(GENERATORS))
     letters = Counter()
@@ -42,15 +61,11 @@ def test_multiple_choice_options_letters_and_demonstrations():
         letters[record["answer"]] += 1
         # The demonstration ends in the right letter, the careless teacher's in the letter of its wrong value.
         assert score_mcq([mcq["solution"]], [record["answer"]]) == [1.0]
-        # It checks the options in order until the value it reached, then gives that option's letter.
-        letter = record["answer"]
-        value = mcq["choices"][mcq["answer"]]
-        checks = ", ".join(f"{CHOICE_LETTERS[i]} {mcq['choices'][i]} = {value} {'yes' if i == mcq['answer'] else 'no'}"
-                           for i in range(mcq["answer"] + 1))  # fmt: skip
-        assert mcq["solution"].endswith(f"Check the options: {checks}. The answer is $\\boxed{{{letter}}}$.")
+        _assert_checks_options(mcq["solution"], values, right)
         if "flawed_solution" in problem:
             teacher = extract_last_boxed(problem["flawed_solution"])
             assert teacher in values and teacher != right
+            _assert_checks_options(mcq["flawed_solution"], values, teacher)
             assert score_mcq([mcq["flawed_solution"]], [CHOICE_LETTERS[values.index(teacher)]]) == [1.0]
             assert score_mcq([mcq["flawed_solution"]], [record["answer"]]) == [0.0]
     # The right letter is uniform over A-D (chi-square goodness of fit).

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from nemo_logitavg.data.jsonl import iter_jsonl
 from nemo_logitavg.rewards.by_kind import REWARD_KINDS
 
-REWARDS = REWARD_KINDS
 REQUIRED_FIELDS = ("id", "source", "prompt", "answer", "reward")
 CHOICE_LETTERS = "ABCD"
 
@@ -86,10 +85,10 @@ def check_record(record: dict, where: str) -> dict:
 
 
 def check_reward(reward: object, answer: str, where: str) -> None:
-    """Raise ValueError (prefixed with ``where``) unless ``reward`` is one of ``REWARDS`` and, for ``mcq``, the
+    """Raise ValueError (prefixed with ``where``) unless ``reward`` is one of ``REWARD_KINDS`` and, for ``mcq``, the
     answer is one letter of ``CHOICE_LETTERS``."""
-    if reward not in REWARDS:
-        raise ValueError(f"{where}: reward must be one of {REWARDS}, got {reward!r}")
+    if reward not in REWARD_KINDS:
+        raise ValueError(f"{where}: reward must be one of {REWARD_KINDS}, got {reward!r}")
     if reward == "mcq" and (len(answer) != 1 or answer not in CHOICE_LETTERS):
         raise ValueError(f"{where}: an mcq answer must be one letter of {CHOICE_LETTERS}, got {answer!r}")
 

@@ -62,7 +62,6 @@ def _multiply(rng: random.Random) -> dict:
 VARIABLES = "abcdkmnpqrstuwxy"
 
 
-
 def _linear(rng: random.Random) -> dict:
     # x + b = c: its solution c - b = x is a fact of the subtraction problems (both operands 1-9).
     x, b, v = rng.randint(1, 9), rng.randint(1, 9), rng.choice(VARIABLES)

@@ -27,7 +27,12 @@ import numpy as np
 
 from nemo_logitavg.evaluation.reports import markdown_table, plot_ablation, run_sections, seed_table
 from nemo_logitavg.evaluation.scoring import FORMAT_KEYS, LETTER_KEY
-from nemo_logitavg.evaluation.stats import minimum_detectable_difference, paired_seed_difference, seed_t_interval
+from nemo_logitavg.evaluation.stats import (
+    interval_verdict,
+    minimum_detectable_difference,
+    paired_seed_difference,
+    seed_t_interval,
+)
 
 ALPHA, POWER = 0.05, 0.8  # of the smallest detectable difference
 
@@ -35,12 +40,6 @@ ALPHA, POWER = 0.05, 0.8  # of the smallest detectable difference
 def _sd(values: Sequence[float]) -> float:
     """The sample standard deviation (ddof 1); NaN for one value."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-
-
-def _verdict(low: float, high: float) -> str:
-    if math.isnan(low):
-        return "one seed"
-    return "above" if low > 0 else "below" if high < 0 else "within CI"
 
 
 def accuracies(per_seed: Mapping[str, Mapping[int, dict]]) -> dict[str, dict[int, float]]:
@@ -88,7 +87,7 @@ def paired_rows(
                 mdd = minimum_detectable_difference(sd, n, ALPHA, POWER, paired=True) if n > 1 else math.inf
                 rows.append({"benchmark": labels.get(benchmark, benchmark), "method": method, "against": against,
                              "seeds": n, "diff": mean, "t_low": low, "t_high": high, "sd_diff": sd,
-                             "detectable": mdd, "verdict": _verdict(low, high)})  # fmt: skip
+                             "detectable": mdd, "verdict": interval_verdict(low, high)})  # fmt: skip
     return rows
 
 

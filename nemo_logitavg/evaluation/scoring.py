@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nemo_logitavg.evaluation.stats import bootstrap_ci, paired_bootstrap
+from nemo_logitavg.evaluation.stats import bootstrap_ci, interval_verdict, paired_bootstrap
 from nemo_logitavg.rewards import format_metrics_batch, letter_answer, score_by_kind
 
 FORMAT_KEYS = ("has_boxed", "boxed_latex_valid", "ended_by_eos")
@@ -167,7 +167,7 @@ def _aligned(group: Sequence[Run]) -> tuple[list[str], np.ndarray]:
 def compare(runs: Sequence[Run], baseline: str, num_resamples: int = 10_000, seed: int = 0) -> list[dict]:
     """Each model against ``baseline`` per (mode, dataset): accuracies (averaged over seeds), their difference and
     its paired-bootstrap 95% interval over the problems both were evaluated on; ``verdict`` is ``above`` /
-    ``below`` when the interval excludes 0, else ``within CI``."""
+    ``below`` when the interval excludes 0, else ``within CI`` (``stats.interval_verdict``)."""
     by_key: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for (model, mode, dataset), group in _group(runs).items():
         ids, matrix = _aligned(group)
@@ -182,14 +182,13 @@ def compare(runs: Sequence[Run], baseline: str, num_resamples: int = 10_000, see
             a = np.array([scores[i] for i in common])
             b = np.array([base[i] for i in common])
             diff, low, high = paired_bootstrap(a, b, 0.95, num_resamples, seed) if common else (math.nan,) * 3
-            verdict = "above" if low > 0 else "below" if high < 0 else "within CI"
             rows.append(
                 {
                     "model": model, "mode": mode, "dataset": dataset, "baseline": baseline,
                     "num_problems": len(common), "accuracy": float(a.mean()) if common else math.nan,
                     "baseline_accuracy": float(b.mean()) if common else math.nan,
                     "diff": diff, "diff_ci_low": low, "diff_ci_high": high,
-                    "verdict": "baseline" if model == baseline else verdict,
+                    "verdict": "baseline" if model == baseline else interval_verdict(low, high),
                 }
             )  # fmt: skip
     return rows

@@ -160,6 +160,14 @@ def paired_seed_difference(
     return seed_t_interval([a_by_seed[s] - b_by_seed[s] for s in sorted(a_by_seed)], confidence)
 
 
+def interval_verdict(low: float, high: float) -> str:
+    """Where an interval of a difference lies against 0: ``above`` / ``below`` when it excludes 0, ``within CI``
+    when it holds 0, ``no interval`` when a bound is NaN (one seed; no common problems)."""
+    if math.isnan(low) or math.isnan(high):
+        return "no interval"
+    return "above" if low > 0 else "below" if high < 0 else "within CI"
+
+
 def minimum_detectable_difference(
     sd: float, n: int, alpha: float = 0.05, power: float = 0.8, paired: bool = True
 ) -> float:
@@ -190,6 +198,7 @@ def minimum_detectable_difference(
 __all__ = [
     "bootstrap_ci",
     "bootstrap_means",
+    "interval_verdict",
     "minimum_detectable_difference",
     "paired_bootstrap",
     "paired_seed_difference",
