@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 
 from nemo_logitavg.config import GRPOConfig
 from nemo_logitavg.models.builder import LlamaConfig, padded_vocab_size
+from nemo_logitavg.ops.mixed_logprobs import DEFAULT_CHUNK_ELEMENTS  # the op's own default, budgeted as it runs
 
 GIB = 1 << 30
 VLLM_BATCHED_TOKENS = 8192  # vLLM's max_num_batched_tokens, planned here and passed to it by the launcher
-DEFAULT_CHUNK_ELEMENTS = 1 << 22  # float32 elements of the log-prob chunk when chunk_size is not given (ops)
 
 
 # ------------------------------------------------------------------------------------------------ presets

@@ -31,7 +31,7 @@ import torch.distributed as dist
 # Float32 elements of one chunk's working buffer when `chunk_size` is not given (64 MiB): bounds peak memory
 # while keeping the per-chunk costs few (each chunk runs ~6 parallel regions / kernels and 2 all-reduces; on
 # a loaded 2-core CPU those, not the arithmetic, made 16 MiB chunks 1.4-2x slower, BENCHMARKS.md).
-_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,7 +122,7 @@ class _MixedLogprobs(torch.autograd.Function):
         entropy = torch.empty(num_tokens if return_entropy else 0, dtype=cdtype, device=device)
 
         if chunk_size is None:
-            chunk_size = max(1, _DEFAULT_CHUNK_ELEMENTS // vocab_local)
+            chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab_local)
         grad_scale = (1.0 - a) * inv_t
         shard_checked = not distributed
 
