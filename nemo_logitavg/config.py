@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from nemo_logitavg.rewards.math_answer import GRADE_TIMEOUT
+from nemo_logitavg.rewards.math_answer import STARTUP_TIMEOUT as GRADER_STARTUP_TIMEOUT
+from nemo_logitavg.rollout.client import MAX_ATTEMPTS, MAX_BACKOFF, REQUEST_TIMEOUT
 
 T = TypeVar("T")
 
@@ -59,6 +64,22 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return f"key '{key}': {message}" if key else message
 
 
+def check_batch_split(what: str, sequences: int, parts: Sequence[tuple[str, int | None]]) -> None:
+    """Check that ``sequences`` split evenly into the product of ``parts`` (each a setting's name and value, e.g.
+    ``("algorithm.mini_batches", 2)``); a value of None (not set) never splits. The one batch-divisibility check of
+    the GRPO config, its cluster section, the trainer's micro-batch plan and SFT.
+
+    Raises:
+        ValueError: ``"<what> = <sequences> sequences must split over <name> (<value>) x ..."``.
+    """
+    product = 1
+    for _, value in parts:
+        product = 0 if value is None or product == 0 else product * value
+    if product < 1 or sequences % product:
+        named = " x ".join(f"{name} ({value})" for name, value in parts)
+        raise ValueError(f"{what} = {sequences} sequences must split over {named}")
+
+
 # ------------------------------------------------------------------------------------------------ GRPO schema
 
 
@@ -97,8 +118,8 @@ class AlgorithmSection:
 class RolloutSection:
     urls: list[str] = field(default_factory=list)  # running servers; empty: the recipe starts one
     token: str | None = None
-    timeout: float = 600.0  # seconds one rollout request may take (generation included)
-    attempts: int = 8  # tries per request over all servers (the client's max_attempts)
+    timeout: float = REQUEST_TIMEOUT  # seconds one rollout request may take (generation included)
+    attempts: int = MAX_ATTEMPTS  # tries per request over all servers (the client's max_attempts)
     push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
     prompts_per_step: int = 8
     max_tokens: int = 256
@@ -114,7 +135,7 @@ class DataSection:
     train: str = MISSING  # prompt jsonl: {"prompt": ..., "answer": ..., "reward": "math" | "mcq" (optional)}
     test: str | None = None
     reward: str = "math"  # math | mcq, for records without a "reward" field (each record is graded by its own)
-    reward_timeout: float = 5.0
+    reward_timeout: float = GRADE_TIMEOUT
 
 
 @dataclass
@@ -177,18 +198,11 @@ class GRPOConfig:
         ``rollout.push_timeout``. With ``algorithm.max_staleness > 0`` the rollout and grading terms count
         twice: rank 0 may wait for a prefetched step and then regenerate its stale completions.
         """
-        import inspect
-
-        from nemo_logitavg.rewards.math_answer import MathGrader
-        from nemo_logitavg.rollout.client import RolloutClient
-
-        max_backoff = inspect.signature(RolloutClient).parameters["max_backoff"].default
-        grader_start = inspect.signature(MathGrader).parameters["startup_timeout"].default
         r = self.rollout
         answers = r.prompts_per_step * self.algorithm.group_size
-        grading = grader_start + answers * self.data.reward_timeout
+        grading = GRADER_STARTUP_TIMEOUT + answers * self.data.reward_timeout
         rollouts = 2 if self.algorithm.max_staleness > 0 else 1
-        return rollouts * (r.attempts * (r.timeout + max_backoff) + grading) + r.push_timeout
+        return rollouts * (r.attempts * (r.timeout + MAX_BACKOFF) + grading) + r.push_timeout
 
     def wait_timeout(self) -> float:
         """The waiting ranks' timeout in seconds: ``run.wait_timeout``, or ``wait_bound()`` when it is not set."""
@@ -231,18 +245,12 @@ class GRPOConfig:
         for ok, key, why in checks:
             if not ok:
                 raise ValueError(f"config key {key} {why}, got {_get(self, key)!r}")
-        sequences = r.prompts_per_step * a.group_size
-        if r.max_tokens_per_micro_batch is not None:
-            if sequences % a.mini_batches:
-                raise ValueError(
-                    f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split "
-                    f"into algorithm.mini_batches ({a.mini_batches})"
-                )
-        elif sequences % (a.mini_batches * r.micro_batch_size):
-            raise ValueError(
-                f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split into "
-                f"algorithm.mini_batches ({a.mini_batches}) x rollout.micro_batch_size ({r.micro_batch_size})"
-            )
+        # A token budget replaces the fixed micro-batch size: the mini-batches need only split the step.
+        split = [("algorithm.mini_batches", a.mini_batches)]
+        if r.max_tokens_per_micro_batch is None:
+            split.append(("rollout.micro_batch_size", r.micro_batch_size))
+        check_batch_split("config: rollout.prompts_per_step x algorithm.group_size", r.prompts_per_step * a.group_size,
+                          split)  # fmt: skip
         bound = self.wait_bound()
         if self.run.wait_timeout is not None and self.run.wait_timeout < bound:
             raise ValueError(
@@ -281,19 +289,11 @@ class GRPOConfig:
                 f"config: cluster.trainer_nodes x cluster.gpus_per_node = {gpus} trainer GPUs must be a multiple of "
                 f"model.tensor_parallel x model.pipeline_parallel = {model_parallel}"
             )
-        dp = gpus // model_parallel
+        split = [("data parallel of the cluster section", gpus // model_parallel)]
+        if self.rollout.max_tokens_per_micro_batch is None:
+            split.append(("rollout.micro_batch_size", self.rollout.micro_batch_size))
         per_mini = self.rollout.prompts_per_step * self.algorithm.group_size // self.algorithm.mini_batches
-        if self.rollout.max_tokens_per_micro_batch is not None:
-            if per_mini % dp:
-                raise ValueError(
-                    f"config: a mini-batch of {per_mini} sequences must split over data parallel ({dp}, from the "
-                    "cluster section) ranks"
-                )
-        elif per_mini % (dp * self.rollout.micro_batch_size):
-            raise ValueError(
-                f"config: a mini-batch of {per_mini} sequences must split into data parallel ({dp}, from the "
-                f"cluster section) x rollout.micro_batch_size ({self.rollout.micro_batch_size})"
-            )
+        check_batch_split("config: a mini-batch", per_mini, split)
 
 
 def _get(obj: object, dotted: str) -> object:
