@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -56,6 +57,18 @@ def config_as_dict(schema: type, path: str | Path, overrides: list[str] | None =
     except OmegaConfBaseException as exc:
         raise ValueError(f"{path}: {_describe(exc)}") from None
     return OmegaConf.to_container(merged, resolve=False, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def redact_secrets(cfg: Mapping) -> dict:
+    """A plain copy of a run config without its secret, the rollout token (replaced by ``"<redacted>"``; an
+    interpolation such as ``${oc.env:...}`` names no secret and stays). For whatever leaves the job: the model
+    card, the config uploaded to W&B."""
+    out = json.loads(json.dumps(cfg, default=str))
+    rollout = out.get("rollout") if isinstance(out, dict) else None
+    token = rollout.get("token") if isinstance(rollout, dict) else None
+    if isinstance(token, str) and not token.startswith("${"):
+        rollout["token"] = "<redacted>"
+    return out
 
 
 def _describe(exc: OmegaConfBaseException) -> str:
@@ -191,7 +204,7 @@ class GRPOConfig:
     cluster: ClusterSection | None = None  # None: one machine (torchrun, or the tiny launcher)
 
     def wait_bound(self) -> float:
-        """Seconds rank 0 may take to roll out, grade and push one step, in the worst case (DESIGN.md §7b).
+        """Seconds rank 0 may take to roll out, grade and push one step, in the worst case (docs/design.md §7b).
 
         ``rollout.attempts x (rollout.timeout + the client's largest backoff)`` + the grading bound (every answer
         of the step graded one after another at ``data.reward_timeout``, after the grader's start-up) +

@@ -363,7 +363,7 @@ def run_grpo(p: Plan, name: str) -> None:
 def eval_target(p: Plan, name: str) -> str:
     """What model ``name`` is evaluated as: the SFT directory for the baseline; for a method, the deployed model
     (a pi_mix bundle of its final policy and the SFT reference when ref_weight > 0, else the policy)."""
-    from nemo_logitavg.release.bundle import write_bundle
+    from nemo_logitavg.models.bundle import write_bundle
 
     if name == p.cfg.baseline:
         return p.sft.out

@@ -216,3 +216,14 @@ def test_config_bounds_are_the_clients_and_the_graders():
     assert client["max_backoff"].default == 30.0 and grader["startup_timeout"].default == 120.0
     assert DataSection.reward_timeout == grader["timeout"].default == 5.0
     assert inspect.signature(score_math).parameters["timeout"].default == 5.0
+
+
+def test_redact_secrets_hides_the_rollout_token_only():
+    from nemo_logitavg.config import redact_secrets
+
+    cfg = {"rollout": {"token": "hunter2", "urls": ["http://a"]}, "run": {"seed": 1}}
+    assert redact_secrets(cfg) == {"rollout": {"token": "<redacted>", "urls": ["http://a"]}, "run": {"seed": 1}}
+    assert cfg["rollout"]["token"] == "hunter2"  # a copy: the caller's config is untouched
+    assert redact_secrets({"rollout": {"token": "${oc.env:TOKEN}"}})["rollout"]["token"] == "${oc.env:TOKEN}"
+    assert redact_secrets({"rollout": {"token": None}, "run": {}}) == {"rollout": {"token": None}, "run": {}}
+    assert redact_secrets({"run": {"seed": 1}}) == {"run": {"seed": 1}}

@@ -160,7 +160,7 @@ def test_project_modules_do_not_import_vllm():
 def test_bundle_config_carries_the_policy_shape_and_both_sub_configs(model_dirs, tmp_path):
     from transformers import AutoConfig
 
-    from nemo_logitavg.release.bundle import write_bundle
+    from nemo_logitavg.models.bundle import write_bundle
     from nemo_logitavg.rollout.vllm_plugin import LogitAveragedVLLMConfig, register
 
     bundle = write_bundle(
@@ -433,8 +433,8 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
 @needs_vllm
 @pytest.mark.slow
 def test_bundle_is_served_by_vllms_own_api_server(model_dirs, engines, tmp_path):
-    """A release bundle (release.bundle.write_bundle) loads in vLLM's OpenAI server through the plugin entry point."""
-    from nemo_logitavg.release.bundle import write_bundle
+    """A release bundle (models.bundle.write_bundle) loads in vLLM's OpenAI server through the plugin entry point."""
+    from nemo_logitavg.models.bundle import write_bundle
     from nemo_logitavg.rollout.process import free_port
 
     engines.close()

@@ -1,13 +1,11 @@
-"""Reports and plots of evaluations: markdown and CSV tables, the ``results.*`` files of an evaluation (and reading
-them back), the main job's report and its training-curve plots, and for the reproduction job the per-seed table and
-the ref_weight ablation plot. Data in, files out: nothing here reads a run
-directory; the pipeline and the recipes gather the data.
+"""Reports and plots of evaluations: the ``results.*`` files of an evaluation (and reading them back), the main
+job's report and its training-curve plots, and for the reproduction job the per-seed table and the ref_weight
+ablation plot (the tables themselves are ``nemo_logitavg.tables``). Data in, files out: nothing here reads a run
+directory; ``job_report`` and the recipes gather the data.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -15,38 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from nemo_logitavg.evaluation.scoring import Run, aggregate, compare
 from nemo_logitavg.evaluation.stats import seed_t_interval
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A markdown table of ``rows`` (``columns``, or every key of the rows in order of appearance; blank where a row
-    lacks one); floats with four decimals."""
-    if not rows:
-        return "(no rows)\n"
-    columns = list(columns or _keys(rows))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _keys(rows: Sequence[dict]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row))
-
-
-def csv_text(rows: Sequence[dict]) -> str:
-    """``rows`` as CSV text with every key of the rows as the header, in order of appearance (blank where a row
-    lacks one: e.g. ``letter_answer``, a metric of multiple-choice runs only); empty for no rows."""
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=_keys(rows), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()
+from nemo_logitavg.tables import csv_text, markdown_table
 
 
 def write_reports(out_dir: str, runs: Sequence[Run], baseline: str | None = None, num_resamples: int = 10_000) -> dict:
@@ -236,8 +203,6 @@ def run_sections(
 
 
 __all__ = [
-    "csv_text",
-    "markdown_table",
     "plot_ablation",
     "plot_curves",
     "report_markdown",

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from nemo_logitavg.evaluation.reports import markdown_table, plot_ablation, run_sections, seed_table
+from nemo_logitavg.evaluation.reports import plot_ablation, run_sections, seed_table
 from nemo_logitavg.evaluation.scoring import FORMAT_KEYS, LETTER_KEY
 from nemo_logitavg.evaluation.stats import (
     interval_verdict,
@@ -33,6 +33,7 @@ from nemo_logitavg.evaluation.stats import (
     paired_seed_difference,
     seed_t_interval,
 )
+from nemo_logitavg.tables import markdown_table
 
 ALPHA, POWER = 0.05, 0.8  # of the smallest detectable difference
 

@@ -9,7 +9,7 @@ percentile bootstrap over problems (``stats.bootstrap_ci``). Each completion is 
 option letter the grader reads; absent where a run has no such record); ``mean_length`` is in tokens. Across
 seeds, ``aggregate`` reports the mean and the sample standard deviation (ddof 1) of each seed's accuracy, and the
 bootstrap interval of the per-problem scores averaged over seeds. Greedy decoding (temperature 0, the headline of
-DESIGN.md §7) is deterministic, so a greedy mode runs once whatever the seeds.
+docs/design.md §7) is deterministic, so a greedy mode runs once whatever the seeds.
 
 By type. ``accuracy_by_type`` splits each model's accuracy by problem type (where training changed the model).
 

@@ -7,7 +7,7 @@ Models. ``resolve_model`` accepts
   ``ref_weight = 0``, so pi_mix is the model itself);
 - a Megatron checkpoint written by ``recipes/convert_hf_to_mcore.py`` (``meta.json`` + ``mp_rank_*``): converted to
   a Hugging Face directory in a work directory first;
-- an averaged-model bundle (``nemo_logitavg.release.bundle``, DESIGN.md §7). The headline model is pi_mix;
+- an averaged-model bundle (``nemo_logitavg.models.bundle``, docs/design.md §7). The headline model is pi_mix;
   ``policy_alone=True`` serves its policy half alone.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from nemo_logitavg.data.prompts import encode_prompt
 from nemo_logitavg.evaluation.scoring import Run, SamplingMode, score_records, summarize
-from nemo_logitavg.release.bundle import is_bundle, read_bundle
+from nemo_logitavg.models.bundle import is_bundle, read_bundle
 from nemo_logitavg.rewards import GRADE_TIMEOUT
 
 logger = logging.getLogger(__name__)
