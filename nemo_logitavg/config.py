@@ -1,4 +1,6 @@
-"""Typed YAML configs with command-line overrides (OmegaConf), validated when loaded."""
+"""Typed YAML configs with command-line overrides (OmegaConf), validated when loaded: the schemas of GRPO (with its
+cluster section), the ref_weight sweep, SFT and the main job; the batch-split check they share; the redaction of
+secrets from a config that leaves the job."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_logitavg.models.scratch import ScratchModelConfig
 from nemo_logitavg.rewards.math_answer import GRADE_TIMEOUT
 from nemo_logitavg.rewards.math_answer import STARTUP_TIMEOUT as GRADER_STARTUP_TIMEOUT
 from nemo_logitavg.rollout.client import MAX_ATTEMPTS, MAX_BACKOFF, REQUEST_TIMEOUT
@@ -371,3 +374,63 @@ class SFTConfig:
     seed: int = 1234
     log: str | None = None  # metrics jsonl (default: <out>.metrics.jsonl)
     checkpoint_every: int = 0  # > 0: checkpoint into <out>.checkpoints every N steps; a rerun resumes there
+
+
+# ---------------------------------------------------------------------------------------------- main job schema
+
+
+@dataclass
+class ProblemsSection:
+    count: int = 8000  # generated before duplicates are removed
+    kinds: list[str] = field(default_factory=lambda: ["addition", "subtraction", "multiplication", "algebra"])
+    test_fraction: float = 0.1  # held out by a hash of the problem text
+    test_size: int = 300  # at most this many held-out problems are evaluated
+    curve_size: int = 100  # held-out problems scored greedily during GRPO (accuracy against step)
+    # SFT demonstrations are not all correct: this fraction of the algebra solutions (x + b = c) comes from a
+    # careless teacher who moves b across without changing its sign (x = c + b). GRPO's reward can correct what
+    # imitation learned; 0 gives clean data.
+    teacher_error_rate: float = 0.0
+    # This fraction of the problems is asked as four-option questions (MMLU format, a letter answer graded by
+    # score_mcq, record source "arith_mcq") in the same data set, for SFT and GRPO alike; 0 keeps math only.
+    mcq_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (sampled mode)
+    sampled_k: int = 4  # completions per problem and seed at temperature 1; greedy (the headline) runs once
+    max_tokens: int = 64
+    math_timeout: float = GRADE_TIMEOUT
+
+
+@dataclass
+class SweepSection:
+    """An ablation over the averaging weight: ``methods.<method>`` is trained once per ref_weight (everything else,
+    group size, reward and budget included, held fixed), as methods named ``<method>_a<ref_weight>``."""
+
+    method: str = "logit_avg"
+    ref_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    """The main job (``configs/tiny_cpu.yaml``) and the reproduction job (``configs/paper_cpu.yaml``), run by
+    ``nemo_logitavg.job``. ``sft`` and ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are filled in by
+    the job); ``methods`` maps a method name to its GRPO overrides."""
+
+    dir: str = "runs/tiny_cpu"
+    nproc: int = 2  # processes (cores) of the job: SFT runs on all of them, each GRPO run on nproc / concurrent_runs
+    problems: ProblemsSection = field(default_factory=ProblemsSection)
+    model: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+    model_seed: int = 0
+    sft: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)
+    ref_weight_sweep: SweepSection | None = None  # set: methods.<method> once per ref_weight (the ablation)
+    # Training seeds: every method is trained once per seed (run.seed = the seed, and with it the rollout seeds;
+    # the SFT model is shared). Empty: one run per method with grpo.run.seed (the main job).
+    seeds: list[int] = field(default_factory=list)
+    concurrent_runs: int = 1  # GRPO runs trained at the same time, each with its own torchrun and rollout server
+    baseline: str = "sft"  # the model every method is compared with (paired bootstrap)
+    eval: EvalSection = field(default_factory=EvalSection)

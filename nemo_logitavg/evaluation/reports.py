@@ -66,7 +66,7 @@ def runs_from_json(path: str) -> list[Run]:
 
 
 def _pyplot():
-    """matplotlib's pyplot on the Agg backend (files only: the pipeline runs without a display)."""
+    """matplotlib's pyplot on the Agg backend (files only: the job runs without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +160,7 @@ def report_markdown(
 ) -> str:  # fmt: skip
     """The main job's ``report.md``: ``payload`` of ``write_reports`` (aggregate and comparison with
     ``baseline``), the plot files, the by-type table, the seconds per phase, one row per GRPO method (its
-    settings) and the pipeline config as YAML."""
+    settings) and the job config as YAML."""
     agg = payload["aggregate"]
     columns = ["model", "mode", "num_seeds", "num_problems", "k", "accuracy_mean", "accuracy_std", "ci_low",
                "ci_high", "has_boxed", "boxed_latex_valid", "ended_by_eos", "mean_length"]  # fmt: skip
@@ -187,7 +187,7 @@ def run_sections(
     curves_title: str = "Training curves",
     timings_note: str = "a phase that was interrupted counts the run that completed it", also: str = "",
 ) -> list[str]:  # fmt: skip
-    """The closing sections of a pipeline report: training-curve plots, the methods' settings, seconds per phase
+    """The closing sections of a job's report: training-curve plots, the methods' settings, seconds per phase
     and the exact config (``also``: a sentence on further files beside the report)."""
     return [
         f"\n## {curves_title}\n",
@@ -197,6 +197,7 @@ def run_sections(
         f"\n## Time per phase (seconds; {timings_note})\n",
         markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
         "\n## Exact config\n",
+        # The report's own words (kept from before the job was renamed, so its report.md reads the same).
         "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
         f"report{also}.\n\n```yaml\n" + config_yaml + "```\n",
     ]

@@ -14,7 +14,7 @@ retrain GRPO, not SFT). Everything across seeds uses ``stats``:
 - the ablation plot per benchmark (accuracy against ref_weight, seed intervals as bars, KL-GRPO and SFT levels as
   lines, ``reports.plot_ablation``) and the per-seed table (``reports.seed_table``).
 
-Data in, files out, like ``reports``: the pipeline gathers the summaries.
+Data in, files out, like ``reports``: ``job_report`` gathers the summaries.
 """
 
 from __future__ import annotations
