@@ -139,7 +139,7 @@ def test_shipped_sweep_config():
 
 def test_wait_timeout_is_derived_from_the_rollout_worst_case():
     """run.wait_timeout unset: attempts x (request timeout + the client's 30 s largest backoff) + grading (every
-    answer at data.reward_timeout, after the grader's 120 s start-up) + push_timeout (DESIGN.md §7b)."""
+    answer at data.reward_timeout, after the grader's 120 s start-up) + push_timeout (docs/design.md §7b)."""
     from pathlib import Path
 
     from nemo_logitavg.config import GRPOConfig

@@ -1,4 +1,4 @@
-"""The vLLM engine samples pi_mix and returns log pi_mix (DESIGN.md §1, §5, §7), reloads the policy half only, and
+"""The vLLM engine samples pi_mix and returns log pi_mix (docs/design.md §1, §5, §7), reloads the policy half only, and
 a release bundle is servable by vLLM through the plugin.
 
 Needs vLLM. On these CPU machines the community CPU build, in a virtual environment of its own so that it cannot
