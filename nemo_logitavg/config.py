@@ -309,7 +309,8 @@ class GRPOConfig:
         if self.rollout.max_tokens_per_micro_batch is None:
             split.append(("rollout.micro_batch_size", self.rollout.micro_batch_size))
         per_mini = self.rollout.prompts_per_step * self.algorithm.group_size // self.algorithm.mini_batches
-        check_batch_split("config: a mini-batch", per_mini, split)
+        mini = "config: a mini-batch (rollout.prompts_per_step x algorithm.group_size / algorithm.mini_batches)"
+        check_batch_split(mini, per_mini, split)
 
 
 def _get(obj: object, dotted: str) -> object:
