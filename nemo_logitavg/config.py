@@ -1,14 +1,23 @@
-"""Typed YAML configs with command-line overrides (OmegaConf), validated when loaded."""
+"""Typed YAML configs with command-line overrides (OmegaConf), validated when loaded: the schemas of GRPO (with its
+cluster section), the ref_weight sweep, SFT and the main job; the batch-split check they share; the redaction of
+secrets from a config that leaves the job."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from nemo_logitavg.models.scratch import ScratchModelConfig
+from nemo_logitavg.rewards.math_answer import GRADE_TIMEOUT
+from nemo_logitavg.rewards.math_answer import STARTUP_TIMEOUT as GRADER_STARTUP_TIMEOUT
+from nemo_logitavg.rollout.client import MAX_ATTEMPTS, MAX_BACKOFF, REQUEST_TIMEOUT
 
 T = TypeVar("T")
 
@@ -53,10 +62,38 @@ def config_as_dict(schema: type, path: str | Path, overrides: list[str] | None =
     return OmegaConf.to_container(merged, resolve=False, throw_on_missing=False)  # type: ignore[return-value]
 
 
+def redact_secrets(cfg: Mapping) -> dict:
+    """A plain copy of a run config without its secret, the rollout token (replaced by ``"<redacted>"``; an
+    interpolation such as ``${oc.env:...}`` names no secret and stays). For whatever leaves the job: the model
+    card, the config uploaded to W&B."""
+    out = json.loads(json.dumps(cfg, default=str))
+    rollout = out.get("rollout") if isinstance(out, dict) else None
+    token = rollout.get("token") if isinstance(rollout, dict) else None
+    if isinstance(token, str) and not token.startswith("${"):
+        rollout["token"] = "<redacted>"
+    return out
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
     return f"key '{key}': {message}" if key else message
+
+
+def check_batch_split(what: str, sequences: int, parts: Sequence[tuple[str, int | None]]) -> None:
+    """Check that ``sequences`` split evenly into the product of ``parts`` (each a setting's name and value, e.g.
+    ``("algorithm.mini_batches", 2)``); a value of None (not set) never splits. The one batch-divisibility check of
+    the GRPO config, its cluster section, the trainer's micro-batch plan and SFT.
+
+    Raises:
+        ValueError: ``"<what> = <sequences> sequences must split over <name> (<value>) x ..."``.
+    """
+    product = 1
+    for _, value in parts:
+        product = 0 if value is None or product == 0 else product * value
+    if product < 1 or sequences % product:
+        named = " x ".join(f"{name} ({value})" for name, value in parts)
+        raise ValueError(f"{what} = {sequences} sequences must split over {named}")
 
 
 # ------------------------------------------------------------------------------------------------ GRPO schema
@@ -97,8 +134,8 @@ class AlgorithmSection:
 class RolloutSection:
     urls: list[str] = field(default_factory=list)  # running servers; empty: the recipe starts one
     token: str | None = None
-    timeout: float = 600.0  # seconds one rollout request may take (generation included)
-    attempts: int = 8  # tries per request over all servers (the client's max_attempts)
+    timeout: float = REQUEST_TIMEOUT  # seconds one rollout request may take (generation included)
+    attempts: int = MAX_ATTEMPTS  # tries per request over all servers (the client's max_attempts)
     push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
     prompts_per_step: int = 8
     max_tokens: int = 256
@@ -114,7 +151,7 @@ class DataSection:
     train: str = MISSING  # prompt jsonl: {"prompt": ..., "answer": ..., "reward": "math" | "mcq" (optional)}
     test: str | None = None
     reward: str = "math"  # math | mcq, for records without a "reward" field (each record is graded by its own)
-    reward_timeout: float = 5.0
+    reward_timeout: float = GRADE_TIMEOUT
 
 
 @dataclass
@@ -170,25 +207,18 @@ class GRPOConfig:
     cluster: ClusterSection | None = None  # None: one machine (torchrun, or the tiny launcher)
 
     def wait_bound(self) -> float:
-        """Seconds rank 0 may take to roll out, grade and push one step, in the worst case (DESIGN.md §7b).
+        """Seconds rank 0 may take to roll out, grade and push one step, in the worst case (docs/design.md §7b).
 
         ``rollout.attempts x (rollout.timeout + the client's largest backoff)`` + the grading bound (every answer
         of the step graded one after another at ``data.reward_timeout``, after the grader's start-up) +
         ``rollout.push_timeout``. With ``algorithm.max_staleness > 0`` the rollout and grading terms count
         twice: rank 0 may wait for a prefetched step and then regenerate its stale completions.
         """
-        import inspect
-
-        from nemo_logitavg.rewards.math_answer import MathGrader
-        from nemo_logitavg.rollout.client import RolloutClient
-
-        max_backoff = inspect.signature(RolloutClient).parameters["max_backoff"].default
-        grader_start = inspect.signature(MathGrader).parameters["startup_timeout"].default
         r = self.rollout
         answers = r.prompts_per_step * self.algorithm.group_size
-        grading = grader_start + answers * self.data.reward_timeout
+        grading = GRADER_STARTUP_TIMEOUT + answers * self.data.reward_timeout
         rollouts = 2 if self.algorithm.max_staleness > 0 else 1
-        return rollouts * (r.attempts * (r.timeout + max_backoff) + grading) + r.push_timeout
+        return rollouts * (r.attempts * (r.timeout + MAX_BACKOFF) + grading) + r.push_timeout
 
     def wait_timeout(self) -> float:
         """The waiting ranks' timeout in seconds: ``run.wait_timeout``, or ``wait_bound()`` when it is not set."""
@@ -231,18 +261,12 @@ class GRPOConfig:
         for ok, key, why in checks:
             if not ok:
                 raise ValueError(f"config key {key} {why}, got {_get(self, key)!r}")
-        sequences = r.prompts_per_step * a.group_size
-        if r.max_tokens_per_micro_batch is not None:
-            if sequences % a.mini_batches:
-                raise ValueError(
-                    f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split "
-                    f"into algorithm.mini_batches ({a.mini_batches})"
-                )
-        elif sequences % (a.mini_batches * r.micro_batch_size):
-            raise ValueError(
-                f"config: rollout.prompts_per_step x algorithm.group_size = {sequences} sequences must split into "
-                f"algorithm.mini_batches ({a.mini_batches}) x rollout.micro_batch_size ({r.micro_batch_size})"
-            )
+        # A token budget replaces the fixed micro-batch size: the mini-batches need only split the step.
+        split = [("algorithm.mini_batches", a.mini_batches)]
+        if r.max_tokens_per_micro_batch is None:
+            split.append(("rollout.micro_batch_size", r.micro_batch_size))
+        check_batch_split("config: rollout.prompts_per_step x algorithm.group_size", r.prompts_per_step * a.group_size,
+                          split)  # fmt: skip
         bound = self.wait_bound()
         if self.run.wait_timeout is not None and self.run.wait_timeout < bound:
             raise ValueError(
@@ -281,19 +305,12 @@ class GRPOConfig:
                 f"config: cluster.trainer_nodes x cluster.gpus_per_node = {gpus} trainer GPUs must be a multiple of "
                 f"model.tensor_parallel x model.pipeline_parallel = {model_parallel}"
             )
-        dp = gpus // model_parallel
+        split = [("data parallel of the cluster section", gpus // model_parallel)]
+        if self.rollout.max_tokens_per_micro_batch is None:
+            split.append(("rollout.micro_batch_size", self.rollout.micro_batch_size))
         per_mini = self.rollout.prompts_per_step * self.algorithm.group_size // self.algorithm.mini_batches
-        if self.rollout.max_tokens_per_micro_batch is not None:
-            if per_mini % dp:
-                raise ValueError(
-                    f"config: a mini-batch of {per_mini} sequences must split over data parallel ({dp}, from the "
-                    "cluster section) ranks"
-                )
-        elif per_mini % (dp * self.rollout.micro_batch_size):
-            raise ValueError(
-                f"config: a mini-batch of {per_mini} sequences must split into data parallel ({dp}, from the "
-                f"cluster section) x rollout.micro_batch_size ({self.rollout.micro_batch_size})"
-            )
+        mini = "config: a mini-batch (rollout.prompts_per_step x algorithm.group_size / algorithm.mini_batches)"
+        check_batch_split(mini, per_mini, split)
 
 
 def _get(obj: object, dotted: str) -> object:
@@ -358,3 +375,63 @@ class SFTConfig:
     seed: int = 1234
     log: str | None = None  # metrics jsonl (default: <out>.metrics.jsonl)
     checkpoint_every: int = 0  # > 0: checkpoint into <out>.checkpoints every N steps; a rerun resumes there
+
+
+# ---------------------------------------------------------------------------------------------- main job schema
+
+
+@dataclass
+class ProblemsSection:
+    count: int = 8000  # generated before duplicates are removed
+    kinds: list[str] = field(default_factory=lambda: ["addition", "subtraction", "multiplication", "algebra"])
+    test_fraction: float = 0.1  # held out by a hash of the problem text
+    test_size: int = 300  # at most this many held-out problems are evaluated
+    curve_size: int = 100  # held-out problems scored greedily during GRPO (accuracy against step)
+    # SFT demonstrations are not all correct: this fraction of the algebra solutions (x + b = c) comes from a
+    # careless teacher who moves b across without changing its sign (x = c + b). GRPO's reward can correct what
+    # imitation learned; 0 gives clean data.
+    teacher_error_rate: float = 0.0
+    # This fraction of the problems is asked as four-option questions (MMLU format, a letter answer graded by
+    # score_mcq, record source "arith_mcq") in the same data set, for SFT and GRPO alike; 0 keeps math only.
+    mcq_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (sampled mode)
+    sampled_k: int = 4  # completions per problem and seed at temperature 1; greedy (the headline) runs once
+    max_tokens: int = 64
+    math_timeout: float = GRADE_TIMEOUT
+
+
+@dataclass
+class SweepSection:
+    """An ablation over the averaging weight: ``methods.<method>`` is trained once per ref_weight (everything else,
+    group size, reward and budget included, held fixed), as methods named ``<method>_a<ref_weight>``."""
+
+    method: str = "logit_avg"
+    ref_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    """The main job (``configs/tiny_cpu.yaml``) and the reproduction job (``configs/paper_cpu.yaml``), run by
+    ``nemo_logitavg.job``. ``sft`` and ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are filled in by
+    the job); ``methods`` maps a method name to its GRPO overrides."""
+
+    dir: str = "runs/tiny_cpu"
+    nproc: int = 2  # processes (cores) of the job: SFT runs on all of them, each GRPO run on nproc / concurrent_runs
+    problems: ProblemsSection = field(default_factory=ProblemsSection)
+    model: ScratchModelConfig = field(default_factory=ScratchModelConfig)
+    model_seed: int = 0
+    sft: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)
+    ref_weight_sweep: SweepSection | None = None  # set: methods.<method> once per ref_weight (the ablation)
+    # Training seeds: every method is trained once per seed (run.seed = the seed, and with it the rollout seeds;
+    # the SFT model is shared). Empty: one run per method with grpo.run.seed (the main job).
+    seeds: list[int] = field(default_factory=list)
+    concurrent_runs: int = 1  # GRPO runs trained at the same time, each with its own torchrun and rollout server
+    baseline: str = "sft"  # the model every method is compared with (paired bootstrap)
+    eval: EvalSection = field(default_factory=EvalSection)

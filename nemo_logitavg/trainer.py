@@ -567,7 +567,7 @@ class MetricsLog:
                 run_id = hashlib.sha256(os.path.abspath(run_dir).encode() + os.urandom(8)).hexdigest()[:12]
                 with open(id_file, "w", encoding="utf-8") as fh:
                     fh.write(run_id)
-            from nemo_logitavg.release.model_card import redact_secrets
+            from nemo_logitavg.config import redact_secrets
 
             config = redact_secrets(config) if config is not None else None  # W&B uploads it: never the token
             self.wandb = wandb.init(project=wandb_project, dir=run_dir, id=run_id, resume="allow", config=config)

@@ -20,6 +20,7 @@ import argparse
 
 from nemo_logitavg.checkpointing import export_checkpoint_to_hf, is_training_checkpoint
 from nemo_logitavg.config import GRPOConfig, config_as_dict
+from nemo_logitavg.models.bundle import write_bundle
 from nemo_logitavg.models.hf_conversion import convert_mcore_to_hf
 from nemo_logitavg.parallel import init_parallel, teardown
 from nemo_logitavg.release.model_card import write_model_card
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.out}: {model_cfg.num_hidden_layers} layers, vocab {model_cfg.vocab_size}")
     write_model_card(args.out, cfg, args.results)
     if args.bundle:
-        from nemo_logitavg.release.bundle import write_bundle
-
         write_bundle(args.out, reference, cfg["algorithm"]["ref_weight"], args.bundle)
         write_model_card(args.bundle, cfg, args.results)
         print(f"wrote {args.bundle}: pi_mix with ref_weight {cfg['algorithm']['ref_weight']} (reference {reference})")

@@ -20,7 +20,7 @@ import os
 
 from nemo_logitavg import evaluation
 from nemo_logitavg.data import read_prompts
-from nemo_logitavg.release.bundle import is_bundle
+from nemo_logitavg.models.bundle import is_bundle
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -139,7 +139,7 @@ def test_shipped_sweep_config():
 
 def test_wait_timeout_is_derived_from_the_rollout_worst_case():
     """run.wait_timeout unset: attempts x (request timeout + the client's 30 s largest backoff) + grading (every
-    answer at data.reward_timeout, after the grader's 120 s start-up) + push_timeout (DESIGN.md §7b)."""
+    answer at data.reward_timeout, after the grader's 120 s start-up) + push_timeout (docs/design.md §7b)."""
     from pathlib import Path
 
     from nemo_logitavg.config import GRPOConfig
@@ -186,3 +186,44 @@ def test_shipped_configs_wait_longer_than_the_rollout_worst_case(name):
     cfg = load_config(GRPOConfig, path, ["model.policy=p", "data.train=t"]).validate()
     r = cfg.rollout
     assert cfg.wait_timeout() >= r.attempts * r.timeout + r.push_timeout
+
+
+def test_batch_split_check_names_every_setting():
+    from nemo_logitavg.config import check_batch_split
+
+    check_batch_split("a step", 16, [("algorithm.mini_batches", 2), ("rollout.micro_batch_size", 4)])
+    check_batch_split("a step", 6, [])
+    with pytest.raises(ValueError, match=r"^a step = 12 sequences must split over algorithm\.mini_batches \(2\) x "
+                                         r"rollout\.micro_batch_size \(4\)$"):  # fmt: skip
+        check_batch_split("a step", 12, [("algorithm.mini_batches", 2), ("rollout.micro_batch_size", 4)])
+    with pytest.raises(ValueError, match=r"rollout\.micro_batch_size \(None\)"):  # not set: never splits
+        check_batch_split("a mini-batch", 8, [("data parallel", 2), ("rollout.micro_batch_size", None)])
+
+
+def test_config_bounds_are_the_clients_and_the_graders():
+    """The rollout and grading defaults of the config are the client's and the grader's own defaults (one named
+    constant each), and the derived wait uses the client's largest backoff and the grader's start-up bound."""
+    import inspect
+
+    from nemo_logitavg.config import DataSection, RolloutSection
+    from nemo_logitavg.rewards.math_answer import MathGrader, score_math
+    from nemo_logitavg.rollout.client import RolloutClient
+
+    client = inspect.signature(RolloutClient).parameters
+    grader = inspect.signature(MathGrader).parameters
+    assert (RolloutSection().timeout, RolloutSection().attempts) == (client["timeout"].default,
+                                                                     client["max_attempts"].default) == (600.0, 8)
+    assert client["max_backoff"].default == 30.0 and grader["startup_timeout"].default == 120.0
+    assert DataSection.reward_timeout == grader["timeout"].default == 5.0
+    assert inspect.signature(score_math).parameters["timeout"].default == 5.0
+
+
+def test_redact_secrets_hides_the_rollout_token_only():
+    from nemo_logitavg.config import redact_secrets
+
+    cfg = {"rollout": {"token": "hunter2", "urls": ["http://a"]}, "run": {"seed": 1}}
+    assert redact_secrets(cfg) == {"rollout": {"token": "<redacted>", "urls": ["http://a"]}, "run": {"seed": 1}}
+    assert cfg["rollout"]["token"] == "hunter2"  # a copy: the caller's config is untouched
+    assert redact_secrets({"rollout": {"token": "${oc.env:TOKEN}"}})["rollout"]["token"] == "${oc.env:TOKEN}"
+    assert redact_secrets({"rollout": {"token": None}, "run": {}}) == {"rollout": {"token": None}, "run": {}}
+    assert redact_secrets({"run": {"seed": 1}}) == {"run": {"seed": 1}}

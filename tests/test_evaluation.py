@@ -17,7 +17,7 @@ import pytest
 
 from nemo_logitavg import evaluation
 from nemo_logitavg.data import write_prompts
-from nemo_logitavg.release.bundle import read_bundle, write_bundle
+from nemo_logitavg.models.bundle import read_bundle, write_bundle
 from tests.tiny_models import make_fake_hf_dir, make_llama_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

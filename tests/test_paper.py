@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from nemo_logitavg import pipeline
+from nemo_logitavg import job
 from nemo_logitavg.data import check_record, mmlu_record, read_jsonl, read_prompts
 from nemo_logitavg.data.prompts import CHOICE_LETTERS, read_training_prompts
 from nemo_logitavg.data.synthetic import GENERATORS, make_problems, multiple_choice
+from nemo_logitavg.evaluation.job_report import BENCHMARKS
 from nemo_logitavg.rewards import extract_last_boxed, score_by_kind, score_math, score_mcq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +116,8 @@ def test_training_prompts_carry_their_reward_and_name_bad_lines(tmp_path):
 
 def test_data_phase_mixes_multiple_choice_for_sft_and_grpo(tmp_path):
     overrides = [f"dir={tmp_path}/run", "problems.count=800", "problems.test_size=60", "problems.mcq_fraction=0.5"]
-    p = pipeline.plan(str(TINY_CPU), overrides)
-    pipeline.make_data(p)
+    p = job.plan(str(TINY_CPU), overrides)
+    job.make_data(p)
     train, test = read_prompts(p.path("data", "train.jsonl")), read_prompts(p.path("data", "test.jsonl"))
     sft = read_jsonl(p.path("data", "sft.jsonl"))
     assert [s["prompt"] for s in sft] == [r["prompt"] for r in train]
@@ -131,16 +132,16 @@ def test_data_phase_mixes_multiple_choice_for_sft_and_grpo(tmp_path):
     assert wrong and all(r["prompt"].startswith("Solve for") for r in wrong)
     assert {r["reward"] for r in wrong} == {"math", "mcq"}
     # The main job keeps its data: no multiple choice unless asked for.
-    assert pipeline.plan(str(TINY_CPU)).cfg.problems.mcq_fraction == 0.0
+    assert job.plan(str(TINY_CPU)).cfg.problems.mcq_fraction == 0.0
     with pytest.raises(ValueError, match=r"problems\.mcq_fraction must lie in \[0, 1\]"):
-        pipeline.make_data(pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/bad", "problems.mcq_fraction=1.5"]))
+        job.make_data(job.plan(str(TINY_CPU), [f"dir={tmp_path}/bad", "problems.mcq_fraction=1.5"]))
 
 
 PAPER_CPU = ROOT / "configs" / "paper_cpu.yaml"
 
 
 def test_paper_config_plans_seeds_by_methods_with_one_budget():
-    p = pipeline.plan(str(PAPER_CPU))
+    p = job.plan(str(PAPER_CPU))
     seeds, weights = p.cfg.seeds, p.cfg.ref_weight_sweep.ref_weights
     assert len(seeds) >= 3 and sorted(weights) == [0.25, 0.5, 0.75]
     assert p.method_names == [f"logit_avg_a{a:g}" for a in weights] + ["kl"]
@@ -161,7 +162,7 @@ def test_paper_config_plans_seeds_by_methods_with_one_budget():
     assert [p.runs[n].seed for n in p.methods] == sorted(p.runs[n].seed for n in p.methods)
     assert p.cfg.problems.mcq_fraction > 0 and p.cfg.eval.sampled_k == 0
     # The main job is planned as before: one run per method, in grpo/<method>, with grpo.run.seed.
-    tiny = pipeline.plan(str(TINY_CPU))
+    tiny = job.plan(str(TINY_CPU))
     assert list(tiny.methods) == ["logit_avg", "kl"] and tiny.cfg.concurrent_runs == 1
     assert tiny.methods["kl"].run.dir == tiny.path("grpo", "kl") and tiny.runs["kl"].seed is None
 
@@ -182,7 +183,7 @@ def test_paper_config_plans_seeds_by_methods_with_one_budget():
 )  # fmt: skip
 def test_bad_paper_config_names_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        pipeline.plan(str(PAPER_CPU), overrides)
+        job.plan(str(PAPER_CPU), overrides)
 
 
 def test_concurrent_phases_overlap_and_a_failure_stops_the_rest():
@@ -190,7 +191,7 @@ def test_concurrent_phases_overlap_and_a_failure_stops_the_rest():
 
     both = threading.Barrier(2, timeout=30)  # passes only if two jobs are running at the same time
     ran = []
-    pipeline._run_concurrently([lambda: ran.append(both.wait()), lambda: ran.append(both.wait())], workers=2)
+    job._run_concurrently([lambda: ran.append(both.wait()), lambda: ran.append(both.wait())], workers=2)
     assert sorted(ran) == [0, 1]
 
     def fail() -> None:
@@ -198,7 +199,7 @@ def test_concurrent_phases_overlap_and_a_failure_stops_the_rest():
 
     started = []
     with pytest.raises(RuntimeError, match="GRPO x failed"):
-        pipeline._run_concurrently([fail, lambda: started.append(1)], workers=1)
+        job._run_concurrently([fail, lambda: started.append(1)], workers=1)
     assert started == []  # not started after the failure (a rerun resumes it)
 
 
@@ -265,7 +266,7 @@ def _run_paper(run_dir: Path, log: Path) -> str:
     import subprocess
     import sys
 
-    command = [sys.executable, str(ROOT / "recipes" / "pipeline.py"), "--config", str(PAPER_CPU), f"dir={run_dir}",
+    command = [sys.executable, str(ROOT / "recipes" / "job.py"), "--config", str(PAPER_CPU), f"dir={run_dir}",
                *PAPER_SMALL]  # fmt: skip
     with log.open("a") as out:
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=1200).returncode
@@ -278,7 +279,7 @@ def _run_paper(run_dir: Path, log: Path) -> str:
 def test_paper_job_shrunk_end_to_end(tmp_path):
     from nemo_logitavg.rewards import extract_choice
 
-    run_dir, log = tmp_path / "run", tmp_path / "pipeline.log"
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
     _run_paper(run_dir, log)
     report = run_dir / "report"
     text = (report / "report.md").read_text()
@@ -311,7 +312,7 @@ def test_paper_job_shrunk_end_to_end(tmp_path):
     # The across-seed interval, recomputed from the per-seed figures with scipy; the paired difference to KL-GRPO.
     across = {(r["benchmark"], r["method"]): r for r in figures["across_seeds"]}
     paired = {(r["benchmark"], r["method"], r["against"]): r for r in figures["paired"]}
-    for benchmark, label in pipeline.BENCHMARKS.items():
+    for benchmark, label in BENCHMARKS.items():
         per_seed = {m: [figures["per_seed"][benchmark][m][s]["accuracy"] for s in ("1", "2")] for m in methods}
         for method, x in per_seed.items():
             mean = sum(x) / 2

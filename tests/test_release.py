@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_logitavg.models.bundle import read_bundle, write_bundle
 from nemo_logitavg.ops import mixed_logprobs
-from nemo_logitavg.release.bundle import read_bundle, write_bundle
 from tests.tiny_models import make_fake_hf_dir, make_llama_with_tokenizer
 
 

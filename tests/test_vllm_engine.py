@@ -1,4 +1,4 @@
-"""The vLLM engine samples pi_mix and returns log pi_mix (DESIGN.md §1, §5, §7), reloads the policy half only, and
+"""The vLLM engine samples pi_mix and returns log pi_mix (docs/design.md §1, §5, §7), reloads the policy half only, and
 a release bundle is servable by vLLM through the plugin.
 
 Needs vLLM. On these CPU machines the community CPU build, in a virtual environment of its own so that it cannot
@@ -160,7 +160,7 @@ def test_project_modules_do_not_import_vllm():
 def test_bundle_config_carries_the_policy_shape_and_both_sub_configs(model_dirs, tmp_path):
     from transformers import AutoConfig
 
-    from nemo_logitavg.release.bundle import write_bundle
+    from nemo_logitavg.models.bundle import write_bundle
     from nemo_logitavg.rollout.vllm_plugin import LogitAveragedVLLMConfig, register
 
     bundle = write_bundle(
@@ -433,8 +433,8 @@ def test_rollout_server_with_engine_vllm(engines, model_dirs, tmp_path):
 @needs_vllm
 @pytest.mark.slow
 def test_bundle_is_served_by_vllms_own_api_server(model_dirs, engines, tmp_path):
-    """A release bundle (release.bundle.write_bundle) loads in vLLM's OpenAI server through the plugin entry point."""
-    from nemo_logitavg.release.bundle import write_bundle
+    """A release bundle (models.bundle.write_bundle) loads in vLLM's OpenAI server through the plugin entry point."""
+    from nemo_logitavg.models.bundle import write_bundle
     from nemo_logitavg.rollout.process import free_port
 
     engines.close()

@@ -6,15 +6,15 @@ By what each part does:
 - ``serving``: how a model is served for evaluation (``resolve_model``) and evaluated (``evaluate_model``);
 - ``scoring``: rewards of completions, a run's summary, the across-seed aggregate and the paired comparison;
 - ``stats``: the interval statistics across problems and across training seeds, pure functions (no I/O);
-- ``reports``: tables, the ``results.*`` files (and reading them back), the reports and their plots.
+- ``reports``: the ``results.*`` files (and reading them back), the reports and their plots;
+- ``reproduction``: the reproduction job's figures across training seeds and its report;
+- ``job_report``: the main job's and the reproduction job's report, gathered from the job's run directory.
 
-The averaged-model bundle (policy, reference, ref_weight) is ``nemo_logitavg.release.bundle``. This package
-re-exports the public names of its modules.
+The averaged-model bundle (policy, reference, ref_weight) is ``nemo_logitavg.models.bundle``. This package
+re-exports the public names of its modules (and the tables of ``nemo_logitavg.tables``).
 """
 
 from nemo_logitavg.evaluation.reports import (
-    csv_text,
-    markdown_table,
     plot_ablation,
     plot_curves,
     report_markdown,
@@ -51,6 +51,7 @@ from nemo_logitavg.evaluation.stats import (
     seed_t_interval,
     t_quantile,
 )
+from nemo_logitavg.tables import csv_text, markdown_table
 
 __all__ = [
     "FORMAT_KEYS",

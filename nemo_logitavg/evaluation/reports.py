@@ -1,13 +1,11 @@
-"""Reports and plots of evaluations: markdown and CSV tables, the ``results.*`` files of an evaluation (and reading
-them back), the main job's report and its training-curve plots, and for the reproduction job the per-seed table and
-the ref_weight ablation plot. Data in, files out: nothing here reads a run
-directory; the pipeline and the recipes gather the data.
+"""Reports and plots of evaluations: the ``results.*`` files of an evaluation (and reading them back), the main
+job's report and its training-curve plots, and for the reproduction job the per-seed table and the ref_weight
+ablation plot (the tables themselves are ``nemo_logitavg.tables``). Data in, files out: nothing here reads a run
+directory; ``job_report`` and the recipes gather the data.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -15,38 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from nemo_logitavg.evaluation.scoring import Run, aggregate, compare
 from nemo_logitavg.evaluation.stats import seed_t_interval
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """A markdown table of ``rows`` (``columns``, or every key of the rows in order of appearance; blank where a row
-    lacks one); floats with four decimals."""
-    if not rows:
-        return "(no rows)\n"
-    columns = list(columns or _keys(rows))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _keys(rows: Sequence[dict]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row))
-
-
-def csv_text(rows: Sequence[dict]) -> str:
-    """``rows`` as CSV text with every key of the rows as the header, in order of appearance (blank where a row
-    lacks one: e.g. ``letter_answer``, a metric of multiple-choice runs only); empty for no rows."""
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=_keys(rows), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()
+from nemo_logitavg.tables import csv_text, markdown_table
 
 
 def write_reports(out_dir: str, runs: Sequence[Run], baseline: str | None = None, num_resamples: int = 10_000) -> dict:
@@ -99,7 +66,7 @@ def runs_from_json(path: str) -> list[Run]:
 
 
 def _pyplot():
-    """matplotlib's pyplot on the Agg backend (files only: the pipeline runs without a display)."""
+    """matplotlib's pyplot on the Agg backend (files only: the job runs without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +160,7 @@ def report_markdown(
 ) -> str:  # fmt: skip
     """The main job's ``report.md``: ``payload`` of ``write_reports`` (aggregate and comparison with
     ``baseline``), the plot files, the by-type table, the seconds per phase, one row per GRPO method (its
-    settings) and the pipeline config as YAML."""
+    settings) and the job config as YAML."""
     agg = payload["aggregate"]
     columns = ["model", "mode", "num_seeds", "num_problems", "k", "accuracy_mean", "accuracy_std", "ci_low",
                "ci_high", "has_boxed", "boxed_latex_valid", "ended_by_eos", "mean_length"]  # fmt: skip
@@ -220,7 +187,7 @@ def run_sections(
     curves_title: str = "Training curves",
     timings_note: str = "a phase that was interrupted counts the run that completed it", also: str = "",
 ) -> list[str]:  # fmt: skip
-    """The closing sections of a pipeline report: training-curve plots, the methods' settings, seconds per phase
+    """The closing sections of a job's report: training-curve plots, the methods' settings, seconds per phase
     and the exact config (``also``: a sentence on further files beside the report)."""
     return [
         f"\n## {curves_title}\n",
@@ -230,14 +197,13 @@ def run_sections(
         f"\n## Time per phase (seconds; {timings_note})\n",
         markdown_table([{"phase": k, "seconds": round(v, 1)} for k, v in timings.items()]),
         "\n## Exact config\n",
+        # The report's own words (kept from before the job was renamed, so its report.md reads the same).
         "The pipeline config (`config.yaml`) and the config of every phase (`configs/`) are copied beside this "
         f"report{also}.\n\n```yaml\n" + config_yaml + "```\n",
     ]
 
 
 __all__ = [
-    "csv_text",
-    "markdown_table",
     "plot_ablation",
     "plot_curves",
     "report_markdown",

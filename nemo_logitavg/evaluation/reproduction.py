@@ -14,7 +14,7 @@ retrain GRPO, not SFT). Everything across seeds uses ``stats``:
 - the ablation plot per benchmark (accuracy against ref_weight, seed intervals as bars, KL-GRPO and SFT levels as
   lines, ``reports.plot_ablation``) and the per-seed table (``reports.seed_table``).
 
-Data in, files out, like ``reports``: the pipeline gathers the summaries.
+Data in, files out, like ``reports``: ``job_report`` gathers the summaries.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from nemo_logitavg.evaluation.reports import markdown_table, plot_ablation, run_sections, seed_table
+from nemo_logitavg.evaluation.reports import plot_ablation, run_sections, seed_table
 from nemo_logitavg.evaluation.scoring import FORMAT_KEYS, LETTER_KEY
 from nemo_logitavg.evaluation.stats import (
     interval_verdict,
@@ -33,6 +33,7 @@ from nemo_logitavg.evaluation.stats import (
     paired_seed_difference,
     seed_t_interval,
 )
+from nemo_logitavg.tables import markdown_table
 
 ALPHA, POWER = 0.05, 0.8  # of the smallest detectable difference
 

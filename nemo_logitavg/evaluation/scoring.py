@@ -9,7 +9,7 @@ percentile bootstrap over problems (``stats.bootstrap_ci``). Each completion is 
 option letter the grader reads; absent where a run has no such record); ``mean_length`` is in tokens. Across
 seeds, ``aggregate`` reports the mean and the sample standard deviation (ddof 1) of each seed's accuracy, and the
 bootstrap interval of the per-problem scores averaged over seeds. Greedy decoding (temperature 0, the headline of
-DESIGN.md §7) is deterministic, so a greedy mode runs once whatever the seeds.
+docs/design.md §7) is deterministic, so a greedy mode runs once whatever the seeds.
 
 By type. ``accuracy_by_type`` splits each model's accuracy by problem type (where training changed the model).
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nemo_logitavg.evaluation.stats import bootstrap_ci, interval_verdict, paired_bootstrap
-from nemo_logitavg.rewards import format_metrics_batch, letter_answer, score_by_kind
+from nemo_logitavg.rewards import GRADE_TIMEOUT, format_metrics_batch, letter_answer, score_by_kind
 
 FORMAT_KEYS = ("has_boxed", "boxed_latex_valid", "ended_by_eos")
 LETTER_KEY = "letter_answer"  # a format metric of multiple-choice records only
@@ -68,7 +68,7 @@ class Run:
 
 
 def score_records(
-    records: Sequence[dict], completions: Sequence[Sequence], math_timeout: float = 5.0
+    records: Sequence[dict], completions: Sequence[Sequence], math_timeout: float = GRADE_TIMEOUT
 ) -> list[dict]:  # fmt: skip
     """Per-problem rows: ``completions[i]`` are record i's completions (objects with ``text``, ``token_ids``,
     ``finish_reason``). Each row holds the rewards, format metrics and lengths of its k completions."""

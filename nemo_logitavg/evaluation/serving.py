@@ -7,7 +7,7 @@ Models. ``resolve_model`` accepts
   ``ref_weight = 0``, so pi_mix is the model itself);
 - a Megatron checkpoint written by ``recipes/convert_hf_to_mcore.py`` (``meta.json`` + ``mp_rank_*``): converted to
   a Hugging Face directory in a work directory first;
-- an averaged-model bundle (``nemo_logitavg.release.bundle``, DESIGN.md §7). The headline model is pi_mix;
+- an averaged-model bundle (``nemo_logitavg.models.bundle``, docs/design.md §7). The headline model is pi_mix;
   ``policy_alone=True`` serves its policy half alone.
 """
 
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from nemo_logitavg.data.prompts import encode_prompt
 from nemo_logitavg.evaluation.scoring import Run, SamplingMode, score_records, summarize
-from nemo_logitavg.release.bundle import is_bundle, read_bundle
+from nemo_logitavg.models.bundle import is_bundle, read_bundle
+from nemo_logitavg.rewards import GRADE_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def generate(
 
 def evaluate_served(
     client, tokenizer, name: str, records: Sequence[dict], modes: Sequence[SamplingMode], seeds: Sequence[int],
-    max_tokens: int, math_timeout: float = 5.0, num_resamples: int = 10_000,
+    max_tokens: int, math_timeout: float = GRADE_TIMEOUT, num_resamples: int = 10_000,
 ) -> list[Run]:  # fmt: skip
     """Runs of one served model over ``records`` for every mode and seed (greedy modes once, with the first
     seed), one Run per dataset (record ``source``)."""
@@ -99,7 +100,7 @@ def evaluate_served(
 
 def evaluate_model(
     path: str, name: str, records: Sequence[dict], modes: Sequence[SamplingMode], seeds: Sequence[int],
-    max_tokens: int, workdir: str, policy_alone: bool = False, math_timeout: float = 5.0,
+    max_tokens: int, workdir: str, policy_alone: bool = False, math_timeout: float = GRADE_TIMEOUT,
     num_resamples: int = 10_000, server_args: Sequence[str] = (), ready_timeout: float = 600.0,
 ) -> list[Run]:  # fmt: skip
     """Serve the model at ``path`` (see ``resolve_model``) with a rollout server on 127.0.0.1 (a child process,

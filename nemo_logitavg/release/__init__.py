@@ -1,2 +1,3 @@
-"""Release artifacts: the averaged-model bundle (``bundle``: its layout, written and read), its transformers code
-(``modeling_logit_averaged``, copied into every bundle) and the model card."""
+"""Release artifacts: the model card of a released Hugging Face directory or averaged-model bundle. The bundle
+itself (its layout, written and read, and its transformers code) is ``nemo_logitavg.models.bundle``, below the
+engines, the evaluation and this package, which all use it."""

@@ -10,6 +10,10 @@ from collections.abc import Mapping
 
 import yaml
 
+from nemo_logitavg.config import redact_secrets
+from nemo_logitavg.models.bundle import BUNDLE_ARCHITECTURE
+from nemo_logitavg.tables import markdown_table
+
 AGGREGATE_COLUMNS = ("model", "mode", "dataset", "num_seeds", "num_problems", "accuracy_mean", "accuracy_std",
                      "ci_low", "ci_high", "has_boxed", "boxed_latex_valid", "mean_length")  # fmt: skip
 COMPARISON_COLUMNS = ("model", "mode", "dataset", "baseline", "accuracy", "baseline_accuracy", "diff", "diff_ci_low",
@@ -29,17 +33,6 @@ def _setting(cfg: Mapping, dotted: str) -> object:
             return None
         node = node[part]
     return node
-
-
-def redact_secrets(cfg: Mapping) -> dict:
-    """A plain copy of a run config without its secret, the rollout token (replaced by ``"<redacted>"``; an
-    interpolation such as ``${oc.env:...}`` names no secret and stays). For whatever leaves the job: the model
-    card, the config uploaded to W&B."""
-    out = json.loads(json.dumps(cfg, default=str))
-    token = _setting(out, "rollout.token")
-    if isinstance(token, str) and not token.startswith("${"):
-        out["rollout"]["token"] = "<redacted>"
-    return out
 
 
 def _training_section(cfg: Mapping) -> list[str]:
@@ -70,8 +63,6 @@ def _training_section(cfg: Mapping) -> list[str]:
 
 
 def _evaluation_section(results: Mapping) -> list[str]:
-    from nemo_logitavg.evaluation.reports import markdown_table
-
     out = [
         "## Evaluation",
         "",
@@ -90,8 +81,6 @@ def _evaluation_section(results: Mapping) -> list[str]:
 
 
 def _usage(name: str, hf_config: Mapping, cfg: Mapping) -> list[str]:
-    from nemo_logitavg.release.bundle import BUNDLE_ARCHITECTURE
-
     if BUNDLE_ARCHITECTURE in (hf_config.get("architectures") or []):
         what = (
             f"The averaged model pi_mix with reference weight a = {hf_config['ref_weight']}: the trained policy "

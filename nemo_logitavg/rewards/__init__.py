@@ -6,6 +6,7 @@ Imports nothing else of the package. math-verify is imported only inside the gra
 from nemo_logitavg.rewards.by_kind import REWARD_KINDS, score_by_kind
 from nemo_logitavg.rewards.format import format_metrics, format_metrics_batch, latex_structure_ok, letter_answer
 from nemo_logitavg.rewards.math_answer import (
+    GRADE_TIMEOUT,
     MAX_ANSWER_CHARS,
     MAX_FALLBACK_CHARS,
     MAX_NESTING_DEPTH,
@@ -18,6 +19,7 @@ from nemo_logitavg.rewards.math_answer import (
 from nemo_logitavg.rewards.mcq import extract_choice, score_mcq
 
 __all__ = [
+    "GRADE_TIMEOUT",
     "MAX_ANSWER_CHARS",
     "MAX_FALLBACK_CHARS",
     "MAX_NESTING_DEPTH",

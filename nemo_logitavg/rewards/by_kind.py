@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nemo_logitavg.rewards.math_answer import score_math
+from nemo_logitavg.rewards.math_answer import GRADE_TIMEOUT, score_math
 from nemo_logitavg.rewards.mcq import score_mcq
 
 REWARD_KINDS = ("math", "mcq")
 
 
 def score_by_kind(
-    completions: Sequence[str], gold_answers: Sequence[str], kinds: Sequence[str], math_timeout: float = 5.0
+    completions: Sequence[str], gold_answers: Sequence[str], kinds: Sequence[str], math_timeout: float = GRADE_TIMEOUT
 ) -> list[float]:
     """``score_math`` for the completions whose kind is ``math``, ``score_mcq`` for ``mcq``, in input order.
 

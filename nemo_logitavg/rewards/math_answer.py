@@ -65,6 +65,12 @@ MAX_NESTING_DEPTH = 8
 MAX_FALLBACK_CHARS = 4000
 """Without a box, only this many trailing characters of the completion go to math-verify's extraction."""
 
+GRADE_TIMEOUT = 5.0
+"""Seconds one answer may take to grade (``MathGrader``'s and ``score_math``'s default; the configs' default)."""
+
+STARTUP_TIMEOUT = 120.0
+"""Seconds a grader worker may take to start (import math-verify) before the pool gives up."""
+
 SOFT_TIMEOUT_FRACTION = 0.8
 """The in-worker alarm fires at this fraction of the per-answer time limit; the parent kills at the full limit."""
 
@@ -361,10 +367,10 @@ class MathGrader:
     def __init__(
         self,
         num_workers: int | None = None,
-        timeout: float = 5.0,
+        timeout: float = GRADE_TIMEOUT,
         *,
         grade_fn: Callable[[str, str], float] | None = None,
-        startup_timeout: float = 120.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ):
         self.num_workers = num_workers or min(2, os.cpu_count() or 1)
         if self.num_workers < 1:
@@ -550,7 +556,7 @@ def get_default_grader() -> MathGrader:
         return _DEFAULT
 
 
-def score_math(completions: Sequence[str], gold_answers: Sequence[str], timeout: float = 5.0) -> list[float]:
+def score_math(completions: Sequence[str], gold_answers: Sequence[str], timeout: float = GRADE_TIMEOUT) -> list[float]:
     r"""1.0 where a completion's answer equals its gold answer (bare LaTeX, no ``$`` or ``\boxed``), else 0.0.
 
     The answer is the last ``\boxed{}`` of the completion (math-verify's own extraction without a box); a wrong,

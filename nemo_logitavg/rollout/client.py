@@ -50,6 +50,11 @@ import httpx
 
 from nemo_logitavg.rollout.engine import derive_seed
 
+# The client's bounds (the defaults of RolloutClient; config.py's rollout section and wait bound read them here).
+REQUEST_TIMEOUT = 600.0  # seconds one request may take, generation included
+MAX_ATTEMPTS = 8  # tries per request over all servers
+MAX_BACKOFF = 30.0  # the largest wait between two rounds of tries (seconds)
+
 
 @dataclass
 class Completion:
@@ -106,11 +111,11 @@ class RolloutClient:
         self,
         urls: str | Sequence[str],
         token: str | None = None,
-        timeout: float = 600.0,
+        timeout: float = REQUEST_TIMEOUT,
         *,
-        max_attempts: int = 8,
+        max_attempts: int = MAX_ATTEMPTS,
         backoff: float = 0.5,
-        max_backoff: float = 30.0,
+        max_backoff: float = MAX_BACKOFF,
         cooldown: float = 10.0,
         probe_timeout: float = 5.0,
         probe_interval: float = 5.0,

@@ -14,8 +14,9 @@ Registered in ``pyproject.toml`` under ``[project.entry-points."vllm.general_plu
 - ``vllm.ModelRegistry`` maps ``LogitAveragedForCausalLM`` lazily to ``nemo_logitavg.rollout.vllm_model``.
 
 It also holds the safetensors helper shared by the model and the engine (the bundle layout itself is in
-``nemo_logitavg.release.bundle``). This module imports only transformers and that standard-library module at
-import time (the rest of the project may import it without vLLM).
+``nemo_logitavg.models.bundle``). This module imports only transformers and that standard-library module (with
+the light ``nemo_logitavg.models`` package, torch) at import time: the rest of the project may import it without
+vLLM.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from nemo_logitavg.release.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE, bundle_dirs
+from nemo_logitavg.models.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE, bundle_dirs
 
 MODEL_CLASS = "nemo_logitavg.rollout.vllm_model:LogitAveragedForCausalLM"
 WORKER_EXTENSION = "nemo_logitavg.rollout.vllm_model.PolicyWeightsExtension"

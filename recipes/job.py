@@ -1,7 +1,7 @@
 """The main job: generated MATH-format problems -> sentencepiece tokenizer and a Llama from scratch -> SFT ->
 logit-averaging GRPO and KL-GRPO on the same budget -> evaluation over several seeds -> report.
 
-    python recipes/pipeline.py --config configs/tiny_cpu.yaml [key=value ...]
+    python recipes/job.py --config configs/tiny_cpu.yaml [key=value ...]
 
 Everything lands in `dir` (default runs/tiny_cpu); the report is `dir/report/report.md`. Rerunning the same
 command resumes: finished phases are skipped, SFT and GRPO continue from their newest checkpoints.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from nemo_logitavg import pipeline
+from nemo_logitavg import job
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML config")
     args = parser.parse_args()
-    pipeline.run(args.config, args.overrides)
+    job.run(args.config, args.overrides)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The main job, phase by phase: generated problems -> tokenizer and Llama from scratch -> SFT -> logit-averaging
 GRPO and KL-GRPO on the same budget -> evaluation over several seeds -> report.
 
-``recipes/pipeline.py`` runs the phases in order. Each phase writes its result atomically and is skipped when a
-rerun finds it; SFT and GRPO run as ``torchrun`` children of the existing recipes, which resume from their own
-newest checkpoints, so a killed run continues where it stopped.
+``recipes/job.py`` runs the phases in order (``run``). Each phase writes its result atomically and is skipped when
+a rerun finds it; SFT and GRPO run as ``torchrun -m nemo_logitavg.trainer.main {sft,grpo} CONFIG`` children,
+which resume from their own newest checkpoints, so a killed run continues where it stopped. The schema is
+``config.JobConfig``; the report is ``evaluation.job_report``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -20,74 +22,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from nemo_logitavg.config import GRPOConfig, SFTConfig, load_config
-from nemo_logitavg.models.scratch import ScratchModelConfig
+from nemo_logitavg import evaluation
+from nemo_logitavg.checkpointing import latest_step
+from nemo_logitavg.config import GRPOConfig, JobConfig, SFTConfig, load_config
+from nemo_logitavg.data import dedupe, read_jsonl, read_prompts, split_by_hash, write_prompts
+from nemo_logitavg.data.loaders import math_record, mmlu_record
+from nemo_logitavg.data.synthetic import make_problems, multiple_choice
+from nemo_logitavg.evaluation.job_report import write_report, write_seed_report
+from nemo_logitavg.models.bundle import write_bundle
+from nemo_logitavg.models.scratch import init_llama, train_tokenizer
 from nemo_logitavg.rollout.process import free_port
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
-
-@dataclass
-class ProblemsSection:
-    count: int = 8000  # generated before duplicates are removed
-    kinds: list[str] = field(default_factory=lambda: ["addition", "subtraction", "multiplication", "algebra"])
-    test_fraction: float = 0.1  # held out by a hash of the problem text
-    test_size: int = 300  # at most this many held-out problems are evaluated
-    curve_size: int = 100  # held-out problems scored greedily during GRPO (accuracy against step)
-    # SFT demonstrations are not all correct: this fraction of the algebra solutions (x + b = c) comes from a
-    # careless teacher who moves b across without changing its sign (x = c + b). GRPO's reward can correct what
-    # imitation learned; 0 gives clean data.
-    teacher_error_rate: float = 0.0
-    # This fraction of the problems is asked as four-option questions (MMLU format, a letter answer graded by
-    # score_mcq, record source "arith_mcq") in the same data set, for SFT and GRPO alike; 0 keeps math only.
-    mcq_fraction: float = 0.0
-    seed: int = 0
-
-
-@dataclass
-class EvalSection:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # evaluation seeds (sampled mode)
-    sampled_k: int = 4  # completions per problem and seed at temperature 1; greedy (the headline) runs once
-    max_tokens: int = 64
-    math_timeout: float = 5.0
-
-
-@dataclass
-class SweepSection:
-    """An ablation over the averaging weight: ``methods.<method>`` is trained once per ref_weight (everything else,
-    group size, reward and budget included, held fixed), as methods named ``<method>_a<ref_weight>``."""
-
-    method: str = "logit_avg"
-    ref_weights: list[float] = field(default_factory=list)
-
-
-@dataclass
-class PipelineConfig:
-    """``configs/tiny_cpu.yaml`` (the main job) and ``configs/paper_cpu.yaml`` (the reproduction job). ``sft`` and
-    ``grpo`` hold keys of ``SFTConfig`` / ``GRPOConfig`` (paths are filled in by the pipeline); ``methods`` maps a
-    method name to its GRPO overrides."""
-
-    dir: str = "runs/tiny_cpu"
-    nproc: int = 2  # processes (cores) of the job: SFT runs on all of them, each GRPO run on nproc / concurrent_runs
-    problems: ProblemsSection = field(default_factory=ProblemsSection)
-    model: ScratchModelConfig = field(default_factory=ScratchModelConfig)
-    model_seed: int = 0
-    sft: dict[str, Any] = field(default_factory=dict)
-    grpo: dict[str, Any] = field(default_factory=dict)
-    methods: dict[str, Any] = field(default_factory=dict)
-    ref_weight_sweep: SweepSection | None = None  # set: methods.<method> once per ref_weight (the ablation)
-    # Training seeds: every method is trained once per seed (run.seed = the seed, and with it the rollout seeds;
-    # the SFT model is shared). Empty: one run per method with grpo.run.seed (the main job).
-    seeds: list[int] = field(default_factory=list)
-    concurrent_runs: int = 1  # GRPO runs trained at the same time, each with its own torchrun and rollout server
-    baseline: str = "sft"  # the model every method is compared with (paired bootstrap)
-    eval: EvalSection = field(default_factory=EvalSection)
+# The training entry point, a module of the library: torchrun -m TRAINER {sft,grpo} CONFIG.yaml [key=value ...]
+TRAINER = "nemo_logitavg.trainer.main"
 
 
 @dataclass(frozen=True)
@@ -100,11 +52,11 @@ class TrainedRun:
 
 @dataclass
 class Plan:
-    """Where everything of a run lives, and the phase configs built from the pipeline config. ``methods`` maps a
+    """Where everything of a run lives, and the phase configs built from the job config. ``methods`` maps a
     run name (the method, or ``<method>_seed<seed>`` with training seeds) to its GRPO config, ``runs`` the same
     names to what they train, seed-major (every method of the first seed, then the next seed)."""
 
-    cfg: PipelineConfig
+    cfg: JobConfig
     root: str
     sft: SFTConfig
     methods: dict[str, GRPOConfig]
@@ -129,12 +81,12 @@ def _typed(schema: type, values: dict, where: str) -> Any:
 
 
 def plan(config_path: str, overrides: list[str] | None = None) -> Plan:
-    """Load and check the pipeline config and every phase config it implies, before any work starts.
+    """Load and check the job config and every phase config it implies, before any work starts.
 
     Raises:
         ValueError: naming the file and key at fault.
     """
-    cfg = load_config(PipelineConfig, config_path, overrides)
+    cfg = load_config(JobConfig, config_path, overrides)
     if not cfg.methods:
         raise ValueError(f"{config_path}: methods: name at least one GRPO method (e.g. logit_avg, kl)")
     if cfg.baseline in cfg.methods:
@@ -182,7 +134,7 @@ def plan(config_path: str, overrides: list[str] | None = None) -> Plan:
     return Plan(cfg, root, sft, methods, runs)
 
 
-def _expand_methods(cfg: PipelineConfig, config_path: str) -> dict[str, tuple[str, dict]]:
+def _expand_methods(cfg: JobConfig, config_path: str) -> dict[str, tuple[str, dict]]:
     """Method name -> (where its config comes from, for errors; its GRPO overrides), the ablation expanded: the
     swept method replaced by one method per ref_weight, in its place."""
     sweep = cfg.ref_weight_sweep
@@ -209,7 +161,7 @@ def _expand_methods(cfg: PipelineConfig, config_path: str) -> dict[str, tuple[st
 
 
 def log(message: str) -> None:
-    print(f"[pipeline] {message}", flush=True)
+    print(f"[job] {message}", flush=True)
 
 
 def _dump(obj: Any, path: str) -> None:
@@ -237,10 +189,6 @@ def check_run_dir(p: Plan, config_path: str) -> None:
 def make_data(p: Plan) -> None:
     """Problems -> prompt records (the MATH loader, or the MMLU loader for the ``problems.mcq_fraction`` asked as
     multiple choice), duplicates removed, hash split; SFT pairs from the train split."""
-    from nemo_logitavg.data import dedupe, split_by_hash, write_prompts
-    from nemo_logitavg.data.loaders import math_record, mmlu_record
-    from nemo_logitavg.data.synthetic import make_problems, multiple_choice
-
     pc = p.cfg.problems
     if not 0.0 <= pc.mcq_fraction <= 1.0:
         raise ValueError(f"problems.mcq_fraction must lie in [0, 1], got {pc.mcq_fraction}")
@@ -282,9 +230,6 @@ def make_data(p: Plan) -> None:
 
 def make_init_model(p: Plan) -> None:
     """A sentencepiece tokenizer trained on the SFT texts and a random Llama, as one Hugging Face directory."""
-    from nemo_logitavg.data import read_jsonl
-    from nemo_logitavg.models.scratch import init_llama, train_tokenizer
-
     tmp = p.path("models", "init.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -297,25 +242,29 @@ def make_init_model(p: Plan) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child: SIGTERM when the pipeline dies, so a killed job leaves no orphan trainer (GRPO checkpoints
-    on SIGTERM). Linux only; elsewhere a no-op."""
+    """In the child: SIGTERM when the job dies, so a killed job leaves no orphan trainer (GRPO checkpoints on
+    SIGTERM). Linux only; elsewhere a no-op."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
 
-def torchrun(p: Plan, recipe: str, config_file: str, log_file: str, nproc: int | None = None, tag: str = "") -> None:
-    """Run a recipe under torchrun on this machine (rendezvous on 127.0.0.1) with ``nproc`` processes (default
-    ``p.cfg.nproc``), its output to the console (progress lines prefixed with ``tag``) and ``log_file``; raise
-    naming the log when it fails."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc or p.cfg.nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        str(RECIPES / recipe), "--config", config_file,
+def torchrun_command(kind: str, config_file: str, nproc: int, port: int) -> list[str]:
+    """The command line of one training run on this machine: ``torchrun -m nemo_logitavg.trainer.main`` with
+    ``kind`` (``sft`` or ``grpo``) and its config, ``nproc`` processes, rendezvous on 127.0.0.1:``port``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(port),
+        "-m", TRAINER, kind, config_file,
     ]  # fmt: skip
+
+
+def torchrun(p: Plan, kind: str, config_file: str, log_file: str, nproc: int | None = None, tag: str = "") -> None:
+    """Run training ``kind`` (``sft`` or ``grpo``) under torchrun on this machine with ``nproc`` processes
+    (default ``p.cfg.nproc``), its output to the console (progress lines prefixed with ``tag``) and ``log_file``;
+    raise naming the log when it fails."""
+    command = torchrun_command(kind, config_file, nproc or p.cfg.nproc, free_port())
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log_file, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -327,18 +276,16 @@ def torchrun(p: Plan, recipe: str, config_file: str, log_file: str, nproc: int |
                 print(tag + line, end="", flush=True)
         code = proc.wait()
     if code != 0:
-        raise RuntimeError(f"{recipe} failed with exit code {code}; its output is in {log_file}")
+        raise RuntimeError(f"{kind} ({TRAINER}) failed with exit code {code}; its output is in {log_file}")
 
 
 def run_sft(p: Plan) -> None:
     config_file = p.path("configs", "sft.yaml")
     _dump(p.sft, config_file)
-    torchrun(p, "sft.py", config_file, p.path("logs", "sft.log"))
+    torchrun(p, "sft", config_file, p.path("logs", "sft.log"))
 
 
 def grpo_done(p: Plan, name: str) -> bool:
-    from nemo_logitavg.checkpointing import latest_step
-
     cfg = p.methods[name]
     finished = latest_step(os.path.join(cfg.run.dir, "checkpoints")) == cfg.run.steps
     return finished and os.path.isfile(os.path.join(final_policy(p, name), "config.json"))
@@ -355,16 +302,14 @@ def run_grpo(p: Plan, name: str) -> None:
     _dump(p.methods[name], config_file)
     # Runs trained side by side share the cores; their progress lines say which run they come from.
     tag = f"({name}) " if p.cfg.concurrent_runs > 1 else ""
-    torchrun(p, "grpo.py", config_file, p.path("logs", f"grpo_{name}.log"), p.cfg.nproc // p.cfg.concurrent_runs, tag)
-    if not grpo_done(p, name):  # the recipe stops early (exit 0) on SIGTERM/SIGUSR1
+    torchrun(p, "grpo", config_file, p.path("logs", f"grpo_{name}.log"), p.cfg.nproc // p.cfg.concurrent_runs, tag)
+    if not grpo_done(p, name):  # the trainer stops early (exit 0) on SIGTERM/SIGUSR1
         raise RuntimeError(f"GRPO {name} stopped before step {p.methods[name].run.steps}; rerun to resume")
 
 
 def eval_target(p: Plan, name: str) -> str:
     """What model ``name`` is evaluated as: the SFT directory for the baseline; for a method, the deployed model
     (a pi_mix bundle of its final policy and the SFT reference when ref_weight > 0, else the policy)."""
-    from nemo_logitavg.release.bundle import write_bundle
-
     if name == p.cfg.baseline:
         return p.sft.out
     cfg = p.methods[name]
@@ -378,9 +323,6 @@ def eval_target(p: Plan, name: str) -> str:
 
 
 def evaluate(p: Plan, name: str) -> None:
-    from nemo_logitavg import evaluation
-    from nemo_logitavg.data import read_prompts
-
     e = p.cfg.eval
     records = read_prompts(p.path("data", "test.jsonl"))
     modes = [evaluation.GREEDY]
@@ -418,7 +360,7 @@ def phases(p: Plan) -> list[Phase]:
         done = os.path.join(p.root, "eval", name, "results.json")
         out.append(Phase(f"eval {name}", lambda d=done: exists(d), lambda n=name: evaluate(p, n)))
     report = write_seed_report if p.cfg.seeds else write_report
-    out.append(Phase("report", lambda: False, lambda: report(p)))
+    out.append(Phase("report", lambda: False, lambda: report(p, _read_timings(p))))
     return out
 
 
@@ -499,149 +441,4 @@ def _read_timings(p: Plan) -> dict[str, float]:
         return {}
 
 
-# ----------------------------------------------------------------------------------------------------- report
-
-
-def write_report(p: Plan) -> None:
-    """report/: report.md (tables, plots, config), results.{md,csv,json}, comparison.*, reward/accuracy PNGs."""
-    from nemo_logitavg import evaluation
-    from nemo_logitavg.data import read_jsonl
-
-    out = p.path("report")
-    os.makedirs(out, exist_ok=True)
-    names = [p.cfg.baseline, *p.methods]
-    runs = []
-    for name in names:
-        runs += evaluation.runs_from_json(p.path("eval", name, "results.json"))
-    payload = evaluation.write_reports(out, runs, p.cfg.baseline)
-    curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
-    plots = evaluation.plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
-    types = {r["id"]: r["meta"]["type"] for r in read_jsonl(p.path("data", "test.jsonl"))}
-    samples = {name: read_jsonl(p.path("eval", name, "samples.jsonl")) for name in names}
-    by_type = evaluation.accuracy_by_type(types, samples)
-    with open(os.path.join(out, "accuracy_by_type.json"), "w", encoding="utf-8") as fh:
-        json.dump(by_type, fh, indent=1)
-    _copy_configs(p, out)
-    report = evaluation.report_markdown(
-        payload, plots, by_type, _read_timings(p), baseline=p.cfg.baseline, sampled_k=p.cfg.eval.sampled_k,
-        seeds=p.cfg.eval.seeds, methods=_method_rows(p), config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
-    )  # fmt: skip
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report)
-
-
-def _copy_configs(p: Plan, out: str) -> None:
-    """The pipeline config, the seconds per phase and every phase's config, beside the report."""
-    for name in ("config.yaml", "timings.json"):
-        shutil.copy(p.path(name), os.path.join(out, name))
-    shutil.copytree(p.path("configs"), os.path.join(out, "configs"), dirs_exist_ok=True)
-
-
-# Held-out benchmarks by record source: the generated problems asked for a boxed answer, and as multiple choice.
-BENCHMARKS = {"arith": "MATH-style", "arith_mcq": "MMLU-style", "all": "all held-out"}
-
-
-def write_seed_report(p: Plan) -> None:
-    """report/ of a job with training seeds (the reproduction job): report.md (accuracy across seeds with
-    t-intervals, paired differences to SFT and KL-GRPO with the detectable difference, format metrics, the
-    ref_weight ablation plots, the per-seed tables), seeds.json (every figure of it), results.* (every evaluated
-    model, bootstrap over problems) and the training curves."""
-    from nemo_logitavg import evaluation
-    from nemo_logitavg.data import read_prompts
-    from nemo_logitavg.evaluation import reproduction
-
-    out = p.path("report")
-    os.makedirs(out, exist_ok=True)
-    names = [p.cfg.baseline, *p.methods]
-    runs = {name: evaluation.runs_from_json(p.path("eval", name, "results.json")) for name in names}
-    evaluation.write_reports(out, [run for group in runs.values() for run in group], p.cfg.baseline)
-    greedy = {name: _greedy_by_benchmark(group) for name, group in runs.items()}
-    sft = greedy[p.cfg.baseline]
-    per_seed: dict[str, dict[str, dict[int, dict]]] = {benchmark: {} for benchmark in sft}
-    for name, trained in p.runs.items():
-        for benchmark, summary in greedy[name].items():
-            per_seed[benchmark].setdefault(trained.method, {})[trained.seed] = summary
-    first: dict[str, GRPOConfig] = {}  # a method's config (its first seed's; the seeds differ in run.seed only)
-    for name, trained in p.runs.items():
-        first.setdefault(trained.method, p.methods[name])
-    # The ablation's points are the pi_mix runs; the KL-GRPO level is the policy-alone run with a KL term.
-    ref_weights = {m: c.algorithm.ref_weight for m, c in first.items() if c.algorithm.ref_weight > 0}
-    kl = next((m for m, c in first.items() if c.algorithm.ref_weight == 0 and c.algorithm.beta > 0), None)
-    plots = reproduction.ablation_plots(per_seed, sft, ref_weights, kl, BENCHMARKS, out)
-    curves = {name: _read_metrics(os.path.join(cfg.run.dir, "metrics.jsonl")) for name, cfg in p.methods.items()}
-    curve_plots = evaluation.plot_curves(curves, out, start_accuracy=_baseline_curve_accuracy(p))
-    records = read_prompts(p.path("data", "test.jsonl"))
-    counts = {b: sum(r["source"] == b for r in records) for b in per_seed} | {"all": len(records)}
-    seeds_by_method = {m: sorted(v) for m, v in next(iter(per_seed.values())).items()}
-    methods = [row | {"seeds": seeds_by_method[row["method"]]} for row in _method_rows(p, first)]
-    _copy_configs(p, out)
-    report = reproduction.reproduction_markdown(
-        per_seed, sft, ref_weights=ref_weights, kl_method=kl, labels=BENCHMARKS, counts=counts, plots=plots,
-        curves=curve_plots, methods=methods, timings=_read_timings(p),
-        config_yaml=OmegaConf.to_yaml(OmegaConf.structured(p.cfg)),
-    )  # fmt: skip
-    figures = {
-        "per_seed": per_seed, "sft": sft, "ref_weights": ref_weights, "kl_method": kl,
-        "across_seeds": reproduction.across_seed_rows(per_seed, sft, BENCHMARKS),
-        "paired": reproduction.paired_rows(per_seed, sft, kl, BENCHMARKS),
-        "format": reproduction.format_rows(per_seed, sft, BENCHMARKS),
-    }  # fmt: skip
-    with open(os.path.join(out, "seeds.json"), "w", encoding="utf-8") as fh:
-        json.dump(figures, fh, indent=1)
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(report)
-
-
-def _greedy_by_benchmark(runs: list) -> dict[str, dict]:
-    """Benchmark (record source) -> the greedy run's summary; with several benchmarks also ``all``: the accuracy
-    over every held-out problem (the benchmarks' accuracies weighted by their problem counts)."""
-    out = {run.dataset: run.summary for run in runs if run.mode == "greedy"}
-    if len(out) > 1:
-        total = sum(s["num_problems"] for s in out.values())
-        accuracy = sum(s["accuracy"] * s["num_problems"] for s in out.values()) / total
-        out["all"] = {"accuracy": accuracy, "num_problems": total}
-    return out
-
-
-def _method_rows(p: Plan, methods: dict[str, GRPOConfig] | None = None) -> list[dict]:
-    """The report's table of GRPO methods (``methods``, default every run): the settings that tell them apart."""
-    return [
-        {
-            "method": name,
-            "ref_weight": c.algorithm.ref_weight,
-            "beta": c.algorithm.beta,
-            "steps": c.run.steps,
-            "prompts_per_step": c.rollout.prompts_per_step,
-            "group_size": c.algorithm.group_size,
-            "lr": c.optim.lr,
-        }
-        for name, c in (p.methods if methods is None else methods).items()
-    ]
-
-
-def _read_metrics(path: str) -> list[dict]:
-    """Per-step metrics of a GRPO run; a resumed run's repeated steps keep their last line."""
-    by_step: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                by_step[int(row["step"])] = row
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _baseline_curve_accuracy(p: Plan) -> float | None:
-    """The baseline's greedy accuracy on the curve subset, from its evaluation: step 0 of every method's accuracy
-    curve (before any update, each method serves the SFT model: pi_mix of two equal models, or the policy)."""
-    from nemo_logitavg.data import read_jsonl
-
-    curve = {r["id"] for r in read_jsonl(p.path("data", "curve.jsonl"))}
-    scores = [
-        s["score"]
-        for s in read_jsonl(p.path("eval", p.cfg.baseline, "samples.jsonl"))
-        if s["mode"] == "greedy" and s["id"] in curve
-    ]
-    return sum(scores) / len(scores) if scores else None
-
-
-__all__ = ["PipelineConfig", "Plan", "plan", "run"]
+__all__ = ["TRAINER", "Phase", "Plan", "TrainedRun", "phases", "plan", "run", "torchrun_command"]

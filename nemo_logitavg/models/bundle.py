@@ -1,13 +1,13 @@
-"""The averaged-model bundle (DESIGN.md §7), the layout shared by the rollout (vLLM engine), evaluation and release
-code:
+"""The averaged-model bundle (docs/design.md §7), the layout shared by the rollout (vLLM engine), evaluation and
+release code, so it lives below all three:
 
     bundle/config.json   {"architectures": ["LogitAveragedForCausalLM"], "ref_weight": a, ...}
     bundle/policy/       a plain Hugging Face directory
     bundle/reference/    a plain Hugging Face directory (or its path in config.json under "reference_path")
 
-``write_bundle`` also copies ``modeling_logit_averaged.py`` into the bundle, so transformers loads it as pi_mix
-with ``trust_remote_code``. This module imports nothing but the standard library at import time (the vLLM plugin
-reads the layout from here in every vLLM process).
+``write_bundle`` also copies ``modeling_logit_averaged.py`` (beside this module) into the bundle, so transformers
+loads it as pi_mix with ``trust_remote_code``. This module imports nothing but the standard library (the vLLM
+plugin reads the layout from here in every vLLM process).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 BUNDLE_ARCHITECTURE = "LogitAveragedForCausalLM"
 BUNDLE_MODEL_TYPE = "logit_averaged"
+# pi_mix's transformers code, copied into every bundle (by path: it is not imported here, it needs transformers).
+MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modeling_logit_averaged.py")
 
 
 @dataclass
@@ -72,9 +74,7 @@ def write_bundle(
     if "vocab_size" in policy_config:
         config["vocab_size"] = policy_config["vocab_size"]
     # transformers loads the bundle as pi_mix with trust_remote_code: the modeling file travels with it.
-    from nemo_logitavg.release import modeling_logit_averaged
-
-    shutil.copy(modeling_logit_averaged.__file__, os.path.join(out, "modeling_logit_averaged.py"))
+    shutil.copy(MODELING_FILE, os.path.join(out, "modeling_logit_averaged.py"))
     config["model_type"] = BUNDLE_MODEL_TYPE
     config["auto_map"] = {
         "AutoConfig": "modeling_logit_averaged.LogitAveragedConfig",
@@ -118,6 +118,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
 __all__ = [
     "BUNDLE_ARCHITECTURE",
     "BUNDLE_MODEL_TYPE",
+    "MODELING_FILE",
     "Bundle",
     "bundle_dirs",
     "is_bundle",

@@ -1,5 +1,5 @@
-"""The main job's parts: generated MATH-format problems, the from-scratch tokenizer and model, the pipeline config,
-and (slow) the whole pipeline end to end, killed mid-run and resumed."""
+"""The main job's parts: generated MATH-format problems, the from-scratch tokenizer and model, the job config, the
+training command line, and (slow) the whole job end to end, killed mid-run and resumed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_logitavg import pipeline
+from nemo_logitavg import job
 from nemo_logitavg.data.loaders import math_record
 from nemo_logitavg.data.prompts import math_prompt
 from nemo_logitavg.data.synthetic import GENERATORS, make_problems
@@ -62,7 +62,7 @@ def test_tokenizer_from_scratch_round_trips_and_splits_digits(tmp_path):
     from nemo_logitavg.models.scratch import BOS_ID, EOS_ID, train_tokenizer
 
     problems = make_problems(300, seed=1)
-    texts = [math_prompt(p["problem"]) + "\n" + p["solution"] for p in problems]  # as the pipeline trains it
+    texts = [math_prompt(p["problem"]) + "\n" + p["solution"] for p in problems]  # as the job trains it
     train_tokenizer(texts, str(tmp_path), vocab_size=200)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (BOS_ID, EOS_ID, 200)
@@ -89,7 +89,7 @@ def test_init_model_loads_in_transformers_and_megatron_builder(tmp_path):
 
 
 def test_shipped_config_plans_every_phase():
-    p = pipeline.plan(str(TINY_CPU))
+    p = job.plan(str(TINY_CPU))
     assert set(p.methods) == {"logit_avg", "kl"}
     la, kl = p.methods["logit_avg"], p.methods["kl"]
     assert (la.algorithm.ref_weight, la.algorithm.beta) == (0.5, 0.0)
@@ -116,22 +116,34 @@ def test_shipped_config_plans_every_phase():
 )
 def test_bad_config_names_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
-        pipeline.plan(str(TINY_CPU), overrides)
+        job.plan(str(TINY_CPU), overrides)
 
 
 def test_rerun_with_another_config_is_refused(tmp_path):
-    p = pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/run"])
-    pipeline.check_run_dir(p, str(TINY_CPU))
-    pipeline.check_run_dir(pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/run"]), str(TINY_CPU))  # same: fine
+    p = job.plan(str(TINY_CPU), [f"dir={tmp_path}/run"])
+    job.check_run_dir(p, str(TINY_CPU))
+    job.check_run_dir(job.plan(str(TINY_CPU), [f"dir={tmp_path}/run"]), str(TINY_CPU))  # same: fine
     with pytest.raises(ValueError, match="different config"):
-        pipeline.check_run_dir(pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/run", "sft.steps=7"]), str(TINY_CPU))
+        job.check_run_dir(job.plan(str(TINY_CPU), [f"dir={tmp_path}/run", "sft.steps=7"]), str(TINY_CPU))
+
+
+def test_training_runs_as_a_library_module_under_torchrun():
+    """SFT and GRPO run as ``torchrun -m nemo_logitavg.trainer.main {sft,grpo} CONFIG``: modules of the installed
+    package, never files of recipes/ by path."""
+    command = job.torchrun_command("grpo", "/run/configs/grpo_kl.yaml", nproc=2, port=29511)
+    assert command == [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                       "--master-addr", "127.0.0.1", "--master-port", "29511",
+                       "-m", "nemo_logitavg.trainer.main", "grpo", "/run/configs/grpo_kl.yaml"]  # fmt: skip
+    assert job.torchrun_command("sft", "sft.yaml", nproc=1, port=1)[-3:] == ["nemo_logitavg.trainer.main", "sft",
+                                                                              "sft.yaml"]  # fmt: skip
+    assert not any("recipes" in part for part in command)
 
 
 def test_data_phase_splits_held_out_problems(tmp_path):
     from nemo_logitavg.data import read_jsonl, read_prompts
 
-    p = pipeline.plan(str(TINY_CPU), [f"dir={tmp_path}/run", "problems.count=600", "problems.test_size=40"])
-    pipeline.make_data(p)
+    p = job.plan(str(TINY_CPU), [f"dir={tmp_path}/run", "problems.count=600", "problems.test_size=40"])
+    job.make_data(p)
     train, test = read_prompts(p.path("data", "train.jsonl")), read_prompts(p.path("data", "test.jsonl"))
     sft = read_jsonl(p.path("data", "sft.jsonl"))
     assert len(test) == 40 and len(sft) == len(train) > 300
@@ -160,17 +172,17 @@ SMALL = [
 ]  # fmt: skip
 
 
-def _pipeline(run_dir: Path, log: Path) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "recipes" / "pipeline.py"), "--config", str(TINY_CPU),
+def _job(run_dir: Path, log: Path) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "recipes" / "job.py"), "--config", str(TINY_CPU),
                f"dir={run_dir}", *SMALL]  # fmt: skip
-    # Its own session, so the test can kill the whole job (pipeline, torchrun, trainer ranks, rollout server).
+    # Its own session, so the test can kill the whole job (the job, torchrun, trainer ranks, rollout server).
     return subprocess.Popen(command, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_killed_mid_grpo_then_resumed(tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "pipeline.log"
-    proc = _pipeline(run_dir, log)
+def test_job_end_to_end_killed_mid_grpo_then_resumed(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    proc = _job(run_dir, log)
     metrics = run_dir / "grpo" / "logit_avg" / "metrics.jsonl"
     deadline = time.monotonic() + 900
     # Kill everything, hard, once the first GRPO method has checkpointed step 2 and logged step 3 (six steps: a
@@ -186,7 +198,7 @@ def test_pipeline_end_to_end_killed_mid_grpo_then_resumed(tmp_path):
     assert not (run_dir / "report").exists()
 
     first_log = log.read_text()
-    proc = _pipeline(run_dir, log)
+    proc = _job(run_dir, log)
     assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     rerun = log.read_text()[len(first_log) :]
     # The rerun skipped what was done and resumed GRPO from its checkpoint instead of starting over.
