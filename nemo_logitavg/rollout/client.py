@@ -1,4 +1,4 @@
-"""The trainer's client for the rollout servers (DESIGN.md §7, rollout client API).
+"""The trainer's client for the rollout servers (docs/design.md §7, rollout client API).
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
     client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs; learn their limits

@@ -1,10 +1,10 @@
 """Engines that sample completions from pi_mix, and the torch engine for CPUs and tests.
 
-pi_mix (DESIGN.md §1) for a context s, reference weight ``a`` and temperature ``T``:
+pi_mix (docs/design.md §1) for a context s, reference weight ``a`` and temperature ``T``:
 
     m(s) = (1 - a) * z_pol(s) + a * z_ref(s),      pi_mix(.|s) = softmax(m(s) / T)
 
-Conventions every engine follows (DESIGN.md §7, wire format and determinism):
+Conventions every engine follows (docs/design.md §7, wire format and determinism):
 
 - The returned log-prob of a sampled token is log pi_mix at the request's temperature, computed *before* top-p
   truncation, in float32: the quantity the trainer's ``mixed_logprobs`` recomputes. With top_p < 1 the tokens
@@ -21,7 +21,7 @@ Conventions every engine follows (DESIGN.md §7, wire format and determinism):
   stop string, finish_reason ``"stop"``, ``text`` cut before the string and ``token_ids`` ending with the token
   that completed it; at ``max_tokens`` or the model's context length, finish_reason ``"length"``.
 
-A vLLM engine (an out-of-tree model holding both stacks, averaging in ``compute_logits``; DESIGN.md §5) is added
+A vLLM engine (an out-of-tree model holding both stacks, averaging in ``compute_logits``; docs/design.md §5) is added
 by implementing ``Engine``; the server only talks to that protocol.
 
 Tokenizer: the policy directory's tokenizer (else the reference's) when it has one. A directory without tokenizer

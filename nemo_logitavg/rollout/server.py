@@ -31,12 +31,17 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   ``GET /v1/weights/digest``: sha256 of every served tensor (policy and reference halves).
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K, "run_id": R}``: reload the policy half from a Hugging Face
   safetensors directory between requests (requests and reloads are serialised by one lock, so no request sees
-  half-loaded weights) and answer ``{"policy_step": K}``. For operators and the evaluation: refused (403) unless
-  the server was started with ``--weights-root ROOT``; ``DIR`` resolves against ROOT (symlinks followed) and must
-  stay inside it, as must every file the directory's safetensors index names (else 400). Steps rise within one
-  run: a step not above the last one loaded for the same ``run_id`` is refused (409), except an exact repeat of
-  the weights being served (same run, step and path: a no-op, so a retried push succeeds); a new ``run_id`` may
-  start from any step.
+  half-loaded weights) and answer ``{"policy_step": K, "path": DIR}``. Not on the training path: the trainer
+  pushes over the collective above, and no library module, recipe or launcher calls this endpoint. It is kept
+  for operators (serve a saved policy, e.g. a run's ``policy_final/`` or a checkpoint exported to Hugging Face
+  format, without restarting the server; ``RolloutClient.load_weights`` sends it to every server) and as the
+  baseline of the push benchmark (``tests/benchmarks/bench_weight_push.py``: gather to rank 0, write the
+  directory, reload). Refused (403) unless the server was started with ``--weights-root ROOT``; ``DIR`` resolves
+  against ROOT (symlinks followed) and must stay inside it, as must every file the directory's safetensors index
+  names (else 400). Steps rise within one run: a step not above the last one loaded for the same ``run_id`` is
+  refused (409), except an exact repeat of the weights being served (same run, step and path: a no-op, so a
+  retried reload succeeds); a new ``run_id`` may start from any step. A complete reload also clears the stale
+  state a failed push left (completions are served again).
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status for bad requests (bad JSON, wrong types,
 unknown token ids, limits exceeded; 413 for a body over ``max_body_bytes``) and 500 for engine failures; the

@@ -16,7 +16,7 @@ cache, so no KV block computed by the old policy is served again.
 Differences from ``TorchEngine`` a user may notice:
 
 - ``top_p < 1``: vLLM's processed log-probs are those of the renormalised nucleus (after truncation), not of
-  pi_mix before truncation as DESIGN.md §7 asks; with ``top_p == 1`` (the training default) they are equal.
+  pi_mix before truncation as docs/design.md §7 asks; with ``top_p == 1`` (the training default) they are equal.
   Such ratios are off-policy anyway (the client warns); ``info()["logprobs_after_top_p"]`` says so.
 - The sampled tokens come from vLLM's random streams, so the same seed gives other completions than the torch
   engine (each is still a sample of pi_mix, and the same seed gives the same completion within vLLM).
@@ -130,7 +130,7 @@ def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, out: str) -> str:
-    """A minimal bundle (DESIGN.md §7) in ``out`` that points at the two directories instead of copying them."""
+    """A minimal bundle (docs/design.md §7) in ``out`` that points at the two directories instead of copying them."""
     from nemo_logitavg.release.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE
 
     os.makedirs(out, exist_ok=True)

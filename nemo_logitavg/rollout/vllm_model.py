@@ -8,13 +8,13 @@ and values for those tokens). ``forward`` runs both stacks and returns ``cat([h_
 ``compute_logits`` turns the two halves into each stack's logits (vLLM's logits processor: gathered over the
 tensor-parallel group, vocabulary padding cut off, so the true vocabulary size) and returns, in float32,
 
-    m = (1 - a) * z_pol + a * z_ref                 (DESIGN.md §1)
+    m = (1 - a) * z_pol + a * z_ref                 (docs/design.md §1)
 
 vLLM's sampler then samples softmax(m / T). The engine must run with ``logprobs_mode="processed_logprobs"``,
 else the log-probs vLLM returns are of ``m`` at temperature 1, not of pi_mix at the request's temperature.
 The class deliberately does not inherit Llama's local-argmax shortcut mixin (that path skips ``compute_logits``).
 
-Weights. A bundle (DESIGN.md §7) holds ``policy/`` and ``reference/`` (or ``reference_path``): the loader reads the
+Weights. A bundle (docs/design.md §7) holds ``policy/`` and ``reference/`` (or ``reference_path``): the loader reads the
 policy through ``allow_patterns_overrides`` (``policy/*.safetensors`` under the bundle, names as in the policy's
 checkpoint) and the reference as a secondary source whose names get the ``reference.`` prefix. ``load_weights``
 routes ``reference.*`` to the reference stack and every other name (``policy.*`` or unprefixed) to the policy.
