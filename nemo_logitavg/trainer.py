@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from nemo_logitavg.algorithms.grpo import aggregate, group_advantages, kl_penalty, policy_loss
 from nemo_logitavg.parallel import rank_device, wait_group
+from nemo_logitavg.seeds import prompt_seeds, step_seed
 
 # Largest |log pi_mix(trainer) - log pi_mix(rollout)| of a step before the trainer warns (once a run): float32 on
 # both sides agrees to ~2e-5 (vLLM, torch engine); a float32 trainer served in bfloat16 is off by ~0.1.
@@ -44,9 +45,8 @@ MISMATCH_WARN_MAX = {"float32": 1e-3, "bfloat16": 0.5}
 
 
 def sample_seed(run_seed: int, step: int) -> int:
-    """The rollout seed of a step (the server derives each completion's generator from it and its index)."""
-    digest = hashlib.sha256(f"{run_seed}:{step}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    """The rollout seed of a step (``seeds.step_seed``; the servers derive each completion's seed from it)."""
+    return step_seed(run_seed, step)
 
 
 @dataclass
@@ -672,8 +672,6 @@ class GRPOTrainer:
 
         ``only`` (prompt indices within the step) redoes just those, each with the seed it had in the whole step.
         """
-        from nemo_logitavg.rollout.engine import derive_seed
-
         cfg = self.cfg
         start = time.monotonic()
         indices = list(range(cfg.rollout.prompts_per_step)) if only is None else list(only)
@@ -682,7 +680,7 @@ class GRPOTrainer:
         groups = self.client.generate(
             [r["prompt_ids"] for r in records], n=cfg.algorithm.group_size, max_tokens=cfg.rollout.max_tokens,
             temperature=cfg.algorithm.temperature, top_p=cfg.algorithm.top_p,
-            **({"seed": seed} if only is None else {"seeds": [derive_seed(seed, i) for i in indices]}),
+            **({"seed": seed} if only is None else {"seeds": prompt_seeds(seed, indices)}),
         )  # fmt: skip
         rollout_s = time.monotonic() - start
         texts = [c.text for group in groups for c in group]

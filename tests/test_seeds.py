@@ -4,6 +4,8 @@ with hashlib (not through ``nemo_logitavg.seeds``), and against literal values, 
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 from nemo_logitavg.seeds import derive_seed, prompt_seed, prompt_seeds, sequence_seed, step_seed
 
@@ -39,3 +41,10 @@ def test_the_trainer_seeds_its_steps_with_step_seed():
 
     assert [sample_seed(5, t) for t in range(20)] == [step_seed(5, t) for t in range(20)]
 
+
+def test_the_seeds_and_the_client_import_no_torch():
+    code = (
+        "import sys, nemo_logitavg.seeds, nemo_logitavg.rollout.client; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -14,7 +14,7 @@ Conventions every engine follows (docs/design.md §7, wire format and determinis
   made greedy: ``m / T`` overflows float32 near ``T = 1e-38`` (NaN log-probs), and a caller asking for such a
   ``T`` should say ``0`` if greedy is what it means.
 - Each sequence (sample ``j`` of a request with seed ``s``) draws its randomness from its own
-  ``torch.Generator`` seeded with ``derive_seed(s, j)``, one uniform number per generated token (inverse-CDF
+  ``torch.Generator`` seeded with ``seeds.sequence_seed(s, j)``, one uniform number per generated token (inverse-CDF
   sampling), so a completion does not depend on which other sequences share its batch.
 - A completion stops at a stop token id (the models' EOS ids unless ``ignore_eos``, plus ``stop_token_ids``),
   finish_reason ``"stop"``, the token kept in ``token_ids`` (the trainer learns to stop) but not in ``text``; at a
@@ -42,6 +42,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from nemo_logitavg.seeds import sequence_seed
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _CONFIG_SHAPE_KEYS = (
     "vocab_size",
@@ -52,12 +54,6 @@ _CONFIG_SHAPE_KEYS = (
     "num_key_value_heads",
     "tie_word_embeddings",
 )
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. run seed, step, prompt index, sample index); stable across processes."""
-    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0 (see the module docstring)
@@ -85,7 +81,7 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """``n`` completions of one prompt; sample ``j`` uses the generator seeded with ``derive_seed(seed, j)``."""
+    """``n`` completions of one prompt; sample ``j`` uses the generator seeded with ``sequence_seed(seed, j)``."""
 
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -463,7 +459,7 @@ class TorchEngine(EngineCommon):
                     _Sequence(
                         prompt=list(request.prompt_token_ids),
                         params=request.params,
-                        generator=torch.Generator().manual_seed(derive_seed(request.seed, j)),
+                        generator=torch.Generator().manual_seed(sequence_seed(request.seed, j)),
                         stop_ids=frozenset(stop_ids),
                     )
                     for j in range(request.n)

@@ -14,11 +14,12 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   ``logprobs`` (``tokens``, ``token_logprobs``: log pi_mix at the request temperature before top-p truncation,
   ``top_logprobs: null``, ``text_offset``) and ``finish_reason`` (``stop`` / ``length``). The response adds
   ``usage``, ``policy_step`` (the weights that produced it) and ``ref_weight``.
-  Seeds: prompt ``i`` of a request with seed ``s`` decodes with seed ``derive_seed(s, i)``, sample ``j`` of it with
-  its own generator (see ``engine``), so completions do not depend on batching; no seed draws a random one.
-  The extension ``seeds`` (one integer per prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]``
-  itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
-  gets what one request with seed ``s`` would give.
+  Seeds (derived in ``nemo_logitavg.seeds``): prompt ``i`` of a request with seed ``s`` decodes with seed
+  ``prompt_seed(s, i)``, sample ``j`` of it with its own generator (``sequence_seed``; see ``engine``), so
+  completions do not depend on batching; no seed draws a random one. The extension ``seeds`` (one integer per
+  prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]`` itself: a client that splits one call into
+  several requests sends ``prompt_seed(s, i)`` for its prompts and gets what one request with seed ``s`` would
+  give.
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``,
   ``dtype`` and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
   ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``).
@@ -91,9 +92,9 @@ from nemo_logitavg.rollout.engine import (
     Engine,
     GenerationRequest,
     SamplingParams,
-    derive_seed,
 )
 from nemo_logitavg.rollout.process import TOKEN_ENV
+from nemo_logitavg.seeds import prompt_seeds
 
 logger = logging.getLogger("nemo_logitavg.rollout.server")
 
@@ -635,7 +636,7 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
     )
     if body.seeds is None:
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        seeds = [derive_seed(seed, i) for i in range(len(prompts))]
+        seeds = prompt_seeds(seed, range(len(prompts)))
     elif body.seed is not None:
         raise BadRequest("give either seed or seeds (one per prompt), not both")
     elif len(body.seeds) != len(prompts):

@@ -3,7 +3,7 @@
 ``VLLMEngine`` implements ``nemo_logitavg.rollout.engine.Engine`` with the same return contract as
 ``TorchEngine``: per completion the sampled token ids, log pi_mix of each at the request's temperature (float,
 from vLLM's sampler with ``logprobs_mode="processed_logprobs"``), a finish reason (``stop`` / ``length``) and a
-text; sample ``j`` of a request with seed ``s`` is its own vLLM request seeded with ``derive_seed(s, j)``.
+text; sample ``j`` of a request with seed ``s`` is its own vLLM request seeded with ``sequence_seed(s, j)``.
 
 How it serves. Given a policy and a reference directory, it writes a small bundle view (a temporary directory:
 ``config.json`` with architecture ``LogitAveragedForCausalLM``, ``ref_weight`` and the reference's path, and a
@@ -45,8 +45,8 @@ from nemo_logitavg.rollout.engine import (
     GenerationRequest,
     TorchEngine,
     _has_tokenizer,
-    derive_seed,
 )
+from nemo_logitavg.seeds import sequence_seed
 
 logger = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ class VLLMEngine(EngineCommon):
                         max_tokens=p.max_tokens,
                         temperature=p.temperature,
                         top_p=p.top_p,
-                        seed=derive_seed(request.seed, j),
+                        seed=sequence_seed(request.seed, j),
                         stop=list(p.stop) or None,
                         stop_token_ids=sorted(stop_ids) or None,
                         ignore_eos=p.ignore_eos,
