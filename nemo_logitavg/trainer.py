@@ -3,7 +3,7 @@
 Rank 0 talks to the rollout servers and grades the completions; every rank receives the step's batch. The
 actor recomputes the old log pi_mix before the update (the rollout's own log-probs are kept to report the
 train/rollout mismatch), then runs ``epochs x mini_batches`` optimiser steps with the clipped pi_mix loss, and
-the new policy streams into the servers over a collective (``rollout.weight_push``; nothing is written to disk
+the new policy streams into the servers over a collective (``weight_sender``; nothing is written to disk
 per step). The final save also writes ``run.dir/policy_final/`` (a Hugging Face directory) for evaluation and
 release. The KL-GRPO baseline is the same loop with ``ref_weight = 0`` and ``beta > 0``.
 
@@ -635,7 +635,7 @@ class GRPOTrainer:
             config = asdict(cfg) if is_dataclass(cfg) else None
             self.log = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.run.wandb_project, config)
         self.stop = stop or StopRequested()
-        from nemo_logitavg.rollout.weight_push import PolicyPusher
+        from nemo_logitavg.weight_sender import PolicyPusher
 
         bucket = int(cfg.rollout.push_bucket_mb * 2**20) if cfg.rollout.push_bucket_mb else None
         self.pusher = PolicyPusher(actor.gpt_policy, actor.policy_cfg, client, bucket, cfg.rollout.push_timeout,

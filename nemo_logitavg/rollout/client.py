@@ -2,7 +2,7 @@
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
     client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs; learn their limits
-    client.mark_pushed(step, urls)                     # by the collective push (weight_push.PolicyPusher)
+    client.mark_pushed(step, urls)                     # by the collective push (weight_sender.PolicyPusher)
     groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=step_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
@@ -25,7 +25,7 @@
   ``check`` do not wait for it (a push warns that it missed the step), and a background thread re-probes it every
   ``probe_interval`` seconds until it answers again (it gets requests again once a push lands in it).
   Only when every server is down does the backoff below apply.
-- Weight sync: the trainer's collective push (``weight_push.PolicyPusher``) lands the policy in the servers and
+- Weight sync: the trainer's collective push (``weight_sender.PolicyPusher``) lands the policy in the servers and
   calls ``mark_pushed(step, urls)`` with the servers that confirmed it; ``load_weights`` (operators, the
   evaluation) does the same by path. After a push only those servers get requests: a server that missed it
   (died, restarted, timed out) is stale until a later push lands in it. A completion that reports another

@@ -42,6 +42,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from nemo_logitavg.rollout import weight_wire
+from nemo_logitavg.rollout.weight_receiver import WeightReceiver
 from nemo_logitavg.seeds import sequence_seed
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -118,8 +120,8 @@ class Engine(Protocol):
     def load_policy(self, path: str, step: int) -> None:
         """Replace the policy weights (only those) by the Hugging Face directory ``path``; serve ``step``."""
 
-    # The collective push (``weight_push``): ranks taken in a weight-update group, the digest of the tensors a
-    # push carries, joining the groups, and landing a push.
+    # The collective push (``weight_wire``, ``weight_receiver``): ranks taken in a weight-update group, the digest
+    # of the tensors a push carries, joining the groups, and landing a push.
     weight_receivers: int
     policy_manifest: str
 
@@ -391,9 +393,7 @@ class TorchEngine(EngineCommon):
 
     @property
     def policy_manifest(self) -> str:
-        from nemo_logitavg.rollout.weight_push import policy_manifest
-
-        return policy_manifest(self._pushed_shapes().items())
+        return weight_wire.policy_manifest(self._pushed_shapes().items())
 
     def weight_digests(self) -> dict[str, dict[str, str]]:
         """sha256 of every served tensor's bytes, by Hugging Face name, for ``policy`` and ``reference``: lets an
@@ -405,10 +405,8 @@ class TorchEngine(EngineCommon):
         return out
 
     def join_weight_groups(self, specs: Sequence, rank: int) -> None:
-        """Join the trainer's weight-update groups (``weight_push.GroupSpec`` per stage) as ``rank``; returns at
+        """Join the trainer's weight-update groups (``weight_wire.GroupSpec`` per stage) as ``rank``; returns at
         once, the groups form in the background."""
-        from nemo_logitavg.rollout.weight_push import WeightReceiver
-
         if getattr(self, "_receiver", None) is None:
             self._receiver = WeightReceiver()
         self._receiver.join(specs, rank)

@@ -23,7 +23,8 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``,
   ``dtype`` and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
   ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``).
-- The collective policy push (``weight_push``): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
+- The collective policy push (wire format ``weight_wire``, receiving side ``weight_receiver``, sender
+  ``nemo_logitavg.weight_sender`` on the trainer): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
   "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
   ``POST /v1/weights/update`` ``{"step", "run_id", "dtype", "plan", "timeout_s"}`` lands a push between requests
   (requests that arrive while a push waits for the one in progress wait behind it: weights change only
@@ -94,6 +95,7 @@ from nemo_logitavg.rollout.engine import (
     SamplingParams,
 )
 from nemo_logitavg.rollout.process import TOKEN_ENV
+from nemo_logitavg.rollout.weight_wire import GroupSpec, parse_dtype, plan_from_wire
 from nemo_logitavg.seeds import prompt_seeds
 
 logger = logging.getLogger("nemo_logitavg.rollout.server")
@@ -398,8 +400,6 @@ def create_app(
 
     @app.post("/v1/weights/join")
     async def weights_join(body: JoinRequest):
-        from nemo_logitavg.rollout.weight_push import GroupSpec
-
         try:
             specs = [GroupSpec.from_dict(g) for g in body.groups]
         except ValueError as exc:
@@ -413,8 +413,6 @@ def create_app(
 
     @app.post("/v1/weights/update")
     async def weights_update(body: UpdateRequest):
-        from nemo_logitavg.rollout.weight_push import parse_dtype, plan_from_wire
-
         try:
             plans, dtype = plan_from_wire(body.plan), parse_dtype(body.dtype)
         except ValueError as exc:

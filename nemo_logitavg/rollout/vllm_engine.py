@@ -39,6 +39,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from nemo_logitavg.rollout import weight_wire
 from nemo_logitavg.rollout.engine import (
     EngineCommon,
     GeneratedSequence,
@@ -353,9 +354,7 @@ class VLLMEngine(EngineCommon):
 
     @property
     def policy_manifest(self) -> str:
-        from nemo_logitavg.rollout.weight_push import policy_manifest
-
-        return policy_manifest(self._pushed_shapes().items())
+        return weight_wire.policy_manifest(self._pushed_shapes().items())
 
     @property
     def device(self) -> str:
@@ -373,15 +372,14 @@ class VLLMEngine(EngineCommon):
         """Land a collective push in every worker's policy half, then reset the prefix cache (its blocks hold
         keys and values of the old policy). Raises ValueError for a plan of another shape, RuntimeError when a
         worker failed (the weights may then be partly replaced: the server serves nothing until a push lands)."""
-        from nemo_logitavg.rollout.weight_push import dtype_name, plan_to_wire
-
         expected = self._pushed_shapes()
         planned = {name: tuple(shape) for plan in plans.values() for bucket in plan for name, shape in bucket}
         if planned != expected:
             wrong = sorted(set(planned) ^ set(expected)) or sorted(n for n in planned if planned[n] != expected[n])
             raise ValueError(f"the push plan does not match the served policy: {wrong[:8]}")
         with self._lock:
-            results = self.llm.collective_rpc(RECEIVE_METHOD, args=(plan_to_wire(plans), dtype_name(dtype), timeout_s))
+            wire = (weight_wire.plan_to_wire(plans), weight_wire.dtype_name(dtype), timeout_s)
+            results = self.llm.collective_rpc(RECEIVE_METHOD, args=wire)
             errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
             if errors:
                 raise RuntimeError(f"the policy push failed on a vLLM worker: {errors[0]}")
