@@ -3,7 +3,7 @@
 Rank 0 talks to the rollout servers and grades the completions; every rank receives the step's batch. The
 actor recomputes the old log pi_mix before the update (the rollout's own log-probs are kept to report the
 train/rollout mismatch), then runs ``epochs x mini_batches`` optimiser steps with the clipped pi_mix loss, and
-the new policy streams into the servers over a collective (``rollout.weight_push``; nothing is written to disk
+the new policy streams into the servers over a collective (``weight_sender``; nothing is written to disk
 per step). The final save also writes ``run.dir/policy_final/`` (a Hugging Face directory) for evaluation and
 release. The KL-GRPO baseline is the same loop with ``ref_weight = 0`` and ``beta > 0``.
 
@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from nemo_logitavg.algorithms.grpo import aggregate, group_advantages, kl_penalty, policy_loss
 from nemo_logitavg.parallel import rank_device, wait_group
+from nemo_logitavg.seeds import prompt_seeds, step_seed
 
 # Largest |log pi_mix(trainer) - log pi_mix(rollout)| of a step before the trainer warns (once a run): float32 on
 # both sides agrees to ~2e-5 (vLLM, torch engine); a float32 trainer served in bfloat16 is off by ~0.1.
@@ -44,9 +45,8 @@ MISMATCH_WARN_MAX = {"float32": 1e-3, "bfloat16": 0.5}
 
 
 def sample_seed(run_seed: int, step: int) -> int:
-    """The rollout seed of a step (the server derives each completion's generator from it and its index)."""
-    digest = hashlib.sha256(f"{run_seed}:{step}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
+    """The rollout seed of a step (``seeds.step_seed``; the servers derive each completion's seed from it)."""
+    return step_seed(run_seed, step)
 
 
 @dataclass
@@ -635,7 +635,7 @@ class GRPOTrainer:
             config = asdict(cfg) if is_dataclass(cfg) else None
             self.log = MetricsLog(cfg.run.dir, cfg.run.steps, cfg.run.wandb_project, config)
         self.stop = stop or StopRequested()
-        from nemo_logitavg.rollout.weight_push import PolicyPusher
+        from nemo_logitavg.weight_sender import PolicyPusher
 
         bucket = int(cfg.rollout.push_bucket_mb * 2**20) if cfg.rollout.push_bucket_mb else None
         self.pusher = PolicyPusher(actor.gpt_policy, actor.policy_cfg, client, bucket, cfg.rollout.push_timeout,
@@ -672,8 +672,6 @@ class GRPOTrainer:
 
         ``only`` (prompt indices within the step) redoes just those, each with the seed it had in the whole step.
         """
-        from nemo_logitavg.rollout.engine import derive_seed
-
         cfg = self.cfg
         start = time.monotonic()
         indices = list(range(cfg.rollout.prompts_per_step)) if only is None else list(only)
@@ -682,7 +680,7 @@ class GRPOTrainer:
         groups = self.client.generate(
             [r["prompt_ids"] for r in records], n=cfg.algorithm.group_size, max_tokens=cfg.rollout.max_tokens,
             temperature=cfg.algorithm.temperature, top_p=cfg.algorithm.top_p,
-            **({"seed": seed} if only is None else {"seeds": [derive_seed(seed, i) for i in indices]}),
+            **({"seed": seed} if only is None else {"seeds": prompt_seeds(seed, indices)}),
         )  # fmt: skip
         rollout_s = time.monotonic() - start
         texts = [c.text for group in groups for c in group]

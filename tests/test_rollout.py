@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nemo_logitavg.ops import mixed_logprobs
-from nemo_logitavg.rollout.engine import GenerationRequest, SamplingParams, TorchEngine, derive_seed, sample_tokens
+from nemo_logitavg.rollout.engine import GenerationRequest, SamplingParams, TorchEngine, sample_tokens
+from nemo_logitavg.seeds import sequence_seed
 from tests.tiny_models import assert_samples_follow_pi_mix, hf_logits, make_spread_llama
 
 VOCAB = 48  # small, so that a chi-square test over the whole vocabulary has power
@@ -155,7 +156,7 @@ def test_sample_tokens_row_independent_and_top_p():
     top_ps = torch.tensor([1.0, 0.3, 1.0, 0.5, 1.0, 1e-6])
 
     def gens():
-        return [torch.Generator().manual_seed(derive_seed(9, i)) for i in range(6)]
+        return [torch.Generator().manual_seed(sequence_seed(9, i)) for i in range(6)]
 
     tokens, logps = sample_tokens(logits, temps, top_ps, gens())
     for i in range(6):  # each row alone gives the same token

@@ -11,7 +11,7 @@ import pytest
 
 from nemo_logitavg.rollout import client as client_module
 from nemo_logitavg.rollout.client import RolloutClient, RolloutError, RolloutRequestError
-from nemo_logitavg.rollout.engine import derive_seed
+from nemo_logitavg.seeds import prompt_seed
 
 
 def completion(request: httpx.Request, step: int, token: int = 7) -> dict:
@@ -64,7 +64,7 @@ def test_prompts_are_chunked_with_one_seed_each():
     assert [[c.token_ids for c in g] for g in groups] == [[[100 + i]] * 2 for i in range(10)]
     sent = sorted((b for port in bodies for b in bodies[port]), key=lambda b: b["prompt"][0][0])
     assert [len(b["prompt"]) for b in sent] == [3, 3, 3, 1]  # at most prompts_per_request, in order
-    assert [s for b in sent for s in b["seeds"]] == [derive_seed(42, i) for i in range(10)]
+    assert [s for b in sent for s in b["seeds"]] == [prompt_seed(42, i) for i in range(10)]
     assert all("seed" not in b for b in sent) and bodies[3] and bodies[4]  # both servers used
     # Few prompts: one chunk per server.
     bodies[3].clear(), bodies[4].clear()

@@ -194,7 +194,7 @@ def test_weight_reload_and_check(server, dirs):
 
 @pytest.mark.slow
 def test_client_chunks_give_what_one_request_gives(server):
-    """However the client cuts a call into requests, prompt i gets seed derive_seed(s, i): the completions are
+    """However the client cuts a call into requests, prompt i gets seed prompt_seed(s, i): the completions are
     those of one request carrying every prompt with seed s."""
     prompts = [[5 + i, 17, 33][: 1 + i % 3] for i in range(7)]
     kwargs = dict(n=3, max_tokens=12, temperature=1.0)

@@ -67,7 +67,7 @@ def _push_world(dirs: dict, work: str) -> dict:
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
-    from nemo_logitavg.rollout.weight_push import PolicyPusher
+    from nemo_logitavg.weight_sender import PolicyPusher
 
     init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
     rank = dist.get_rank()
@@ -181,7 +181,7 @@ def _half_sender(url: str, shapes: dict, stop_after: int) -> None:
 
     import torch.distributed as dist
 
-    from nemo_logitavg.rollout.weight_push import (
+    from nemo_logitavg.rollout.weight_wire import (
         GroupSpec,
         _broadcast_all,
         open_group,
@@ -214,7 +214,7 @@ def test_push_failing_midway_never_reports_the_new_step(tmp_path):
                                "num_key_value_heads": 2, "max_position_embeddings": 64})  # fmt: skip
     server = ServerProcess(policy, None, 0.0, str(tmp_path / "s.log"), token=TOKEN).wait_ready()
     try:
-        from nemo_logitavg.rollout.weight_push import policy_manifest
+        from nemo_logitavg.rollout.weight_wire import policy_manifest
 
         card = httpx.get(server.url + "/v1/models", headers=AUTH).json()["data"][0]
         before = _digests(server.url)
@@ -258,7 +258,7 @@ def _memory_world(policy: str, work: str, bucket_bytes: int) -> dict:
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
-    from nemo_logitavg.rollout.weight_push import PolicyPusher
+    from nemo_logitavg.weight_sender import PolicyPusher
     from tests.memory import PeakRSS
 
     init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
@@ -317,3 +317,37 @@ def _tensors(hf_dir: str) -> list[torch.Tensor]:
 
     state = read_hf_state(hf_dir)
     return [state[name] for name in state]
+
+
+def test_wire_plan_round_trips_through_json():
+    import json
+
+    from nemo_logitavg.rollout.weight_wire import dtype_name, parse_dtype, plan_from_wire, plan_to_wire, policy_manifest
+
+    plans = {0: [[("a.weight", (4, 3)), ("a.bias", (4,))], [("b", (2, 2, 2))]], 1: [[("c", ())]]}
+    assert plan_from_wire(json.loads(json.dumps(plan_to_wire(plans)))) == plans
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert parse_dtype(dtype_name(dtype)) == dtype
+    entries = [e for plan in plans.values() for bucket in plan for e in bucket]
+    assert policy_manifest(entries) == policy_manifest(reversed(entries)) != policy_manifest(entries[1:])
+    with pytest.raises(ValueError):
+        plan_from_wire({"0": [[["a", [-1]]]]})
+
+
+def test_the_servers_side_imports_neither_megatron_nor_the_trainer():
+    """The push is split by side: every module of ``nemo_logitavg.rollout`` (wire format, receiver, server,
+    engines, client) loads without megatron and the trainer; only ``nemo_logitavg.weight_sender`` needs them."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import importlib, pkgutil, sys",
+        "import nemo_logitavg.rollout as rollout",
+        "for m in pkgutil.iter_modules(rollout.__path__):",
+        "    if m.name != 'vllm_model':  # imports vLLM itself; only vLLM's workers load it",
+        "        importlib.import_module('nemo_logitavg.rollout.' + m.name)",
+        "bad = ('megatron', 'nemo_logitavg.trainer', 'nemo_logitavg.weight_sender')",
+        "loaded = sorted(m for m in sys.modules if m.startswith(bad))",
+        "assert not loaded, loaded",
+    ])  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

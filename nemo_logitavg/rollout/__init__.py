@@ -7,11 +7,15 @@
 - ``server``: the OpenAI-style HTTP server (``python -m nemo_logitavg.rollout.server``).
 - ``client``: ``RolloutClient``, what the trainer calls (concurrency, retries, fail-over, step checks).
 - ``process``: start and stop a server as a child process (recipes).
-- ``weight_push``: the collective policy push (``PolicyPusher``): each pipeline stage's sender broadcasts its
-  Hugging Face-named tensors, bucket by bucket, into every server's engine over a weight-update group of its
-  own (``GRPOTrainer.push_policy``); nothing is written to disk per step.
+- ``weight_wire``: the wire format of the collective policy push (weight-update groups, bucket plans, the
+  broadcasts), shared by both ends; ``weight_receiver``: the servers' end (``WeightReceiver``). The trainer's end,
+  ``nemo_logitavg.weight_sender.PolicyPusher``, broadcasts each pipeline stage's Hugging Face-named tensors,
+  bucket by bucket, into every server's engine over a weight-update group of its own
+  (``GRPOTrainer.push_policy``); nothing is written to disk per step.
 
-Imports are lazy so that ``import nemo_logitavg.rollout.client`` does not load transformers.
+Layering: nothing here imports megatron or the trainer (the servers run without either).
+
+Imports are lazy so that ``import nemo_logitavg.rollout.client`` loads neither transformers nor torch.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The trainer's client for the rollout servers (DESIGN.md §7, rollout client API).
+"""The trainer's client for the rollout servers (docs/design.md §7, rollout client API).
 
     client = RolloutClient(["http://127.0.0.1:8000", "http://127.0.0.1:8001"], token=None, timeout=600)
     client.check(ref_weight=0.5)                       # refuse servers whose pi_mix differs; learn their limits
-    client.mark_pushed(step, urls)                     # by the collective push (weight_push.PolicyPusher)
-    groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=derive_seed(run_seed, step))
+    client.mark_pushed(step, urls)                     # by the collective push (weight_sender.PolicyPusher)
+    groups = client.generate(prompt_token_ids, n=8, max_tokens=512, seed=step_seed(run_seed, step))
     groups[i][j].token_ids, .logprobs, .text, .finish_reason, .policy_step
 
 - The prompts of a call are cut into consecutive chunks, one request each (a chunk's prompts and their ``n``
@@ -11,10 +11,10 @@
   most ``prompts_per_request``, so every server gets work; and within the limits the servers advertise
   (``/v1/models``: ``max_prompts``, ``max_work_tokens``, ``max_body_bytes``; learned by ``check``, the tightest
   server's apply). Chunks go round-robin over the servers, concurrently
-  from a thread pool. Prompt ``i`` of a call with seed ``s`` carries its own seed ``derive_seed(s, i)`` (the
-  request's ``seeds`` field), so results depend neither on the chunking, nor on how many servers there are, nor
-  on which one answers: the same as one request of all prompts with seed ``s`` (bit-identical on one server;
-  equal up to float32 noise across servers).
+  from a thread pool. Prompt ``i`` of a call with seed ``s`` carries its own seed ``prompt_seed(s, i)`` (the
+  request's ``seeds`` field; every seed is derived in ``nemo_logitavg.seeds``), so results depend neither on the
+  chunking, nor on how many servers there are, nor on which one answers: the same as one request of all prompts
+  with seed ``s`` (bit-identical on one server; equal up to float32 noise across servers).
 - A connection error, a timeout or a 5xx moves the request to another server (the one that failed longest
   ago; servers that failed within ``cooldown`` seconds are tried last) and, once every server has failed,
   waits with exponential backoff (``backoff * 2**k``, capped by ``max_backoff``) before trying again, up to
@@ -25,7 +25,7 @@
   ``check`` do not wait for it (a push warns that it missed the step), and a background thread re-probes it every
   ``probe_interval`` seconds until it answers again (it gets requests again once a push lands in it).
   Only when every server is down does the backoff below apply.
-- Weight sync: the trainer's collective push (``weight_push.PolicyPusher``) lands the policy in the servers and
+- Weight sync: the trainer's collective push (``weight_sender.PolicyPusher``) lands the policy in the servers and
   calls ``mark_pushed(step, urls)`` with the servers that confirmed it; ``load_weights`` (operators, the
   evaluation) does the same by path. After a push only those servers get requests: a server that missed it
   (died, restarted, timed out) is stale until a later push lands in it. A completion that reports another
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from nemo_logitavg.rollout.engine import derive_seed
+from nemo_logitavg.seeds import prompt_seeds
 
 # The client's bounds (the defaults of RolloutClient; config.py's rollout section and wait bound read them here).
 REQUEST_TIMEOUT = 600.0  # seconds one request may take, generation included
@@ -378,7 +378,7 @@ class RolloutClient:
     ) -> list[list[Completion]]:
         """``n`` completions of each prompt (token ids), in prompt order, from pi_mix of the pushed policy step.
 
-        ``seeds`` (instead of ``seed``): prompt ``i``'s own seed, e.g. ``derive_seed(s, k)`` to redo prompt ``k`` of
+        ``seeds`` (instead of ``seed``): prompt ``i``'s own seed, e.g. ``prompt_seed(s, k)`` to redo prompt ``k`` of
         an earlier call with seed ``s`` exactly (the trainer regenerates stale completions so).
         """
         prompts = [list(p) for p in prompt_token_ids]
@@ -414,7 +414,7 @@ class RolloutClient:
             if seeds is not None:
                 body["seeds"] = [int(seeds[i]) for i in chunk]
             elif seed is not None:
-                body["seeds"] = [derive_seed(seed, i) for i in chunk]
+                body["seeds"] = prompt_seeds(seed, chunk)
             if stop_token_ids:
                 body["stop_token_ids"] = list(stop_token_ids)
             url, payload = self._request("POST", "/v1/completions", body, start=first + c, check_step=True)

@@ -1,10 +1,10 @@
 """Engines that sample completions from pi_mix, and the torch engine for CPUs and tests.
 
-pi_mix (DESIGN.md §1) for a context s, reference weight ``a`` and temperature ``T``:
+pi_mix (docs/design.md §1) for a context s, reference weight ``a`` and temperature ``T``:
 
     m(s) = (1 - a) * z_pol(s) + a * z_ref(s),      pi_mix(.|s) = softmax(m(s) / T)
 
-Conventions every engine follows (DESIGN.md §7, wire format and determinism):
+Conventions every engine follows (docs/design.md §7, wire format and determinism):
 
 - The returned log-prob of a sampled token is log pi_mix at the request's temperature, computed *before* top-p
   truncation, in float32: the quantity the trainer's ``mixed_logprobs`` recomputes. With top_p < 1 the tokens
@@ -14,14 +14,14 @@ Conventions every engine follows (DESIGN.md §7, wire format and determinism):
   made greedy: ``m / T`` overflows float32 near ``T = 1e-38`` (NaN log-probs), and a caller asking for such a
   ``T`` should say ``0`` if greedy is what it means.
 - Each sequence (sample ``j`` of a request with seed ``s``) draws its randomness from its own
-  ``torch.Generator`` seeded with ``derive_seed(s, j)``, one uniform number per generated token (inverse-CDF
+  ``torch.Generator`` seeded with ``seeds.sequence_seed(s, j)``, one uniform number per generated token (inverse-CDF
   sampling), so a completion does not depend on which other sequences share its batch.
 - A completion stops at a stop token id (the models' EOS ids unless ``ignore_eos``, plus ``stop_token_ids``),
   finish_reason ``"stop"``, the token kept in ``token_ids`` (the trainer learns to stop) but not in ``text``; at a
   stop string, finish_reason ``"stop"``, ``text`` cut before the string and ``token_ids`` ending with the token
   that completed it; at ``max_tokens`` or the model's context length, finish_reason ``"length"``.
 
-A vLLM engine (an out-of-tree model holding both stacks, averaging in ``compute_logits``; DESIGN.md §5) is added
+A vLLM engine (an out-of-tree model holding both stacks, averaging in ``compute_logits``; docs/design.md §5) is added
 by implementing ``Engine``; the server only talks to that protocol.
 
 Tokenizer: the policy directory's tokenizer (else the reference's) when it has one. A directory without tokenizer
@@ -42,6 +42,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from nemo_logitavg.rollout import weight_wire
+from nemo_logitavg.rollout.weight_receiver import WeightReceiver
+from nemo_logitavg.seeds import sequence_seed
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _CONFIG_SHAPE_KEYS = (
     "vocab_size",
@@ -52,12 +56,6 @@ _CONFIG_SHAPE_KEYS = (
     "num_key_value_heads",
     "tie_word_embeddings",
 )
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (e.g. run seed, step, prompt index, sample index); stable across processes."""
-    digest = hashlib.sha256(":".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0 (see the module docstring)
@@ -85,7 +83,7 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """``n`` completions of one prompt; sample ``j`` uses the generator seeded with ``derive_seed(seed, j)``."""
+    """``n`` completions of one prompt; sample ``j`` uses the generator seeded with ``sequence_seed(seed, j)``."""
 
     prompt_token_ids: list[int]
     params: SamplingParams
@@ -122,8 +120,8 @@ class Engine(Protocol):
     def load_policy(self, path: str, step: int) -> None:
         """Replace the policy weights (only those) by the Hugging Face directory ``path``; serve ``step``."""
 
-    # The collective push (``weight_push``): ranks taken in a weight-update group, the digest of the tensors a
-    # push carries, joining the groups, and landing a push.
+    # The collective push (``weight_wire``, ``weight_receiver``): ranks taken in a weight-update group, the digest
+    # of the tensors a push carries, joining the groups, and landing a push.
     weight_receivers: int
     policy_manifest: str
 
@@ -395,9 +393,7 @@ class TorchEngine(EngineCommon):
 
     @property
     def policy_manifest(self) -> str:
-        from nemo_logitavg.rollout.weight_push import policy_manifest
-
-        return policy_manifest(self._pushed_shapes().items())
+        return weight_wire.policy_manifest(self._pushed_shapes().items())
 
     def weight_digests(self) -> dict[str, dict[str, str]]:
         """sha256 of every served tensor's bytes, by Hugging Face name, for ``policy`` and ``reference``: lets an
@@ -409,10 +405,8 @@ class TorchEngine(EngineCommon):
         return out
 
     def join_weight_groups(self, specs: Sequence, rank: int) -> None:
-        """Join the trainer's weight-update groups (``weight_push.GroupSpec`` per stage) as ``rank``; returns at
+        """Join the trainer's weight-update groups (``weight_wire.GroupSpec`` per stage) as ``rank``; returns at
         once, the groups form in the background."""
-        from nemo_logitavg.rollout.weight_push import WeightReceiver
-
         if getattr(self, "_receiver", None) is None:
             self._receiver = WeightReceiver()
         self._receiver.join(specs, rank)
@@ -463,7 +457,7 @@ class TorchEngine(EngineCommon):
                     _Sequence(
                         prompt=list(request.prompt_token_ids),
                         params=request.params,
-                        generator=torch.Generator().manual_seed(derive_seed(request.seed, j)),
+                        generator=torch.Generator().manual_seed(sequence_seed(request.seed, j)),
                         stop_ids=frozenset(stop_ids),
                     )
                     for j in range(request.n)

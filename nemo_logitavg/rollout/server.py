@@ -14,15 +14,17 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   ``logprobs`` (``tokens``, ``token_logprobs``: log pi_mix at the request temperature before top-p truncation,
   ``top_logprobs: null``, ``text_offset``) and ``finish_reason`` (``stop`` / ``length``). The response adds
   ``usage``, ``policy_step`` (the weights that produced it) and ``ref_weight``.
-  Seeds: prompt ``i`` of a request with seed ``s`` decodes with seed ``derive_seed(s, i)``, sample ``j`` of it with
-  its own generator (see ``engine``), so completions do not depend on batching; no seed draws a random one.
-  The extension ``seeds`` (one integer per prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]``
-  itself: a client that splits one call into several requests sends ``derive_seed(s, i)`` for its prompts and
-  gets what one request with seed ``s`` would give.
+  Seeds (derived in ``nemo_logitavg.seeds``): prompt ``i`` of a request with seed ``s`` decodes with seed
+  ``prompt_seed(s, i)``, sample ``j`` of it with its own generator (``sequence_seed``; see ``engine``), so
+  completions do not depend on batching; no seed draws a random one. The extension ``seeds`` (one integer per
+  prompt, instead of ``seed``) gives prompt ``i`` the seed ``seeds[i]`` itself: a client that splits one call into
+  several requests sends ``prompt_seed(s, i)`` for its prompts and gets what one request with seed ``s`` would
+  give.
 - ``GET /health``; ``GET /v1/models`` (the served model with ``ref_weight``, ``policy_step``, ``max_model_len``,
   ``dtype`` and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
   ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``).
-- The collective policy push (``weight_push``): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
+- The collective policy push (wire format ``weight_wire``, receiving side ``weight_receiver``, sender
+  ``nemo_logitavg.weight_sender`` on the trainer): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
   "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
   ``POST /v1/weights/update`` ``{"step", "run_id", "dtype", "plan", "timeout_s"}`` lands a push between requests
   (requests that arrive while a push waits for the one in progress wait behind it: weights change only
@@ -31,12 +33,17 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   ``GET /v1/weights/digest``: sha256 of every served tensor (policy and reference halves).
 - ``POST /v1/load_weights`` ``{"path": DIR, "step": K, "run_id": R}``: reload the policy half from a Hugging Face
   safetensors directory between requests (requests and reloads are serialised by one lock, so no request sees
-  half-loaded weights) and answer ``{"policy_step": K}``. For operators and the evaluation: refused (403) unless
-  the server was started with ``--weights-root ROOT``; ``DIR`` resolves against ROOT (symlinks followed) and must
-  stay inside it, as must every file the directory's safetensors index names (else 400). Steps rise within one
-  run: a step not above the last one loaded for the same ``run_id`` is refused (409), except an exact repeat of
-  the weights being served (same run, step and path: a no-op, so a retried push succeeds); a new ``run_id`` may
-  start from any step.
+  half-loaded weights) and answer ``{"policy_step": K, "path": DIR}``. Not on the training path: the trainer
+  pushes over the collective above, and no library module, recipe or launcher calls this endpoint. It is kept
+  for operators (serve a saved policy, e.g. a run's ``policy_final/`` or a checkpoint exported to Hugging Face
+  format, without restarting the server; ``RolloutClient.load_weights`` sends it to every server) and as the
+  baseline of the push benchmark (``tests/benchmarks/bench_weight_push.py``: gather to rank 0, write the
+  directory, reload). Refused (403) unless the server was started with ``--weights-root ROOT``; ``DIR`` resolves
+  against ROOT (symlinks followed) and must stay inside it, as must every file the directory's safetensors index
+  names (else 400). Steps rise within one run: a step not above the last one loaded for the same ``run_id`` is
+  refused (409), except an exact repeat of the weights being served (same run, step and path: a no-op, so a
+  retried reload succeeds); a new ``run_id`` may start from any step. A complete reload also clears the stale
+  state a failed push left (completions are served again).
 
 Errors are ``{"error": {"message", "type", "code"}}`` with a 4xx status for bad requests (bad JSON, wrong types,
 unknown token ids, limits exceeded; 413 for a body over ``max_body_bytes``) and 500 for engine failures; the
@@ -86,9 +93,10 @@ from nemo_logitavg.rollout.engine import (
     Engine,
     GenerationRequest,
     SamplingParams,
-    derive_seed,
 )
 from nemo_logitavg.rollout.process import TOKEN_ENV
+from nemo_logitavg.rollout.weight_wire import GroupSpec, parse_dtype, plan_from_wire
+from nemo_logitavg.seeds import prompt_seeds
 
 logger = logging.getLogger("nemo_logitavg.rollout.server")
 
@@ -392,8 +400,6 @@ def create_app(
 
     @app.post("/v1/weights/join")
     async def weights_join(body: JoinRequest):
-        from nemo_logitavg.rollout.weight_push import GroupSpec
-
         try:
             specs = [GroupSpec.from_dict(g) for g in body.groups]
         except ValueError as exc:
@@ -407,8 +413,6 @@ def create_app(
 
     @app.post("/v1/weights/update")
     async def weights_update(body: UpdateRequest):
-        from nemo_logitavg.rollout.weight_push import parse_dtype, plan_from_wire
-
         try:
             plans, dtype = plan_from_wire(body.plan), parse_dtype(body.dtype)
         except ValueError as exc:
@@ -630,7 +634,7 @@ def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLim
     )
     if body.seeds is None:
         seed = body.seed if body.seed is not None else secrets.randbits(63)
-        seeds = [derive_seed(seed, i) for i in range(len(prompts))]
+        seeds = prompt_seeds(seed, range(len(prompts)))
     elif body.seed is not None:
         raise BadRequest("give either seed or seeds (one per prompt), not both")
     elif len(body.seeds) != len(prompts):

@@ -3,7 +3,7 @@
 ``VLLMEngine`` implements ``nemo_logitavg.rollout.engine.Engine`` with the same return contract as
 ``TorchEngine``: per completion the sampled token ids, log pi_mix of each at the request's temperature (float,
 from vLLM's sampler with ``logprobs_mode="processed_logprobs"``), a finish reason (``stop`` / ``length``) and a
-text; sample ``j`` of a request with seed ``s`` is its own vLLM request seeded with ``derive_seed(s, j)``.
+text; sample ``j`` of a request with seed ``s`` is its own vLLM request seeded with ``sequence_seed(s, j)``.
 
 How it serves. Given a policy and a reference directory, it writes a small bundle view (a temporary directory:
 ``config.json`` with architecture ``LogitAveragedForCausalLM``, ``ref_weight`` and the reference's path, and a
@@ -39,14 +39,15 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from nemo_logitavg.rollout import weight_wire
 from nemo_logitavg.rollout.engine import (
     EngineCommon,
     GeneratedSequence,
     GenerationRequest,
     TorchEngine,
     _has_tokenizer,
-    derive_seed,
 )
+from nemo_logitavg.seeds import sequence_seed
 
 logger = logging.getLogger(__name__)
 
@@ -353,9 +354,7 @@ class VLLMEngine(EngineCommon):
 
     @property
     def policy_manifest(self) -> str:
-        from nemo_logitavg.rollout.weight_push import policy_manifest
-
-        return policy_manifest(self._pushed_shapes().items())
+        return weight_wire.policy_manifest(self._pushed_shapes().items())
 
     @property
     def device(self) -> str:
@@ -373,15 +372,14 @@ class VLLMEngine(EngineCommon):
         """Land a collective push in every worker's policy half, then reset the prefix cache (its blocks hold
         keys and values of the old policy). Raises ValueError for a plan of another shape, RuntimeError when a
         worker failed (the weights may then be partly replaced: the server serves nothing until a push lands)."""
-        from nemo_logitavg.rollout.weight_push import dtype_name, plan_to_wire
-
         expected = self._pushed_shapes()
         planned = {name: tuple(shape) for plan in plans.values() for bucket in plan for name, shape in bucket}
         if planned != expected:
             wrong = sorted(set(planned) ^ set(expected)) or sorted(n for n in planned if planned[n] != expected[n])
             raise ValueError(f"the push plan does not match the served policy: {wrong[:8]}")
         with self._lock:
-            results = self.llm.collective_rpc(RECEIVE_METHOD, args=(plan_to_wire(plans), dtype_name(dtype), timeout_s))
+            wire = (weight_wire.plan_to_wire(plans), weight_wire.dtype_name(dtype), timeout_s)
+            results = self.llm.collective_rpc(RECEIVE_METHOD, args=wire)
             errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
             if errors:
                 raise RuntimeError(f"the policy push failed on a vLLM worker: {errors[0]}")
@@ -420,7 +418,7 @@ class VLLMEngine(EngineCommon):
                         max_tokens=p.max_tokens,
                         temperature=p.temperature,
                         top_p=p.top_p,
-                        seed=derive_seed(request.seed, j),
+                        seed=sequence_seed(request.seed, j),
                         stop=list(p.stop) or None,
                         stop_token_ids=sorted(stop_ids) or None,
                         ignore_eos=p.ignore_eos,

@@ -56,6 +56,8 @@ from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_p
 
 from nemo_logitavg.models.bundle import bundle_dirs
 from nemo_logitavg.rollout.vllm_plugin import register, safetensors_files
+from nemo_logitavg.rollout.weight_receiver import WeightReceiver
+from nemo_logitavg.rollout.weight_wire import GroupSpec, parse_dtype, plan_from_wire, receive_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +265,6 @@ class PolicyWeightsExtension:
     def nemo_logitavg_join_groups(self, specs: list, first_rank: int) -> dict:
         """Join the trainer's weight-update groups as ``first_rank`` + this worker's rank (in the background)."""
         try:
-            from nemo_logitavg.rollout.weight_push import GroupSpec, WeightReceiver
-
             if getattr(self, "_nemo_logitavg_receiver", None) is None:
                 self._nemo_logitavg_receiver = WeightReceiver()
             self._nemo_logitavg_receiver.join([GroupSpec.from_dict(s) for s in specs], first_rank + int(self.rank))
@@ -274,11 +274,9 @@ class PolicyWeightsExtension:
             return {"error": f"{type(exc).__name__}: {exc}"}
 
     def nemo_logitavg_receive_policy(self, plan: dict, dtype: str, timeout_s: float) -> dict:
-        """Land a collective push (``weight_push``) in the policy half: every worker receives the full tensors
+        """Land a collective push (``weight_wire``) in the policy half: every worker receives the full tensors
         (vLLM shards them itself while loading). Never raises (see ``nemo_logitavg_reload_policy``)."""
         try:
-            from nemo_logitavg.rollout.weight_push import parse_dtype, plan_from_wire, receive_buckets
-
             receiver = getattr(self, "_nemo_logitavg_receiver", None)
             if receiver is None:
                 raise RuntimeError("no weight-update group was joined")
