@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from nemo_logitavg.algorithms.grpo import AGGREGATIONS, K1_REFUSED, KL_ESTIMATORS
 from nemo_logitavg.models.scratch import ScratchModelConfig
+from nemo_logitavg.ops.ref_weight import check_ref_weight
 from nemo_logitavg.rewards.math_answer import GRADE_TIMEOUT
 from nemo_logitavg.rewards.math_answer import STARTUP_TIMEOUT as GRADER_STARTUP_TIMEOUT
 from nemo_logitavg.rollout.client import MAX_ATTEMPTS, MAX_BACKOFF, REQUEST_TIMEOUT
@@ -226,11 +228,9 @@ class GRPOConfig:
 
     def validate(self) -> GRPOConfig:
         """Check ranges and names; raise ValueError naming the key."""
-        from nemo_logitavg.algorithms.grpo import AGGREGATIONS, K1_REFUSED, KL_ESTIMATORS
-
         a, r = self.algorithm, self.rollout
+        check_ref_weight(a.ref_weight, "config key algorithm.ref_weight")
         checks = [
-            (0.0 <= a.ref_weight <= 1.0, "algorithm.ref_weight", "must lie in [0, 1]"),
             (a.group_size >= 2, "algorithm.group_size", "must be >= 2 (advantages are relative to the group)"),
             (a.agg in AGGREGATIONS, "algorithm.agg", f"must be one of {', '.join(AGGREGATIONS)}"),
             (a.kl_estimator in KL_ESTIMATORS, "algorithm.kl_estimator",
@@ -351,9 +351,8 @@ class SweepConfig:
             raise ValueError("sweep: ref_weights and seeds must both be non-empty")
         if len(set(self.ref_weights)) != len(self.ref_weights) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"sweep: repeated ref_weights {self.ref_weights} or seeds {self.seeds}")
-        bad = [a for a in self.ref_weights if not 0.0 <= a <= 1.0]
-        if bad:
-            raise ValueError(f"sweep: ref_weights must lie in [0, 1], got {bad}")
+        for a in self.ref_weights:
+            check_ref_weight(a, "sweep: every entry of ref_weights")
         return self
 
 

@@ -324,3 +324,17 @@ def test_tensor_parallel_matches_dense(world_size):
             if name == "unequal shards refused":
                 limit = 0.0
             assert value <= limit, f"rank {rank}/{world_size}: {name} = {value:.3g} > {limit:g}"
+
+
+@pytest.mark.parametrize("value", [-1e-9, 1.0 + 1e-9, float("nan")])
+def test_ref_weight_range_is_checked_once_for_every_user(value: float) -> None:
+    """The op, the configs, the bundle and the engines share one range check: outside [0, 1] (or NaN) each names
+    its setting; 0 means the reference is not mixed in at all."""
+    from nemo_logitavg.models.bundle import write_bundle
+    from nemo_logitavg.ops import check_ref_weight, mixes_reference
+
+    with pytest.raises(ValueError, match=r"algorithm\.ref_weight must lie in \[0, 1\]"):
+        check_ref_weight(value, "algorithm.ref_weight")
+    with pytest.raises(ValueError, match="ref_weight must lie"):
+        write_bundle("unused-policy", "unused-reference", value, "unused-out")
+    assert (mixes_reference(0.0), mixes_reference(1e-9), mixes_reference(1.0)) == (False, True, True)

@@ -17,6 +17,8 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from nemo_logitavg.ops.ref_weight import check_ref_weight
+
 BUNDLE_ARCHITECTURE = "LogitAveragedForCausalLM"
 BUNDLE_MODEL_TYPE = "logit_averaged"
 # pi_mix's transformers code, copied into every bundle (by path: it is not imported here, it needs transformers).
@@ -32,13 +34,6 @@ class Bundle:
     reference: str
     ref_weight: float
     config: dict
-
-
-def _check_ref_weight(ref_weight: float) -> float:
-    ref_weight = float(ref_weight)
-    if not 0.0 <= ref_weight <= 1.0:
-        raise ValueError(f"ref_weight must lie in [0, 1], got {ref_weight}")
-    return ref_weight
 
 
 def bundle_dirs(root: str, config: dict) -> tuple[str, str]:
@@ -57,7 +52,7 @@ def write_bundle(
     """Write an averaged-model bundle: ``out/config.json``, ``out/policy/`` (a copy of ``policy_dir``) and
     ``out/reference/`` (a copy), or, with ``copy_reference=False``, the reference's absolute path in config.json
     under ``reference_path``. Returns ``out``."""
-    ref_weight = _check_ref_weight(ref_weight)
+    ref_weight = check_ref_weight(ref_weight)
     policy_dir, reference_dir, out = os.fspath(policy_dir), os.fspath(reference_dir), os.fspath(out)
     for name, path in (("policy", policy_dir), ("reference", reference_dir)):
         if not os.path.isfile(os.path.join(path, "config.json")):
@@ -107,7 +102,7 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         config = json.load(fh)
     if not isinstance(config.get("ref_weight"), (int, float)) or isinstance(config.get("ref_weight"), bool):
         raise ValueError(f"{path}/config.json: ref_weight must be a number")
-    ref_weight = _check_ref_weight(config["ref_weight"])
+    ref_weight = check_ref_weight(config["ref_weight"])
     policy, reference = bundle_dirs(path, config)
     for name, sub in (("policy", policy), ("reference", reference)):
         if not os.path.isfile(os.path.join(sub, "config.json")):

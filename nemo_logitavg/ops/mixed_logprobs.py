@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nemo_logitavg.ops.ref_weight import check_ref_weight
+
 # Float32 elements of one chunk's working buffer when `chunk_size` is not given (64 MiB): bounds peak memory
 # while keeping the per-chunk costs few (each chunk runs ~6 parallel regions / kernels and 2 all-reduces; on
 # a loaded 2-core CPU those, not the arithmetic, made 16 MiB chunks 1.4-2x slower, BENCHMARKS.md).
@@ -66,8 +68,7 @@ def _validate(
             "mixed_logprobs: target shape must equal the logits' shape without the vocabulary dimension, "
             f"got target {tuple(target.shape)} and logits {tuple(policy_logits.shape)}"
         )
-    if not 0.0 <= float(ref_weight) <= 1.0:
-        raise ValueError(f"mixed_logprobs: ref_weight must lie in [0, 1], got {ref_weight}")
+    check_ref_weight(ref_weight, "mixed_logprobs: ref_weight")
     if not float(temperature) > 0.0:
         raise ValueError(f"mixed_logprobs: temperature must be > 0, got {temperature}")
     if chunk_size is not None and int(chunk_size) < 1:

@@ -42,6 +42,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from nemo_logitavg.ops.ref_weight import check_ref_weight, mixes_reference
 from nemo_logitavg.rollout import weight_wire
 from nemo_logitavg.rollout.weight_receiver import WeightReceiver
 from nemo_logitavg.seeds import sequence_seed
@@ -283,11 +284,9 @@ class TorchEngine(EngineCommon):
     ) -> None:
         from transformers import AutoModelForCausalLM
 
-        if not 0.0 <= float(ref_weight) <= 1.0:
-            raise ValueError(f"ref_weight must lie in [0, 1], got {ref_weight}")
-        if reference_path is None and float(ref_weight) != 0.0:
+        if reference_path is None and mixes_reference(ref_weight):
             raise ValueError("a reference model is required unless ref_weight == 0")
-        self.ref_weight = float(ref_weight)
+        self.ref_weight = check_ref_weight(ref_weight)
         self.dtype = dtype
         self.max_batch_size = int(max_batch_size)
         self.policy_path = os.fspath(policy_path)
@@ -483,7 +482,7 @@ class TorchEngine(EngineCommon):
         input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask, position_ids))
         kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
         z_pol = self.policy(input_ids=input_ids, **{self._cache_kwarg: caches[0]}, **kwargs).logits[:, -1].float()
-        if self.reference is None or self.ref_weight == 0.0:
+        if self.reference is None or not mixes_reference(self.ref_weight):
             return z_pol[:, : self.vocab_size].cpu()
         z_ref = self.reference(input_ids=input_ids, **{self._cache_kwarg: caches[1]}, **kwargs).logits[:, -1].float()
         a = self.ref_weight

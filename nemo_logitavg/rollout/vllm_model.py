@@ -55,6 +55,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
 
 from nemo_logitavg.models.bundle import bundle_dirs
+from nemo_logitavg.ops.ref_weight import check_ref_weight
 from nemo_logitavg.rollout.vllm_plugin import register, safetensors_files
 from nemo_logitavg.rollout.weight_receiver import WeightReceiver
 from nemo_logitavg.rollout.weight_wire import GroupSpec, parse_dtype, plan_from_wire, receive_buckets
@@ -101,9 +102,7 @@ class LogitAveragedForCausalLM(nn.Module):
                 "nemo_logitavg vLLM plugin installed (entry point vllm.general_plugins)?"
             )
         self.config = config
-        self.ref_weight = float(config.ref_weight)
-        if not 0.0 <= self.ref_weight <= 1.0:
-            raise ValueError(f"ref_weight must lie in [0, 1], got {self.ref_weight}")
+        self.ref_weight = check_ref_weight(config.ref_weight)
         hidden = []
         for name, sub in (("policy", config.policy_config), ("reference", config.reference_config)):
             sub = copy.deepcopy(sub)

@@ -28,6 +28,7 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig
 
 from nemo_logitavg.models.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE, bundle_dirs
+from nemo_logitavg.ops.ref_weight import check_ref_weight
 
 MODEL_CLASS = "nemo_logitavg.rollout.vllm_model:LogitAveragedForCausalLM"
 WORKER_EXTENSION = "nemo_logitavg.rollout.vllm_model.PolicyWeightsExtension"
@@ -84,9 +85,7 @@ class LogitAveragedVLLMConfig(PretrainedConfig):
                 if key not in _NOT_COPIED and key not in kwargs:
                     kwargs[key] = value
         super().__init__(**kwargs)
-        if not 0.0 <= float(ref_weight) <= 1.0:
-            raise ValueError(f"ref_weight must lie in [0, 1], got {ref_weight}")
-        self.ref_weight = float(ref_weight)
+        self.ref_weight = check_ref_weight(ref_weight)
         self.reference_path = reference_path
 
     @classmethod
