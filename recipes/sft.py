@@ -18,7 +18,7 @@ from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
 from nemo_logitavg.parallel import init_parallel, teardown
-from nemo_logitavg.sft import train_sft
+from nemo_logitavg.trainer.sft import train_sft
 
 
 def main() -> None:
