@@ -36,12 +36,6 @@ def test_prompt_and_sequence_seeds_are_63_bits_of_sha256_of_seed_colon_index():
     assert derive_seed(1234, 7, 3) == int.from_bytes(_sha("1234:7:3")[:8], "little") & mask
 
 
-def test_the_trainer_seeds_its_steps_with_step_seed():
-    from nemo_logitavg.trainer import sample_seed
-
-    assert [sample_seed(5, t) for t in range(20)] == [step_seed(5, t) for t in range(20)]
-
-
 def test_the_seeds_and_the_client_import_no_torch():
     code = (
         "import sys, nemo_logitavg.seeds, nemo_logitavg.rollout.client; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_logitavg.sft import pack_sft
+from nemo_logitavg.trainer.sft import pack_sft
 from tests.distributed import run_distributed
 from tests.tiny_models import make_hf_llama
 
@@ -22,7 +22,7 @@ def _sft_worker(policy_dir: str, out_dir: str) -> dict:
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
     from nemo_logitavg.models.hf_conversion import export_model_hf
     from nemo_logitavg.parallel import init_parallel, teardown
-    from nemo_logitavg.sft import train_sft
+    from nemo_logitavg.trainer.sft import train_sft
 
     init_parallel(tensor_parallel_size=2)
     cfg = LlamaConfig.from_hf(policy_dir)

@@ -505,7 +505,7 @@ def _vllm_push_world(url: str, token: str, policy: str, reference: str) -> dict:
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.trainer import micro_batches, pack_rollouts
-    from nemo_logitavg.weight_sender import PolicyPusher
+    from nemo_logitavg.trainer.weight_sender import PolicyPusher
 
     init_parallel()
     try:

@@ -67,7 +67,7 @@ def _push_world(dirs: dict, work: str) -> dict:
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
-    from nemo_logitavg.weight_sender import PolicyPusher
+    from nemo_logitavg.trainer.weight_sender import PolicyPusher
 
     init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
     rank = dist.get_rank()
@@ -258,7 +258,7 @@ def _memory_world(policy: str, work: str, bucket_bytes: int) -> dict:
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
-    from nemo_logitavg.weight_sender import PolicyPusher
+    from nemo_logitavg.trainer.weight_sender import PolicyPusher
     from tests.memory import PeakRSS
 
     init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
@@ -336,7 +336,7 @@ def test_wire_plan_round_trips_through_json():
 
 def test_the_servers_side_imports_neither_megatron_nor_the_trainer():
     """The push is split by side: every module of ``nemo_logitavg.rollout`` (wire format, receiver, server,
-    engines, client) loads without megatron and the trainer; only ``nemo_logitavg.weight_sender`` needs them."""
+    engines, client) loads without megatron and the trainer; only ``nemo_logitavg.trainer.weight_sender`` needs them."""
     import subprocess
     import sys
 
@@ -346,7 +346,7 @@ def test_the_servers_side_imports_neither_megatron_nor_the_trainer():
         "for m in pkgutil.iter_modules(rollout.__path__):",
         "    if m.name != 'vllm_model':  # imports vLLM itself; only vLLM's workers load it",
         "        importlib.import_module('nemo_logitavg.rollout.' + m.name)",
-        "bad = ('megatron', 'nemo_logitavg.trainer', 'nemo_logitavg.weight_sender')",
+        "bad = ('megatron', 'nemo_logitavg.trainer', 'nemo_logitavg.trainer.weight_sender')",
         "loaded = sorted(m for m in sys.modules if m.startswith(bad))",
         "assert not loaded, loaded",
     ])  # fmt: skip

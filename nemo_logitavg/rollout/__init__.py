@@ -9,7 +9,7 @@
 - ``process``: start and stop a server as a child process (recipes).
 - ``weight_wire``: the wire format of the collective policy push (weight-update groups, bucket plans, the
   broadcasts), shared by both ends; ``weight_receiver``: the servers' end (``WeightReceiver``). The trainer's end,
-  ``nemo_logitavg.weight_sender.PolicyPusher``, broadcasts each pipeline stage's Hugging Face-named tensors,
+  ``nemo_logitavg.trainer.weight_sender.PolicyPusher``, broadcasts each pipeline stage's Hugging Face-named tensors,
   bucket by bucket, into every server's engine over a weight-update group of its own
   (``GRPOTrainer.push_policy``); nothing is written to disk per step.
 

@@ -24,7 +24,7 @@ Endpoints (every one behind ``Authorization: Bearer T`` when a token is set; 401
   ``dtype`` and ``limits``: the ``ServerLimits`` a request must keep to; for the push ``server_id`` (new at each start),
   ``policy_manifest``, ``weight_receivers``, ``device`` and ``stale``).
 - The collective policy push (wire format ``weight_wire``, receiving side ``weight_receiver``, sender
-  ``nemo_logitavg.weight_sender`` on the trainer): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
+  ``nemo_logitavg.trainer.weight_sender`` on the trainer): ``POST /v1/weights/join`` ``{"groups": [spec per stage],
   "rank": r}`` joins the trainer's weight-update groups (answers at once; the groups form in the background);
   ``POST /v1/weights/update`` ``{"step", "run_id", "dtype", "plan", "timeout_s"}`` lands a push between requests
   (requests that arrive while a push waits for the one in progress wait behind it: weights change only

@@ -1,7 +1,8 @@
 """The servers' side of the collective policy push (docs/design.md §2, §7b): ``WeightReceiver`` joins a push's
 weight-update groups and lands its buckets. The torch engine uses it whole (its weights live in the server's
 process); each vLLM worker joins with it and receives with ``weight_wire.receive_buckets`` into vLLM's own loader
-(``vllm_model.PolicyWeightsExtension``). The sender is ``nemo_logitavg.weight_sender``; both speak ``weight_wire``.
+(``vllm_model.PolicyWeightsExtension``). The sender is ``nemo_logitavg.trainer.weight_sender``; both speak
+``weight_wire``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The wire format of the collective policy push, shared by both ends (docs/design.md §2, §7b).
 
-The sender (``nemo_logitavg.weight_sender.PolicyPusher``, beside the trainer) and the receivers
+The sender (``nemo_logitavg.trainer.weight_sender.PolicyPusher``, beside the trainer) and the receivers
 (``weight_receiver.WeightReceiver`` in the torch engine's server, ``vllm_model.PolicyWeightsExtension`` in vLLM's
 workers) agree on everything here, and on nothing else: this module imports neither megatron nor the trainer.
 
@@ -20,7 +20,7 @@ beyond its model. ``policy_manifest`` digests the ``(name, shape)`` pairs: a ser
 ``/v1/models`` and the sender pushes only to servers whose manifest equals its own.
 
 The steps of a push (probe, rebuild the groups when members changed, post ``/v1/weights/update`` and
-broadcast) are described in ``nemo_logitavg.weight_sender``.
+broadcast) are described in ``nemo_logitavg.trainer.weight_sender``.
 """
 
 from __future__ import annotations

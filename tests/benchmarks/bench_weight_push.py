@@ -56,7 +56,7 @@ def _trainer(args: dict, work: str) -> dict:
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
-    from nemo_logitavg.weight_sender import PolicyPusher
+    from nemo_logitavg.trainer.weight_sender import PolicyPusher
 
     init_parallel(tensor_parallel_size=2)
     rank = dist.get_rank()

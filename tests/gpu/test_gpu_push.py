@@ -26,7 +26,7 @@ def _push_worker(work: str) -> dict:
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.engine import tensor_digest
     from nemo_logitavg.rollout.process import ServerProcess
-    from nemo_logitavg.weight_sender import PolicyPusher
+    from nemo_logitavg.trainer.weight_sender import PolicyPusher
 
     init_parallel()
     cfg = LlamaConfig(**SHAPE)

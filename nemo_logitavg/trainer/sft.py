@@ -1,23 +1,27 @@
 """Supervised fine-tuning of the policy alone: the frozen reference that logit-averaging GRPO starts from.
 
 Records are prompt/response token ids; the loss is the mean negative log-likelihood of the response tokens of
-the whole optimiser step (prompt tokens are context only).
+the whole optimiser step (prompt tokens are context only). Progress goes through the GRPO loop's ``MetricsLog``
+(SFT's own jsonl and ``[sft]`` line), and Slurm's stop signal through the same ``StopRequested``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from nemo_logitavg.checkpointing import latest_step, load_checkpoint, save_checkpoint
+from nemo_logitavg.trainer.interfaces import ActorProtocol, LossFn
+from nemo_logitavg.trainer.metrics_log import MetricsLog, sft_progress
+from nemo_logitavg.trainer.stop import StopRequested
+
 
 def pack_sft(records: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """``[B, L]`` input ids, targets, positions and response mask for records with ``prompt_ids``/``response_ids``.
+    """``[B, L]`` input ids, targets, positions (int64) and response mask (bool) for records with
+    ``prompt_ids``/``response_ids`` (``B`` records, ``L`` = the longest prompt + response - 1).
 
     Sequences are right-padded to the longest; ``mask[b, t]`` is True where ``targets[b, t]`` is a response token.
     The tensors are on the host; the actor moves each micro-batch to its device.
@@ -42,8 +46,12 @@ def pack_sft(records: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor
     }
 
 
-def nll_loss_fn(num_tokens: float):
-    """Response-token NLL normalised by the step's response-token count (all micro-batches and DP ranks)."""
+def nll_loss_fn(num_tokens: float) -> LossFn:
+    """Response-token NLL normalised by the step's response-token count (all micro-batches and DP ranks).
+
+    The returned ``loss_fn(logprobs, entropy, mb)`` takes the log-probs of the targets (``[b, s]`` float32) and the
+    micro-batch's ``mask`` (``[b, s]`` bool); it returns the scalar loss and ``{"loss", "tokens"}`` (0-d tensors).
+    """
 
     def loss_fn(logprobs: torch.Tensor, entropy: torch.Tensor, mb: dict):
         loss = -(logprobs * mb["mask"]).sum() / num_tokens
@@ -53,7 +61,7 @@ def nll_loss_fn(num_tokens: float):
 
 
 def train_sft(
-    actor: Any,
+    actor: ActorProtocol,
     records: Sequence[dict],
     steps: int,
     sequences_per_step: int,
@@ -62,17 +70,18 @@ def train_sft(
     seed: int = 0,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
+    stop: StopRequested | None = None,
 ) -> list[float]:
     """Run ``steps`` optimiser steps over shuffled ``records`` (epochs wrap); returns the losses of the steps run.
 
     ``sequences_per_step`` counts all data-parallel ranks; each DP rank takes every DP-th sequence. Progress
     goes to the console and, on rank 0, one JSON line per step to ``log_path``. With ``checkpoint_dir``, the
     run checkpoints every ``checkpoint_every`` steps and resumes from the newest checkpoint there (the data
-    order is fixed by ``seed``, so a resumed run sees the batches an unbroken one would).
+    order is fixed by ``seed``, so a resumed run sees the batches an unbroken one would). With ``stop`` (created
+    before any thread started), a SIGTERM / SIGUSR1 ends the run after the step, checkpointed when
+    ``checkpoint_dir`` is set; ``stop.stopped`` is then True on every rank, so the caller does not export.
     """
-    from megatron.core import parallel_state as ps
-
-    from nemo_logitavg.checkpointing import latest_step, load_checkpoint, save_checkpoint
+    from megatron.core import parallel_state as ps  # megatron is heavy: imported when a run starts
 
     if sequences_per_step % micro_batch_size:
         raise ValueError(
@@ -85,7 +94,11 @@ def train_sft(
         first = load_checkpoint(actor, checkpoint_dir).step
         if dist.get_rank() == 0:
             print(f"[sft] resumed from {checkpoint_dir} at step {first}", flush=True)
-    losses, started = [], time.monotonic()
+    log = None
+    if dist.get_rank() == 0:
+        log_dir, log_name = (os.path.dirname(log_path) or ".", os.path.basename(log_path)) if log_path else (".", None)
+        log = MetricsLog(log_dir, steps, filename=log_name, tensorboard=False, progress=sft_progress, sort_keys=False)
+    losses = []
     for step in range(first, steps):
         picked = [records[order[(step * sequences_per_step + i) % len(order)]] for i in range(sequences_per_step)]
         batch = pack_sft(picked)
@@ -102,14 +115,18 @@ def train_sft(
         loss = torch.tensor([sum(float(r["loss"]) for r in results)], device="cpu")
         dist.all_reduce(loss)
         losses.append(loss.item() / max(1, ps.get_tensor_model_parallel_world_size()))
-        if dist.get_rank() == 0:
-            eta = (time.monotonic() - started) / (step + 1 - first) * (steps - step - 1)
-            print(f"[sft] step {step + 1}/{steps}  loss {losses[-1]:.4f}  grad-norm {grad_norm:.3f}  "
-                  f"ETA {eta / 60:.1f} min", flush=True)  # fmt: skip
-            if log_path:
-                os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-                with open(log_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"step": step + 1, "loss": losses[-1], "grad_norm": grad_norm}) + "\n")
-        if checkpoint_dir and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+        if log is not None:
+            log.write(step + 1, {"loss": losses[-1], "grad_norm": grad_norm})
+        # A signal during the last step changes nothing: the run is complete and the caller exports it.
+        stopping = stop is not None and step + 1 < steps and stop.agreed()
+        periodic = checkpoint_every and (step + 1) % checkpoint_every == 0
+        if checkpoint_dir and (stopping or periodic) and step + 1 < steps:
             save_checkpoint(actor, checkpoint_dir, step + 1, keep_last=1)
+        if stopping:
+            if dist.get_rank() == 0:
+                saved = "rerun to resume" if checkpoint_dir else "nothing saved (checkpoint_every is 0)"
+                print(f"[sft] stopped at step {step + 1} on request; {saved}", flush=True)
+            break
+    if log is not None:
+        log.close()
     return losses
