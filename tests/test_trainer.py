@@ -10,13 +10,13 @@ import torch
 
 from nemo_logitavg.algorithms.grpo import policy_loss
 from nemo_logitavg.config import GRPOConfig
+from nemo_logitavg.seeds import step_seed
 from nemo_logitavg.trainer import (
     RolloutProducer,
     make_loss_fn,
     micro_batches,
     pack_rollouts,
     plan_micro_batches,
-    sample_seed,
     stale_prompts,
     step_counts,
 )
@@ -149,9 +149,9 @@ def test_config_token_budget_is_checked():
     cfg.validate()  # the budget replaces micro_batch_size: 9 sequences need not split into micro-batches of 2
 
 
-def test_sample_seed_depends_on_run_and_step():
-    assert sample_seed(1, 0) == sample_seed(1, 0)
-    assert len({sample_seed(1, s) for s in range(100)} | {sample_seed(2, 0)}) == 101
+def test_step_seed_depends_on_run_and_step():
+    assert step_seed(1, 0) == step_seed(1, 0)
+    assert len({step_seed(1, s) for s in range(100)} | {step_seed(2, 0)}) == 101
 
 
 @pytest.mark.parametrize(
