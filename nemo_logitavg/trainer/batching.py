@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from nemo_logitavg.algorithms.grpo import group_advantages
+from nemo_logitavg.config import check_batch_split
 
 
 @dataclass
@@ -91,6 +92,7 @@ def pack_rollouts(
 
 
 BUDGET_KEY = "rollout.max_tokens_per_micro_batch"
+MINI_BATCH = "a mini-batch (rollout.prompts_per_step x algorithm.group_size / algorithm.mini_batches)"
 
 
 def plan_micro_batches(
@@ -110,18 +112,10 @@ def plan_micro_batches(
             the settings when the mini-batch does not split over the DP ranks.
     """
     if max_tokens is None:
-        if size is None or len(seqs) % (dp_size * size):
-            raise ValueError(
-                f"a mini-batch of {len(seqs)} sequences does not split into data_parallel ({dp_size}) x "
-                f"rollout.micro_batch_size ({size}); change rollout.prompts_per_step or algorithm.mini_batches"
-            )
+        check_batch_split(MINI_BATCH, len(seqs), [("data parallel", dp_size), ("rollout.micro_batch_size", size)])
         return [[list(seqs[r::dp_size][k : k + size]) for k in range(0, len(seqs) // dp_size, size)]
                 for r in range(dp_size)]  # fmt: skip
-    if len(seqs) % dp_size:
-        raise ValueError(
-            f"a mini-batch of {len(seqs)} sequences does not split over data_parallel ({dp_size}) ranks; change "
-            "rollout.prompts_per_step or algorithm.mini_batches"
-        )
+    check_batch_split(MINI_BATCH, len(seqs), [("data parallel", dp_size)])
     longest = max(seqs, key=lambda s: lengths[s])
     if lengths[longest] > max_tokens:
         raise ValueError(

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_logitavg.checkpointing import latest_step, load_checkpoint, save_checkpoint
+from nemo_logitavg.config import check_batch_split
 from nemo_logitavg.trainer.interfaces import ActorProtocol, LossFn
 from nemo_logitavg.trainer.metrics_log import MetricsLog, sft_progress
 from nemo_logitavg.trainer.stop import StopRequested
@@ -83,10 +84,7 @@ def train_sft(
     """
     from megatron.core import parallel_state as ps  # megatron is heavy: imported when a run starts
 
-    if sequences_per_step % micro_batch_size:
-        raise ValueError(
-            f"sequences_per_step ({sequences_per_step}) must be a multiple of micro_batch_size ({micro_batch_size})"
-        )
+    check_batch_split("sft: sequences_per_step", sequences_per_step, [("micro_batch_size", micro_batch_size)])
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     first = 0
