@@ -21,6 +21,7 @@ from nemo_logitavg.data.prompts import read_training_prompts
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
 from nemo_logitavg.models.hf_conversion import export_model_hf
+from nemo_logitavg.ops import mixes_reference
 from nemo_logitavg.parallel import init_parallel, rank_device, teardown
 from nemo_logitavg.rewards import score_by_kind
 from nemo_logitavg.rollout.client import RolloutClient
@@ -67,7 +68,7 @@ def run_grpo(cfg: GRPOConfig) -> None:
         if not urls:
             log = os.path.join(cfg.run.dir, "rollout_server.log")
             # ref_weight 0 (the KL baseline) samples from the policy alone: the server need not load the reference.
-            served_reference = reference_dir if cfg.algorithm.ref_weight > 0 else None
+            served_reference = reference_dir if mixes_reference(cfg.algorithm.ref_weight) else None
             # On a GPU machine the run's own server shares rank 0's GPU (the one-GPU check, docs/design.md §7b).
             device = rank_device()
             extra = ["--device", str(device)] if device.type == "cuda" else []
