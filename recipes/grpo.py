@@ -18,7 +18,7 @@ from nemo_logitavg.config import GRPOConfig, load_config
 from nemo_logitavg.data.prompts import read_training_prompts
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-from nemo_logitavg.models.hf_conversion import export_model_hf
+from nemo_logitavg.models.conversion.streaming import export_model_hf
 from nemo_logitavg.parallel import init_parallel, rank_device, teardown
 from nemo_logitavg.rewards import score_by_kind
 from nemo_logitavg.trainer import GRPOTrainer, StopRequested

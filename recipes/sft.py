@@ -16,7 +16,7 @@ from nemo_logitavg.config import SFTConfig, load_config
 from nemo_logitavg.data import encode_prompt, read_jsonl
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-from nemo_logitavg.models.hf_conversion import export_model_hf
+from nemo_logitavg.models.conversion.streaming import export_model_hf
 from nemo_logitavg.parallel import init_parallel, teardown
 from nemo_logitavg.sft import train_sft
 

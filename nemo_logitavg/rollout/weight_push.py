@@ -333,7 +333,7 @@ class PolicyPusher:
     ) -> None:
         from megatron.core import parallel_state as ps
 
-        from nemo_logitavg.models.hf_conversion import hf_bucket_plan
+        from nemo_logitavg.models.conversion.mapping import hf_bucket_plan
 
         self.model, self.cfg, self.client = model, cfg, client
         self.rank = dist.get_rank()
@@ -446,7 +446,7 @@ class PolicyPusher:
             }  # fmt: skip
         send_error = None
         if self.streams:
-            from nemo_logitavg.models.hf_conversion import iter_hf_buckets
+            from nemo_logitavg.models.conversion.streaming import iter_hf_buckets
 
             try:
                 # Only the sender (TP rank 0) needs the full tensors: the TP peers send it their shards.
