@@ -49,7 +49,7 @@ def parallel_ranks() -> tuple[int, int, int, int]:
 
 
 def check_model_matches(model: torch.nn.Module, cfg: LlamaConfig, source: str) -> None:
-    """Raise ValueError naming every setting in which ``model`` (unwrapped) was not built for ``cfg``."""
+    """Raise ValueError naming every setting in which ``model`` (a GPTModel, unwrapped) was not built for ``cfg``."""
     config = model.config
     pairs = {
         "hidden_size": (config.hidden_size, cfg.hidden_size),

@@ -48,7 +48,7 @@ def _fill_full(
     out: torch.Tensor | None,
     local: torch.Tensor,
     source: HFSource,
-    group,
+    group: dist.ProcessGroup,
     tp_size: int,
     shape: tuple[int, ...],
     dst: int | None = None,
