@@ -519,7 +519,7 @@ def test_streaming_export_memory_files_and_transformers(hf_models, tmp_path, mon
     dirs = {name: str(m["dir"]) for name, m in models.items()}
     # glibc raises its mmap threshold after each large free, so later blocks come from the heap and stay resident
     # once freed: RSS would then count the allocator's slack (it settles near one bucket more). A fixed threshold
-    # returns every freed block, so the resident set tracks what the process holds (the measure of DESIGN.md 7).
+    # returns every freed block, so the resident set tracks what the process holds (the measure of docs/design.md §7).
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
     ranks = run_distributed(_export_worker, 4, dirs=dirs, root=str(tmp_path))
 

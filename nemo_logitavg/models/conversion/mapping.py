@@ -44,7 +44,7 @@ from nemo_logitavg.models.families.table import (
     MCORE_LAYER,
     QKV_PARTS,
     Layout,
-    Tensor,
+    Weight,
     dimensions,
 )
 
@@ -88,13 +88,13 @@ def check_parallel_layout(cfg: LlamaConfig, tp_size: int, pp_size: int = 1) -> N
     stage_layers(cfg.num_hidden_layers, 0, pp_size)
 
 
-def _stage_tensors(cfg: LlamaConfig, layers: Iterable[int], first: bool, last: bool) -> list[tuple[str, str, Tensor]]:
+def _stage_weights(cfg: LlamaConfig, layers: Iterable[int], first: bool, last: bool) -> list[tuple[str, str, Weight]]:
     """``(hf name, megatron name on the stage, table entry)`` of a pipeline stage's Hugging Face tensors, in the
     table's order; ``layers`` are the stage's global layer numbers (local layer ``j`` is the j-th). Tied outputs
-    (``Tensor.tied_to``) are left out."""
+    (``Weight.tied_to``) are left out."""
     family = family_of(cfg)
 
-    def present(tensors: Sequence[Tensor]) -> list[Tensor]:
+    def present(tensors: Sequence[Weight]) -> list[Weight]:
         return [t for t in tensors if not (t.tied_to and cfg.tie_word_embeddings)]
 
     out = [(t.hf, t.mcore, t) for t in present(family.first)] if first else []
@@ -109,7 +109,7 @@ def _stage_tensors(cfg: LlamaConfig, layers: Iterable[int], first: bool, last: b
 def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every Hugging Face weight of ``cfg`` with its shape, in the family table's order."""
     dims = dimensions(cfg)
-    tensors = _stage_tensors(cfg, range(cfg.num_hidden_layers), True, True)
+    tensors = _stage_weights(cfg, range(cfg.num_hidden_layers), True, True)
     return {hf: tuple(dims[d] for d in t.shape) for hf, _, t in tensors}
 
 
@@ -120,7 +120,7 @@ def stage_hf_names(cfg: LlamaConfig, pp_rank: int, pp_size: int) -> list[str]:
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pipeline rank {pp_rank} is outside pipeline_parallel_size={pp_size}")
     layers = stage_layers(cfg.num_hidden_layers, pp_rank, pp_size)
-    return [hf for hf, _, _ in _stage_tensors(cfg, layers, pp_rank == 0, pp_rank == pp_size - 1)]
+    return [hf for hf, _, _ in _stage_weights(cfg, layers, pp_rank == 0, pp_rank == pp_size - 1)]
 
 
 def hf_bucket_plan(
@@ -171,10 +171,10 @@ def check_hf_state(hf_state: Mapping[str, torch.Tensor], cfg: LlamaConfig, sourc
 # ------------------------------------------------------------------------------------ HF -> megatron
 
 
-def _by_module(tensors: list[tuple[str, str, Tensor]]) -> dict[str, list[tuple[str, Tensor]]]:
+def _by_module(tensors: list[tuple[str, str, Weight]]) -> dict[str, list[tuple[str, Weight]]]:
     """Megatron name -> its Hugging Face sources ``(hf name, entry)``, megatron names in the order of their
     modules' first appearance, a module's tensors in order (``linear_qkv.weight`` before ``linear_qkv.bias``)."""
-    modules: dict[str, dict[str, list[tuple[str, Tensor]]]] = {}
+    modules: dict[str, dict[str, list[tuple[str, Weight]]]] = {}
     for hf, mcore, entry in tensors:
         modules.setdefault(mcore.rpartition(".")[0], {}).setdefault(mcore, []).append((hf, entry))
     return {mcore: sources for module in modules.values() for mcore, sources in module.items()}
@@ -253,7 +253,7 @@ def hf_to_mcore_state_dict(
         Layout.GATE_UP: gate_up,
     }
     out: dict[str, torch.Tensor] = {}
-    for mcore, sources in _by_module(_stage_tensors(cfg, layers, first, last)).items():
+    for mcore, sources in _by_module(_stage_weights(cfg, layers, first, last)).items():
         out[mcore] = combine[sources[0][1].layout]({entry.part: get(hf) for hf, entry in sources})
     if last and cfg.tie_word_embeddings and pp_size > 1:  # the last stage keeps its own copy of the embedding
         for t in family_of(cfg).last:
@@ -316,7 +316,7 @@ def stage_sources(
     def fc1(half: int) -> Callable[[torch.Tensor], torch.Tensor]:  # [gate_r; up_r] on each rank
         return lambda t: t.chunk(2)[half]
 
-    def source(mcore: str, entry: Tensor) -> HFSource:
+    def source(mcore: str, entry: Weight) -> HFSource:
         if entry.layout is Layout.REPLICATED:
             return HFSource(mcore, None, None)
         if entry.layout is Layout.VOCAB:
@@ -327,7 +327,7 @@ def stage_sources(
             return HFSource(mcore, qkv(entry.part), 0)
         return HFSource(mcore, fc1(GATE_UP_PARTS.index(entry.part)), 0)
 
-    sources = {hf: source(mcore, entry) for hf, mcore, entry in _stage_tensors(cfg, layers, first, last)}
+    sources = {hf: source(mcore, entry) for hf, mcore, entry in _stage_weights(cfg, layers, first, last)}
     silent = []
     if last and cfg.tie_word_embeddings and pp_size > 1:
         silent += [t.mcore for t in family_of(cfg).last if t.tied_to]  # the last stage's copy of the embedding

@@ -5,22 +5,22 @@ Llama 3.x's ``llama3`` rope scaling changes no tensor (the builder reads it from
 
 from __future__ import annotations
 
-from nemo_logitavg.models.families.table import EMBED_TOKENS, FINAL_NORM, LM_HEAD, Layout, ModelFamily, Tensor
+from nemo_logitavg.models.families.table import EMBED_TOKENS, FINAL_NORM, LM_HEAD, Layout, ModelFamily, Weight
 
 LLAMA = ModelFamily(
     model_type="llama",
     architecture="LlamaForCausalLM",
     first=(EMBED_TOKENS,),
     layer=(
-        Tensor("input_layernorm.weight", "input_layernorm.weight", ("hidden",), Layout.REPLICATED),
-        Tensor("self_attn.q_proj.weight", "self_attention.linear_qkv.weight", ("q", "hidden"), Layout.QKV, "q"),
-        Tensor("self_attn.k_proj.weight", "self_attention.linear_qkv.weight", ("kv", "hidden"), Layout.QKV, "k"),
-        Tensor("self_attn.v_proj.weight", "self_attention.linear_qkv.weight", ("kv", "hidden"), Layout.QKV, "v"),
-        Tensor("self_attn.o_proj.weight", "self_attention.linear_proj.weight", ("hidden", "q"), Layout.SPLIT_COLUMNS),
-        Tensor("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", ("hidden",), Layout.REPLICATED),
-        Tensor("mlp.gate_proj.weight", "mlp.linear_fc1.weight", ("ffn", "hidden"), Layout.GATE_UP, "gate"),
-        Tensor("mlp.up_proj.weight", "mlp.linear_fc1.weight", ("ffn", "hidden"), Layout.GATE_UP, "up"),
-        Tensor("mlp.down_proj.weight", "mlp.linear_fc2.weight", ("hidden", "ffn"), Layout.SPLIT_COLUMNS),
+        Weight("input_layernorm.weight", "input_layernorm.weight", ("hidden",), Layout.REPLICATED),
+        Weight("self_attn.q_proj.weight", "self_attention.linear_qkv.weight", ("q", "hidden"), Layout.QKV, "q"),
+        Weight("self_attn.k_proj.weight", "self_attention.linear_qkv.weight", ("kv", "hidden"), Layout.QKV, "k"),
+        Weight("self_attn.v_proj.weight", "self_attention.linear_qkv.weight", ("kv", "hidden"), Layout.QKV, "v"),
+        Weight("self_attn.o_proj.weight", "self_attention.linear_proj.weight", ("hidden", "q"), Layout.SPLIT_COLUMNS),
+        Weight("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", ("hidden",), Layout.REPLICATED),
+        Weight("mlp.gate_proj.weight", "mlp.linear_fc1.weight", ("ffn", "hidden"), Layout.GATE_UP, "gate"),
+        Weight("mlp.up_proj.weight", "mlp.linear_fc1.weight", ("ffn", "hidden"), Layout.GATE_UP, "up"),
+        Weight("mlp.down_proj.weight", "mlp.linear_fc2.weight", ("hidden", "ffn"), Layout.SPLIT_COLUMNS),
     ),
     last=(FINAL_NORM, LM_HEAD),
     export_config=lambda cfg: {"attention_bias": False, "mlp_bias": False},

@@ -39,7 +39,7 @@ GATE_UP_PARTS = ("gate", "up")  # the order of a TP rank's halves of linear_fc1
 
 
 @dataclass(frozen=True)
-class Tensor:
+class Weight:
     """One Hugging Face tensor and its place in megatron-core.
 
     ``hf`` and ``mcore`` are full names for the embedding / final tensors and relative to ``HF_LAYER`` /
@@ -64,11 +64,11 @@ class Tensor:
 
 # The ends of every decoder family: the embedding on the first pipeline stage, the final norm and the output layer
 # on the last.
-EMBED_TOKENS = Tensor(
+EMBED_TOKENS = Weight(
     "model.embed_tokens.weight", "embedding.word_embeddings.weight", ("vocab", "hidden"), Layout.VOCAB
 )
-FINAL_NORM = Tensor("model.norm.weight", "decoder.final_layernorm.weight", ("hidden",), Layout.REPLICATED)
-LM_HEAD = Tensor(
+FINAL_NORM = Weight("model.norm.weight", "decoder.final_layernorm.weight", ("hidden",), Layout.REPLICATED)
+LM_HEAD = Weight(
     "lm_head.weight", "output_layer.weight", ("vocab", "hidden"), Layout.VOCAB, tied_to="model.embed_tokens.weight"
 )
 
@@ -87,9 +87,9 @@ class ModelFamily:
 
     model_type: str
     architecture: str
-    first: tuple[Tensor, ...]
-    layer: tuple[Tensor, ...]
-    last: tuple[Tensor, ...]
+    first: tuple[Weight, ...]
+    layer: tuple[Weight, ...]
+    last: tuple[Weight, ...]
     export_config: Callable[[LlamaConfig], Mapping[str, Any]]
     refused_flags: tuple[tuple[str, str], ...] = ()
 
