@@ -508,7 +508,8 @@ def _weights_only_loads():
 
 
 def _load_reference(actor: LogitAveragingActor, reference_dir: str, path: str) -> None:
-    from nemo_logitavg.models.hf_conversion import load_hf_into_mcore, load_mcore_checkpoint
+    from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
+    from nemo_logitavg.models.conversion.mcore_checkpoint import load_mcore_checkpoint
 
     if not os.path.isdir(reference_dir):
         raise CheckpointNotFoundError(
@@ -634,7 +635,7 @@ def export_checkpoint_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     """
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import export_model_hf
+    from nemo_logitavg.models.conversion.streaming import export_model_hf
 
     ckpt = os.fspath(ckpt)
     if os.path.isfile(os.path.join(ckpt, MANIFEST_FILE)):  # a step directory: its parent is the root

@@ -4,15 +4,15 @@
 
 One plain process (no torchrun, no torch.distributed): the shards are computed tensor by tensor and written
 as CKPT_DIR/mp_rank_{tp:02d}_{pp:03d}/model.pt with CKPT_DIR/meta.json, plus the source's config and
-tokenizer files under CKPT_DIR/hf/. `nemo_logitavg.models.hf_conversion.load_mcore_checkpoint` loads it into a
-GPTModel at any TP/PP (re-sharding when the layout differs).
+tokenizer files under CKPT_DIR/hf/. `load_mcore_checkpoint` (`nemo_logitavg/models/conversion/mcore_checkpoint.py`)
+loads it into a GPTModel at any TP/PP (re-sharding when the layout differs).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from nemo_logitavg.models.hf_conversion import convert_hf_to_mcore
+from nemo_logitavg.models.conversion.mcore_checkpoint import convert_hf_to_mcore
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ import argparse
 from nemo_logitavg.checkpointing import export_checkpoint_to_hf, is_training_checkpoint
 from nemo_logitavg.config import GRPOConfig, config_as_dict
 from nemo_logitavg.models.bundle import write_bundle
-from nemo_logitavg.models.hf_conversion import convert_mcore_to_hf
+from nemo_logitavg.models.conversion.mcore_checkpoint import convert_mcore_to_hf
 from nemo_logitavg.parallel import init_parallel, teardown
 from nemo_logitavg.release.model_card import write_model_card
 

@@ -37,7 +37,7 @@ def _actor_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, ref_wei
 
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import mcore_to_hf_state_dict
+    from nemo_logitavg.models.conversion.mapping import mcore_to_hf_state_dict
     from nemo_logitavg.parallel import init_parallel, teardown
     from tests.distributed import gather_mcore_shards
 

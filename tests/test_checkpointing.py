@@ -65,7 +65,7 @@ def _rng_draws() -> tuple:
 
 def _hf_state(actor, moments: bool = False) -> dict[str, torch.Tensor] | None:
     """The policy's weights (or Adam's moments) merged over TP/PP in Hugging Face names, on rank 0."""
-    from nemo_logitavg.models.hf_conversion import mcore_to_hf_state_dict
+    from nemo_logitavg.models.conversion.mapping import mcore_to_hf_state_dict
     from tests.distributed import gather_mcore_shards
 
     named = dict(actor.gpt_policy.named_parameters())
@@ -100,7 +100,7 @@ def _save_worker(dirs, root: str, export_dir: str) -> dict:
     import torch.distributed as dist
 
     from nemo_logitavg.checkpointing import save_checkpoint
-    from nemo_logitavg.models.hf_conversion import export_hf
+    from nemo_logitavg.models.conversion.hf_files import export_hf
     from nemo_logitavg.parallel import teardown
 
     actor = _actor(dirs, tp=2, pp=1)
@@ -147,7 +147,7 @@ def _load_worker(dirs, root: str, tp: int, export_dir: str | None = None) -> dic
         "moments": _hf_state(actor, moments=True),
     }
     if export_dir is not None:  # the same weights through Hugging Face at this layout
-        from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
+        from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
 
         load_hf_into_mcore(actor.gpt_policy, export_dir)
         out["logprobs_from_hf"] = _logprobs(actor)

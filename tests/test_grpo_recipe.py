@@ -120,7 +120,7 @@ def test_logit_averaging_grpo_runs(models, tmp_path):
     assert (final / "config.json").is_file()
 
     # Release: the training checkpoint of step 4 exports to the same weights as the final policy.
-    from nemo_logitavg.models.hf_conversion import read_hf_state
+    from nemo_logitavg.models.conversion.hf_files import read_hf_state
 
     out = tmp_path / "exported"
     subprocess.run([sys.executable, str(ROOT / "recipes" / "convert_mcore_to_hf.py"), "--ckpt",

@@ -14,14 +14,10 @@ import pytest
 import torch
 
 from nemo_logitavg.models.builder import MEGATRON_LLAMA3_ROPE, LlamaConfig
-from nemo_logitavg.models.hf_conversion import (
-    convert_hf_to_mcore,
-    export_hf,
-    hf_to_mcore_state_dict,
-    load_mcore_state_dict,
-    mcore_to_hf_state_dict,
-    read_hf_state,
-)
+from nemo_logitavg.models.conversion.hf_files import export_hf, read_hf_state
+from nemo_logitavg.models.conversion.loading import load_mcore_state_dict
+from nemo_logitavg.models.conversion.mapping import hf_to_mcore_state_dict, mcore_to_hf_state_dict
+from nemo_logitavg.models.conversion.mcore_checkpoint import convert_hf_to_mcore
 from tests.distributed import gather_mcore_shards, run_distributed
 from tests.memory import PeakRSS
 
@@ -181,7 +177,7 @@ def _expect_error(fn, exc_type, *fragments) -> str:
 
 def _load_errors(tp: int, dirs: dict, cfgs: dict) -> dict[str, str]:
     """Loading refuses a model built for another config and state dicts with wrong keys or shapes."""
-    from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
+    from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
 
     errors = {}
     model = _build(cfgs["llama_tied"], tp, 1)
@@ -222,7 +218,8 @@ def _worker(dirs: dict, ids: torch.Tensor, hf_logits: dict, ckpts: dict) -> dict
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from nemo_logitavg.models.hf_conversion import load_hf_into_mcore, load_mcore_checkpoint
+    from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
+    from nemo_logitavg.models.conversion.mcore_checkpoint import load_mcore_checkpoint
     from nemo_logitavg.parallel import init_parallel, teardown
 
     out: dict = {"diff": {}, "errors": {}, "shards": {}, "equal": {}}
@@ -342,7 +339,8 @@ def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from nemo_logitavg.models.hf_conversion import iter_hf_buckets, load_hf_into_mcore
+    from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
+    from nemo_logitavg.models.conversion.streaming import iter_hf_buckets
     from nemo_logitavg.parallel import init_parallel, teardown
 
     records = []
@@ -398,7 +396,7 @@ def _stream_worker(dirs: dict, hf_states: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_streamed_buckets_match_the_plan_and_the_gathered_export(hf_models):
-    from nemo_logitavg.models.hf_conversion import hf_bucket_plan, hf_shapes, stage_hf_names
+    from nemo_logitavg.models.conversion.mapping import hf_bucket_plan, hf_shapes, stage_hf_names
 
     _, models = hf_models
     dirs = {name: str(m["dir"]) for name, m in models.items()}
@@ -450,7 +448,8 @@ def _export_worker(dirs: dict, root: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from nemo_logitavg.models.hf_conversion import export_model_hf, iter_hf_buckets, load_hf_into_mcore
+    from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
+    from nemo_logitavg.models.conversion.streaming import export_model_hf, iter_hf_buckets
     from nemo_logitavg.parallel import init_parallel, teardown
 
     init_parallel(tensor_parallel_size=2, pipeline_parallel_size=2)
@@ -514,13 +513,13 @@ def test_streaming_export_memory_files_and_transformers(hf_models, tmp_path, mon
     gather's mapping, loading in transformers with the logits of a TP=1 export."""
     from transformers import AutoModelForCausalLM
 
-    from nemo_logitavg.models.hf_conversion import hf_shapes
+    from nemo_logitavg.models.conversion.mapping import hf_shapes
 
     ids, models = hf_models
     dirs = {name: str(m["dir"]) for name, m in models.items()}
     # glibc raises its mmap threshold after each large free, so later blocks come from the heap and stay resident
     # once freed: RSS would then count the allocator's slack (it settles near one bucket more). A fixed threshold
-    # returns every freed block, so the resident set tracks what the process holds (the measure of DESIGN.md 7).
+    # returns every freed block, so the resident set tracks what the process holds (the measure of docs/design.md §7).
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2**20))
     ranks = run_distributed(_export_worker, 4, dirs=dirs, root=str(tmp_path))
 
@@ -572,7 +571,7 @@ def test_streaming_export_memory_files_and_transformers(hf_models, tmp_path, mon
 
 
 def test_stage_names_and_bucket_plan():
-    from nemo_logitavg.models.hf_conversion import hf_bucket_plan, hf_shapes, stage_hf_names
+    from nemo_logitavg.models.conversion.mapping import hf_bucket_plan, hf_shapes, stage_hf_names
 
     for tied in (False, True):
         cfg = LlamaConfig(
@@ -688,14 +687,14 @@ def test_qkv_layout_is_per_query_group():
 
 
 def _hf_shapes(cfg):
-    from nemo_logitavg.models.hf_conversion import hf_shapes
+    from nemo_logitavg.models.conversion.mapping import hf_shapes
 
     return hf_shapes(cfg)
 
 
 def test_transformer_engine_names_are_translated():
     """With TE's spec the layer norms live in linear_qkv / linear_fc1; loading and merging translate the names."""
-    from nemo_logitavg.models.hf_conversion import _local_names
+    from nemo_logitavg.models.conversion.mapping import local_names
 
     te_names = {
         "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight": torch.ones(4),
@@ -703,7 +702,7 @@ def test_transformer_engine_names_are_translated():
         "decoder.layers.0.mlp.linear_fc1.weight": torch.zeros(2, 4),
         "decoder.layers.0.mlp.linear_fc1._extra_state": None,
     }
-    local = _local_names(te_names)
+    local = local_names(te_names)
     assert sorted(local) == [
         "decoder.layers.0.input_layernorm.weight",
         "decoder.layers.0.mlp.linear_fc1.weight",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nemo_logitavg.config import GRPOConfig, config_as_dict
-from nemo_logitavg.models.hf_conversion import convert_hf_to_mcore
+from nemo_logitavg.models.conversion.mcore_checkpoint import convert_hf_to_mcore
 from tests.tiny_models import make_llama_with_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

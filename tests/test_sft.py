@@ -20,7 +20,7 @@ def test_pack_sft_masks_the_response():
 def _sft_worker(policy_dir: str, out_dir: str) -> dict:
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import export_model_hf
+    from nemo_logitavg.models.conversion.streaming import export_model_hf
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.trainer.sft import train_sft
 

@@ -28,7 +28,7 @@ def _digests(url: str) -> dict:
 
 
 def _file_digests(hf_dir: str) -> dict[str, str]:
-    from nemo_logitavg.models.hf_conversion import read_hf_state
+    from nemo_logitavg.models.conversion.hf_files import read_hf_state
     from nemo_logitavg.rollout.engine import tensor_digest
 
     state = read_hf_state(hf_dir)
@@ -63,7 +63,7 @@ def _push_world(dirs: dict, work: str) -> dict:
 
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import export_model_hf
+    from nemo_logitavg.models.conversion.streaming import export_model_hf
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
@@ -240,7 +240,7 @@ def test_push_failing_midway_never_reports_the_new_step(tmp_path):
 
 
 def _served_shapes(hf_dir: str) -> dict[str, list[int]]:
-    from nemo_logitavg.models.hf_conversion import read_hf_state
+    from nemo_logitavg.models.conversion.hf_files import read_hf_state
 
     state = read_hf_state(hf_dir)
     return {n: list(t.shape) for n, t in state.items() if not n.endswith("rotary_emb.inv_freq")}
@@ -254,7 +254,7 @@ def _memory_world(policy: str, work: str, bucket_bytes: int) -> dict:
 
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-    from nemo_logitavg.models.hf_conversion import iter_hf_buckets
+    from nemo_logitavg.models.conversion.streaming import iter_hf_buckets
     from nemo_logitavg.parallel import init_parallel, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.process import ServerProcess
@@ -313,7 +313,7 @@ def test_push_memory_is_bounded_by_the_bucket(tmp_path, monkeypatch):
 
 
 def _tensors(hf_dir: str) -> list[torch.Tensor]:
-    from nemo_logitavg.models.hf_conversion import read_hf_state
+    from nemo_logitavg.models.conversion.hf_files import read_hf_state
 
     state = read_hf_state(hf_dir)
     return [state[name] for name in state]

@@ -81,6 +81,17 @@ def make_spread_llama(path, seed: int, shape: dict, std: float = 0.25) -> str:
     return str(path)
 
 
+def make_tiny_family(path, model_type: str, tied: bool, seed: int = 0) -> str:
+    """A random tiny model of a Hugging Face ``model_type`` (``llama``, ``qwen2``, ...) built and saved by
+    transformers itself (``TINY``'s shape, 2 layers, float32 safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY, "num_hidden_layers": 2, "tie_word_embeddings": tied})
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
 _hf_models: dict = {}
 
 

@@ -54,7 +54,7 @@ def resolve_model(path: str | os.PathLike, workdir: str, policy_alone: bool = Fa
             return ServedModel(bundle.policy, None, 0.0, "bundle")
         return ServedModel(bundle.policy, bundle.reference, bundle.ref_weight, "bundle")
     if is_mcore_checkpoint(path):
-        from nemo_logitavg.models.hf_conversion import convert_mcore_to_hf
+        from nemo_logitavg.models.conversion.mcore_checkpoint import convert_mcore_to_hf
 
         hf_dir = tempfile.mkdtemp(prefix="hf_", dir=workdir)
         convert_mcore_to_hf(path, hf_dir)

@@ -359,7 +359,7 @@ class LogitAveragingActor:
 
     def load_hf(self, policy_dir: str, reference_dir: str | None) -> None:
         """Load both models' shards from Hugging Face directories (checked against the configs)."""
-        from nemo_logitavg.models.hf_conversion import load_hf_into_mcore
+        from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
 
         load_hf_into_mcore(self.gpt_policy, policy_dir)
         if self.reference is not None:

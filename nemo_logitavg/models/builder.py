@@ -1,7 +1,7 @@
 """Build a Llama-family decoder (RMSNorm, SwiGLU, rotary, grouped-query attention) as a megatron-core GPTModel.
 
-The family covers Llama 2/3 (``LlamaForCausalLM``, including Llama 3.x's ``llama3`` rope scaling) and Qwen2
-(``Qwen2ForCausalLM``: the same decoder with biases on the q/k/v projections).
+The families (``models/families/``) are Llama 2/3 (``LlamaForCausalLM``, including Llama 3.x's ``llama3`` rope
+scaling) and Qwen2 (``Qwen2ForCausalLM``: the same decoder with biases on the q/k/v projections).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Hugging Face model_type -> the architecture name it is saved under.
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+from nemo_logitavg.models.families import FAMILIES
 
 # megatron-core applies Llama 3.1's rope scaling with only the factor configurable: these are the defaults of
 # ``RotaryEmbedding._apply_scaling`` in megatron/core/models/common/embeddings/rotary_pos_embedding.py, which
@@ -71,8 +70,14 @@ class LlamaConfig:
 
     @property
     def model_type(self) -> str:
-        """Hugging Face ``model_type`` of this config: ``qwen2`` with q/k/v biases, else ``llama``."""
+        """Hugging Face ``model_type`` of this config, the key of its family in ``models.families.FAMILIES``:
+        ``qwen2`` with q/k/v biases, else ``llama``."""
         return "qwen2" if self.qkv_bias else "llama"
+
+    @property
+    def head_dim(self) -> int:
+        """Rows of one attention head: ``hidden_size / num_attention_heads``."""
+        return self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> LlamaConfig:
@@ -103,22 +108,22 @@ class LlamaConfig:
                 hf = json.load(f)
 
         def refuse(what: str) -> ValueError:
-            supported = ", ".join(f"{arch} (model_type {mt!r})" for mt, arch in SUPPORTED_ARCHITECTURES.items())
+            supported = ", ".join(f"{f.architecture} (model_type {mt!r})" for mt, f in FAMILIES.items())
             return ValueError(f"{source}: {what}; supported: {supported}")
 
         architectures = hf.get("architectures") or []
         model_type = hf.get("model_type")
         for arch in architectures:
-            if arch not in SUPPORTED_ARCHITECTURES.values():
+            if arch not in {family.architecture for family in FAMILIES.values()}:
                 raise refuse(f"architecture {arch} is not supported")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if model_type not in FAMILIES:
             raise refuse(f"model_type {model_type!r} is not supported")
-        if any(arch != SUPPORTED_ARCHITECTURES[model_type] for arch in architectures):
+        family = FAMILIES[model_type]
+        if any(arch != family.architecture for arch in architectures):
             raise refuse(f"architectures {architectures} do not match model_type {model_type!r}")
-        if model_type == "llama":  # Qwen2's q/k/v biases are fixed by the architecture; these flags are Llama's
-            for flag, what in (("attention_bias", "q/k/v and o_proj biases"), ("mlp_bias", "MLP biases")):
-                if hf.get(flag):
-                    raise refuse(f"{flag}=true is not supported (the builder has no {what})")
+        for flag, what in family.refused_flags:  # e.g. Llama's biases (Qwen2's are fixed by its architecture)
+            if hf.get(flag):
+                raise refuse(f"{flag}=true is not supported (the builder has no {what})")
         if hf.get("use_sliding_window"):
             raise refuse("use_sliding_window=true is not supported (only full attention)")
         sliding = sorted({t for t in hf.get("layer_types") or [] if t != "full_attention"})
@@ -172,7 +177,7 @@ class LlamaConfig:
             rope_theta=rope_theta,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2",
+            qkv_bias=family.qkv_bias,
             **scaling,
         )
 

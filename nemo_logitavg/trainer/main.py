@@ -20,7 +20,7 @@ from nemo_logitavg.data import encode_prompt, read_jsonl
 from nemo_logitavg.data.prompts import read_training_prompts
 from nemo_logitavg.models import LlamaConfig
 from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
-from nemo_logitavg.models.hf_conversion import export_model_hf
+from nemo_logitavg.models.conversion.streaming import export_model_hf
 from nemo_logitavg.ops import mixes_reference
 from nemo_logitavg.parallel import init_parallel, rank_device, teardown
 from nemo_logitavg.rewards import score_by_kind

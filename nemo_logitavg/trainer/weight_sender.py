@@ -33,7 +33,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from nemo_logitavg.models.builder import LlamaConfig
-from nemo_logitavg.models.hf_conversion import hf_bucket_plan, iter_hf_buckets
+from nemo_logitavg.models.conversion.mapping import hf_bucket_plan
+from nemo_logitavg.models.conversion.streaming import iter_hf_buckets
 from nemo_logitavg.rollout.client import RolloutClient
 from nemo_logitavg.rollout.weight_wire import (
     DEFAULT_BUCKET_BYTES,

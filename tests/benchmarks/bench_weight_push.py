@@ -35,7 +35,8 @@ def filesystem_push(model, cfg, client, out_dir: str, step: int) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from nemo_logitavg.models.hf_conversion import export_hf, mcore_to_hf_state_dict
+    from nemo_logitavg.models.conversion.hf_files import export_hf
+    from nemo_logitavg.models.conversion.mapping import mcore_to_hf_state_dict
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     payload = (ps.get_tensor_model_parallel_rank(), state)

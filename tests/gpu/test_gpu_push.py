@@ -21,7 +21,7 @@ SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
 def _push_worker(work: str) -> dict:
     from nemo_logitavg.models import LlamaConfig
     from nemo_logitavg.models.builder import build_gpt_model
-    from nemo_logitavg.models.hf_conversion import export_model_hf
+    from nemo_logitavg.models.conversion.streaming import export_model_hf
     from nemo_logitavg.parallel import init_parallel, rank_device, teardown
     from nemo_logitavg.rollout.client import RolloutClient
     from nemo_logitavg.rollout.engine import tensor_digest
@@ -52,7 +52,7 @@ def _push_worker(work: str) -> dict:
             times.append(time.perf_counter() - begin)
             assert confirmed == [server.url]
         digests = httpx.get(server.url + "/v1/weights/digest", headers=server.auth_headers(), timeout=300).json()
-        from nemo_logitavg.models.hf_conversion import iter_hf_buckets
+        from nemo_logitavg.models.conversion.streaming import iter_hf_buckets
 
         sample = {}
         for bucket in iter_hf_buckets(model, cfg, 1 << 30):
