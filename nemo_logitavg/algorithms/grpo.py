@@ -1,6 +1,6 @@
 """GRPO on pi_mix as pure torch functions: group advantages, the clipped policy loss, and the KL baseline.
 
-DESIGN §1 and §7 are the contract:
+docs/design.md §1 and §7 are the contract:
 
     A_i      = (r_i - mean(r_group)) / (std(r_group) + eps)      std unbiased (torch.std's default)
     rho_t    = exp(log pi_new(y_t) - log pi_old(y_t))
@@ -185,7 +185,7 @@ def aggregate(
     Modes (``s`` = sum over the masked tokens, ``n_b`` = masked tokens of sequence ``b``):
 
     - ``"token-mean"``: ``s / num_tokens``. ``num_tokens`` defaults to ``mask.sum()`` (1 if that is 0); the
-      trainer passes the whole optimiser step's token count (all micro-batches and DP ranks, DESIGN §7).
+      trainer passes the whole optimiser step's token count (all micro-batches and DP ranks, docs/design.md §7).
     - ``"seq-mean-token-mean"``: mean over the sequences with ``n_b > 0`` of ``sum_b / n_b`` (0 if none).
     - ``"seq-mean-token-sum-norm"`` (Dr. GRPO): ``s / (B * max_response_length)``; ``max_response_length``
       is required.
@@ -240,6 +240,61 @@ def _aggregate(
         return seq_means.sum() / num_seqs
     # seq-mean-token-sum-norm: a constant denominator, so a token's weight does not depend on its length.
     return masked.sum() / (values.shape[0] * float(max_response_length))
+
+
+def _check_loss_tensors(
+    fn: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``policy_loss``'s tensors checked (``[B, T]`` float log-probs, ``[B]`` or ``[B, T]`` real advantages);
+    the mask as bool."""
+    _check_float_tensor("logprobs", fn, logprobs)
+    _check_float_tensor("old_logprobs", fn, old_logprobs)
+    _check_tensor("advantages", fn, advantages)
+    if logprobs.dim() != 2:
+        raise ValueError(f"{fn}: logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    if old_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"{fn}: old_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
+            f"got {tuple(old_logprobs.shape)}"
+        )
+    if advantages.dtype.is_complex or advantages.dtype == torch.bool:
+        raise ValueError(f"{fn}: advantages must be real numbers, got {advantages.dtype}")
+    if tuple(advantages.shape) not in (tuple(logprobs.shape[:1]), tuple(logprobs.shape)):
+        raise ValueError(
+            f"{fn}: advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
+        )
+    return _as_bool_mask(mask, logprobs.shape, fn)
+
+
+def _check_loss_settings(
+    fn: str,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    agg: str,
+    num_tokens: int | float | torch.Tensor | None,
+    max_response_length: int | None,
+) -> None:
+    """``policy_loss``'s clip range, dual clip and aggregation checked."""
+    if not (math.isfinite(clip_low) and 0.0 <= clip_low <= 1.0):
+        raise ValueError(f"{fn}: clip_low must lie in [0, 1], got {clip_low!r}")
+    if not (math.isfinite(clip_high) and clip_high >= 0.0):
+        raise ValueError(f"{fn}: clip_high must be >= 0, got {clip_high!r}")
+    if dual_clip is not None and not (math.isfinite(dual_clip) and dual_clip > 1.0):
+        raise ValueError(f"{fn}: dual_clip must be a number > 1 (or None), got {dual_clip!r}")
+    _check_agg(agg, fn, num_tokens, max_response_length)
+
+
+def _check_behaviour(fn: str, logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, is_cap: float) -> None:
+    """The decoupled loss's behaviour log-probs (the shape of ``logprobs``) and its importance-weight cap."""
+    _check_float_tensor("behaviour_logprobs", fn, behaviour_logprobs)
+    if behaviour_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"{fn}: behaviour_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
+            f"got {tuple(behaviour_logprobs.shape)}"
+        )
+    if not (math.isfinite(is_cap) and is_cap >= 1.0):
+        raise ValueError(f"{fn}: is_cap must be a number >= 1 (algorithm.is_cap), got {is_cap!r}")
 
 
 def policy_loss(
@@ -306,39 +361,10 @@ def policy_loss(
             ``dual_clip <= 1``, ``is_cap < 1`` or a ``behaviour_logprobs`` of another shape.
     """
     fn = "policy_loss"
-    _check_float_tensor("logprobs", fn, logprobs)
-    _check_float_tensor("old_logprobs", fn, old_logprobs)
-    _check_tensor("advantages", fn, advantages)
-    if logprobs.dim() != 2:
-        raise ValueError(f"{fn}: logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    if old_logprobs.shape != logprobs.shape:
-        raise ValueError(
-            f"{fn}: old_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
-            f"got {tuple(old_logprobs.shape)}"
-        )
-    if advantages.dtype.is_complex or advantages.dtype == torch.bool:
-        raise ValueError(f"{fn}: advantages must be real numbers, got {advantages.dtype}")
-    if tuple(advantages.shape) not in (tuple(logprobs.shape[:1]), tuple(logprobs.shape)):
-        raise ValueError(
-            f"{fn}: advantages must be [B] or [B, T] = {tuple(logprobs.shape)}, got {tuple(advantages.shape)}"
-        )
-    mask = _as_bool_mask(mask, logprobs.shape, fn)
-    if not (math.isfinite(clip_low) and 0.0 <= clip_low <= 1.0):
-        raise ValueError(f"{fn}: clip_low must lie in [0, 1], got {clip_low!r}")
-    if not (math.isfinite(clip_high) and clip_high >= 0.0):
-        raise ValueError(f"{fn}: clip_high must be >= 0, got {clip_high!r}")
-    if dual_clip is not None and not (math.isfinite(dual_clip) and dual_clip > 1.0):
-        raise ValueError(f"{fn}: dual_clip must be a number > 1 (or None), got {dual_clip!r}")
-    _check_agg(agg, fn, num_tokens, max_response_length)
+    mask = _check_loss_tensors(fn, logprobs, old_logprobs, advantages, mask)
+    _check_loss_settings(fn, clip_low, clip_high, dual_clip, agg, num_tokens, max_response_length)
     if behaviour_logprobs is not None:
-        _check_float_tensor("behaviour_logprobs", fn, behaviour_logprobs)
-        if behaviour_logprobs.shape != logprobs.shape:
-            raise ValueError(
-                f"{fn}: behaviour_logprobs must have the shape of logprobs {tuple(logprobs.shape)}, "
-                f"got {tuple(behaviour_logprobs.shape)}"
-            )
-        if not (math.isfinite(is_cap) and is_cap >= 1.0):
-            raise ValueError(f"{fn}: is_cap must be a number >= 1 (algorithm.is_cap), got {is_cap!r}")
+        _check_behaviour(fn, logprobs, behaviour_logprobs, is_cap)
 
     extra = () if behaviour_logprobs is None else (behaviour_logprobs,)
     dtype = _compute_dtype(logprobs, old_logprobs, advantages, *extra)
@@ -391,7 +417,7 @@ def policy_loss(
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL loss term from tokens sampled from the policy (Schulman's estimators), DESIGN §1.
+    """Per-token KL loss term from tokens sampled from the policy (Schulman's estimators), docs/design.md §1.
 
     With ``x = logprobs - ref_logprobs`` (``log pi_pol(y) - log pi_ref(y)``, y ~ pi_pol) and the gradient
     flowing through ``log pi_pol(y)`` only (the sampled token's value; no score-function term), what each
@@ -406,7 +432,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
       E_pol[grad log pi_pol] = 0, a silent no-op regulariser. This function is the loss term only, so the
       refusal does not depend on whether a gradient is being taken.
 
-    The trainer adds ``beta * aggregate(kl_penalty(...), mask, agg, ...)`` to ``policy_loss`` (DESIGN §7).
+    The trainer adds ``beta * aggregate(kl_penalty(...), mask, agg, ...)`` to ``policy_loss`` (docs/design.md §7).
 
     Args:
         logprobs: ``[...]`` float log-probs of the sampled tokens under the policy (differentiable).

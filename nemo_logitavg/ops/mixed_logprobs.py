@@ -75,6 +75,71 @@ def _validate(
         raise ValueError(f"mixed_logprobs: chunk_size must be a positive number of tokens, got {chunk_size}")
 
 
+def _true_vocab(true_vocab_size: int | None, tp_size: int, vocab_local: int) -> int:
+    """The vocabulary without Megatron's padding: ``true_vocab_size``, else all the columns the shards tile."""
+    vocab_global = tp_size * vocab_local
+    vocab_true = vocab_global if true_vocab_size is None else int(true_vocab_size)
+    if not 0 < vocab_true <= vocab_global:
+        raise ValueError(
+            f"mixed_logprobs: true_vocab_size={true_vocab_size} must lie in (0, {vocab_global}] "
+            f"(the vocabulary the TP group's shards tile: {tp_size} x {vocab_local})"
+        )
+    return vocab_true
+
+
+def _check_target_ids(tgt: torch.Tensor, vocab_true: int) -> None:
+    if tgt.numel() and (tgt.min() < 0 or tgt.max() >= vocab_true):
+        bad = tgt[(tgt < 0) | (tgt >= vocab_true)][0].item()
+        raise ValueError(f"mixed_logprobs: target holds token id {bad}, outside the vocabulary [0, {vocab_true})")
+
+
+def _mix_into(m: torch.Tensor, pol: torch.Tensor, ref: torch.Tensor, a: float, inv_t: float, pad_from: int) -> None:
+    """``m`` (the compute dtype) <- ((1 - a) * pol + a * ref) / T, with the padding columns from ``pad_from`` on at
+    -inf; the inputs are never written."""
+    if pol.dtype == m.dtype:
+        torch.lerp(pol, ref, a, out=m)  # (1 - a) * pol + a * ref
+    else:
+        m.copy_(pol).mul_(1.0 - a).add_(ref, alpha=a)
+    if inv_t != 1.0:
+        m.mul_(inv_t)
+    if pad_from < m.shape[1]:
+        m[:, pad_from:] = float("-inf")
+
+
+def _max_checking_shards(row_max: torch.Tensor, vocab_local: int, tp_group: dist.ProcessGroup) -> torch.Tensor:
+    """The all-reduced row maxima; the shard sizes ride along with this first MAX and must be equal (equal sizes
+    iff max(V) == -max(-V))."""
+    sizes = torch.tensor([vocab_local, -vocab_local], dtype=row_max.dtype, device=row_max.device)
+    packed = torch.cat([row_max, sizes])
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=tp_group)
+    if packed[-2].item() != -packed[-1].item():
+        raise ValueError(
+            "mixed_logprobs: the tensor-parallel ranks hold vocabulary shards of different "
+            f"sizes (between {int(-packed[-1].item())} and {int(packed[-2].item())} columns); "
+            "the shards must tile the vocabulary in equal contiguous pieces"
+        )
+    return packed[: row_max.shape[0]]
+
+
+def _write_grad(
+    grad_rows: torch.Tensor,
+    e: torch.Tensor,
+    grad_scale: float,
+    sum_exp: torch.Tensor,
+    sum_rest: torch.Tensor,
+    rows_idx: torch.Tensor,
+    cols_idx: torch.Tensor,
+) -> None:
+    """grad = (1 - a) / T * (onehot(y) - p), with p = e / S, in the compute dtype (``e``'s, whose target columns
+    are 0), then rounded to the logits' dtype once (a bf16 buffer written as -s*p and then += s would cancel
+    1 - p_y). ``e`` is overwritten when ``grad_rows`` has another dtype."""
+    out = grad_rows if grad_rows.dtype == e.dtype else e
+    torch.mul(e, (-grad_scale / sum_exp).unsqueeze(1), out=out)
+    out[rows_idx, cols_idx] = (grad_scale * sum_rest / sum_exp)[rows_idx].to(out.dtype)
+    if out is e:
+        grad_rows.copy_(e)
+
+
 class _MixedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -102,16 +167,8 @@ class _MixedLogprobs(torch.autograd.Function):
         tp_rank = 0 if tp_group is None else dist.get_rank(tp_group)
         distributed = tp_size > 1
         vocab_start = tp_rank * vocab_local
-        vocab_global = tp_size * vocab_local
-        vocab_true = vocab_global if true_vocab_size is None else int(true_vocab_size)
-        if not 0 < vocab_true <= vocab_global:
-            raise ValueError(
-                f"mixed_logprobs: true_vocab_size={true_vocab_size} must lie in (0, {vocab_global}] "
-                f"(the vocabulary the TP group's shards tile: {tp_size} x {vocab_local})"
-            )
-        if num_tokens and (tgt.min() < 0 or tgt.max() >= vocab_true):
-            bad = tgt[(tgt < 0) | (tgt >= vocab_true)][0].item()
-            raise ValueError(f"mixed_logprobs: target holds token id {bad}, outside the vocabulary [0, {vocab_true})")
+        vocab_true = _true_vocab(true_vocab_size, tp_size, vocab_local)
+        _check_target_ids(tgt, vocab_true)
         # Columns of this shard at or beyond the true vocabulary (Megatron's padding) are excluded.
         pad_from = min(max(vocab_true - vocab_start, 0), vocab_local)
 
@@ -133,14 +190,7 @@ class _MixedLogprobs(torch.autograd.Function):
             rows = end - start
             # m / T in the compute dtype, in one reused buffer; the inputs are never written.
             m = chunk_buf[:rows]
-            if pol.dtype == cdtype:
-                torch.lerp(pol[start:end], ref[start:end], a, out=m)  # (1 - a) * pol + a * ref
-            else:
-                m.copy_(pol[start:end]).mul_(1.0 - a).add_(ref[start:end], alpha=a)
-            if inv_t != 1.0:
-                m.mul_(inv_t)
-            if pad_from < vocab_local:
-                m[:, pad_from:] = float("-inf")
+            _mix_into(m, pol[start:end], ref[start:end], a, inv_t, pad_from)
 
             local_t = tgt[start:end] - vocab_start
             owned = (local_t >= 0) & (local_t < vocab_local)
@@ -150,17 +200,7 @@ class _MixedLogprobs(torch.autograd.Function):
             row_max = m.amax(dim=1)
             if distributed:
                 if not shard_checked:
-                    # Shard sizes ride along with the first MAX: equal sizes iff max(V) == -max(-V).
-                    sizes = torch.tensor([vocab_local, -vocab_local], dtype=cdtype, device=device)
-                    packed = torch.cat([row_max, sizes])
-                    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=tp_group)
-                    if packed[-2].item() != -packed[-1].item():
-                        raise ValueError(
-                            "mixed_logprobs: the tensor-parallel ranks hold vocabulary shards of different "
-                            f"sizes (between {int(-packed[-1].item())} and {int(packed[-2].item())} columns); "
-                            "the shards must tile the vocabulary in equal contiguous pieces"
-                        )
-                    row_max = packed[:rows]
+                    row_max = _max_checking_shards(row_max, vocab_local, tp_group)
                     shard_checked = True
                 else:
                     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
@@ -194,13 +234,7 @@ class _MixedLogprobs(torch.autograd.Function):
                 entropy[start:end] = torch.log(sum_exp) - sums[2] / sum_exp
 
             if need_grad:
-                # grad = (1 - a) / T * (onehot(y) - p), with p = e / S, in the compute dtype, then rounded to
-                # the logits' dtype once (a bf16 buffer written as -s*p and then += s would cancel 1 - p_y).
-                out = grad_buf[start:end] if grad_buf.dtype == cdtype else m
-                torch.mul(m, (-grad_scale / sum_exp).unsqueeze(1), out=out)
-                out[rows_idx, cols_idx] = (grad_scale * sum_rest / sum_exp)[rows_idx].to(out.dtype)
-                if out is m:
-                    grad_buf[start:end].copy_(m)
+                _write_grad(grad_buf[start:end], m, grad_scale, sum_exp, sum_rest, rows_idx, cols_idx)
 
         # Kept as an attribute rather than through save_for_backward: the backward scales it in place.
         ctx.grad_buf = grad_buf

@@ -187,7 +187,7 @@ def verify_answer(prediction: str, gold: str) -> float:
     Runs without math-verify's own alarms (``parsing_timeout=None``, ``timeout_seconds=None``): the worker's soft
     limit covers parsing and comparison together. Parsed gold answers are cached (a GRPO group shares one gold).
     """
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # heavy (SymPy, ANTLR): loaded where answers are graded, not on import
 
     gold_parsed = _GOLD_CACHE.get(gold)
     if gold_parsed is None:
@@ -205,7 +205,7 @@ def verify_answer(prediction: str, gold: str) -> float:
 
 def latex_parses(content: str) -> float:
     r"""1.0 if math-verify's LaTeX extraction turns ``\boxed{content}`` into a SymPy object, else 0.0."""
-    from math_verify import LatexExtractionConfig, parse
+    from math_verify import LatexExtractionConfig, parse  # heavy (SymPy, ANTLR): loaded only when used
 
     parsed = parse(
         "\\boxed{" + content + "}",
@@ -471,71 +471,99 @@ class MathGrader:
         return stats
 
     def _schedule(self, kind: str, pending: deque, out: list[float], limit: float, stats: GradeStats) -> None:
+        """Hand ``pending`` tasks to idle workers and collect their answers until none is pending or in flight."""
         soft = max(limit * SOFT_TIMEOUT_FRACTION, 1e-3)
         busy = 0
         while pending or busy:
             now = time.monotonic()
-            for slot, worker in enumerate(self._workers):
-                if worker.ready and worker.task is None and pending:
-                    index, args = pending[0]
-                    task_id = next(self._task_ids)
-                    try:
-                        worker.conn.send((task_id, kind, args, soft))
-                    except (OSError, ValueError):  # died while idle: replace it, the task waits for another
-                        worker.kill()
-                        self._workers[slot] = self._spawn()
-                        continue
-                    pending.popleft()
-                    worker.task = (task_id, index)
-                    worker.deadline = now + limit
-                    busy += 1
-            wake = [w.deadline for w in self._workers if w.task is not None]
-            wake += [w.started_at + self.startup_timeout for w in self._workers if not w.ready]
-            wait_s = max(0.0, min(wake) - now) if wake else None
-            ready = multiprocessing.connection.wait([w.conn for w in self._workers], timeout=wait_s)
-            for slot, worker in enumerate(self._workers):
-                if worker.conn not in ready:
-                    continue
+            busy += self._dispatch(kind, pending, soft, now + limit)
+            ready = multiprocessing.connection.wait([w.conn for w in self._workers], timeout=self._wait_s(now))
+            busy -= self._collect(ready, out, stats)
+            busy -= self._expire(out, stats)
+
+    def _dispatch(self, kind: str, pending: deque, soft: float, deadline: float) -> int:
+        """Send the next pending tasks to the ready idle workers (due by ``deadline``); how many were sent."""
+        sent = 0
+        for slot, worker in enumerate(self._workers):
+            if worker.ready and worker.task is None and pending:
+                index, args = pending[0]
+                task_id = next(self._task_ids)
                 try:
-                    message = worker.conn.recv()
-                except (EOFError, OSError):  # the worker died on its own
-                    if not worker.ready:
-                        worker.kill()
-                        raise RuntimeError(
-                            f"a math grader worker exited during start-up (exit code {worker.process.returncode}); "
-                            "its error output is above"
-                        ) from None
-                    if worker.task is not None:
-                        busy -= 1
-                        stats.num_errors += 1
+                    worker.conn.send((task_id, kind, args, soft))
+                except (OSError, ValueError):  # died while idle: replace it, the task waits for another
                     worker.kill()
                     self._workers[slot] = self._spawn()
                     continue
-                if message[0] == "ready":
-                    worker.ready = True
-                    continue
-                if message[0] == "failed":
+                pending.popleft()
+                worker.task = (task_id, index)
+                worker.deadline = deadline
+                sent += 1
+        return sent
+
+    def _wait_s(self, now: float) -> float | None:
+        """Seconds until the next deadline (a task's, or a starting worker's); None when nothing has one."""
+        wake = [w.deadline for w in self._workers if w.task is not None]
+        wake += [w.started_at + self.startup_timeout for w in self._workers if not w.ready]
+        return max(0.0, min(wake) - now) if wake else None
+
+    def _collect(self, ready: list, out: list[float], stats: GradeStats) -> int:
+        """Read the messages of the workers whose connection is ``ready``; how many tasks ended (answered, or lost
+        with a worker that died). A worker that cannot start raises."""
+        ended = 0
+        for slot, worker in enumerate(self._workers):
+            if worker.conn not in ready:
+                continue
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):  # the worker died on its own
+                if not worker.ready:
                     worker.kill()
-                    raise RuntimeError(f"a math grader worker could not start: {message[1]}")
-                task_id, value, status = message
-                if worker.task is None or worker.task[0] != task_id:
-                    continue  # a stale answer (cannot happen with one task in flight, kept as a guard)
-                out[worker.task[1]] = value if status == "ok" else 0.0
-                stats.num_timeouts += status == "timeout"
-                stats.num_errors += status == "error"
-                worker.task = None
-                busy -= 1
-            now = time.monotonic()
-            for slot, worker in enumerate(self._workers):
-                if worker.task is not None and now >= worker.deadline:
-                    out[worker.task[1]] = 0.0
-                    stats.num_timeouts += 1
-                    stats.num_killed += 1
-                    busy -= 1
-                    worker.kill()
-                    self._workers[slot] = self._spawn()
-                elif not worker.ready and now >= worker.started_at + self.startup_timeout:
-                    raise RuntimeError(f"a math grader worker did not start within {self.startup_timeout:.0f} s")
+                    raise RuntimeError(
+                        f"a math grader worker exited during start-up (exit code {worker.process.returncode}); "
+                        "its error output is above"
+                    ) from None
+                if worker.task is not None:
+                    ended += 1
+                    stats.num_errors += 1
+                worker.kill()
+                self._workers[slot] = self._spawn()
+                continue
+            ended += self._take_message(worker, message, out, stats)
+        return ended
+
+    def _take_message(self, worker: _Worker, message: tuple, out: list[float], stats: GradeStats) -> int:
+        """One worker message: ready, failed to start (raises), or an answer (1: its task ended)."""
+        if message[0] == "ready":
+            worker.ready = True
+            return 0
+        if message[0] == "failed":
+            worker.kill()
+            raise RuntimeError(f"a math grader worker could not start: {message[1]}")
+        task_id, value, status = message
+        if worker.task is None or worker.task[0] != task_id:
+            return 0  # a stale answer (cannot happen with one task in flight, kept as a guard)
+        out[worker.task[1]] = value if status == "ok" else 0.0
+        stats.num_timeouts += status == "timeout"
+        stats.num_errors += status == "error"
+        worker.task = None
+        return 1
+
+    def _expire(self, out: list[float], stats: GradeStats) -> int:
+        """Kill (and replace) the workers past their task's deadline, scoring it 0; how many were killed. A worker
+        that does not start in time raises."""
+        killed = 0
+        now = time.monotonic()
+        for slot, worker in enumerate(self._workers):
+            if worker.task is not None and now >= worker.deadline:
+                out[worker.task[1]] = 0.0
+                stats.num_timeouts += 1
+                stats.num_killed += 1
+                killed += 1
+                worker.kill()
+                self._workers[slot] = self._spawn()
+            elif not worker.ready and now >= worker.started_at + self.startup_timeout:
+                raise RuntimeError(f"a math grader worker did not start within {self.startup_timeout:.0f} s")
+        return killed
 
 
 # --------------------------------------------------------------------------------------------------------------

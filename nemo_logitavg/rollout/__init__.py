@@ -4,7 +4,8 @@
   with its own KV cache, batched decoding, sampling from pi_mix). ``vllm_engine.VLLMEngine`` implements the same
   protocol with vLLM (``vllm_model``: both stacks in one out-of-tree vLLM model; ``vllm_plugin``: its
   ``vllm.general_plugins`` registration, which also makes release bundles servable by vLLM).
-- ``server``: the OpenAI-style HTTP server (``python -m nemo_logitavg.rollout.server``).
+- ``server``: the OpenAI-style HTTP server (``python -m nemo_logitavg.rollout.server``); ``requests``: what it
+  accepts (schemas, ``ServerLimits``, the checks); ``responses``: what it answers.
 - ``client``: ``RolloutClient``, what the trainer calls (concurrency, retries, fail-over, step checks).
 - ``process``: start and stop a server as a child process (recipes).
 - ``weight_wire``: the wire format of the collective policy push (weight-update groups, bucket plans, the

@@ -59,202 +59,61 @@ mapping of further ``vllm.LLM`` arguments for the vLLM engine (``tensor_parallel
 ``gpu_memory_utilization``, ``dtype``, ``enforce_eager``, ``max_model_len``, ...). ``dtype`` sets the models'
 dtype for either engine (``vllm.dtype`` wins for vLLM); ``/v1/models`` reports the dtype served. The token may
 also come from the environment variable ``NEMO_LOGITAVG_ROLLOUT_TOKEN`` (keeps it out of the process list). The
-server refuses to start on a port that is held. Only the ``__main__`` block parses arguments.
+server refuses to start on a port that is held. Only ``main`` (the ``__main__`` entry) parses arguments.
+
+Where things are: this module holds the app (``create_app``: its shared state and locks, then its routes by group),
+``serve`` and the command line; ``requests`` the request schemas, ``ServerLimits`` and every check of a request;
+``responses`` the error body and the completions response.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
-import math
 import os
-import secrets
+import signal
 import socket
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
+import torch
+import uvicorn
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nemo_logitavg.rollout.engine import (
-    MIN_TEMPERATURE,
-    Cancelled,
-    Engine,
-    GenerationRequest,
-    SamplingParams,
-)
+from nemo_logitavg.rollout.engine import Cancelled, Engine, GeneratedSequence, GenerationRequest, TorchEngine
 from nemo_logitavg.rollout.process import TOKEN_ENV
-from nemo_logitavg.rollout.weight_wire import GroupSpec, parse_dtype, plan_from_wire
-from nemo_logitavg.seeds import prompt_seeds
+from nemo_logitavg.rollout.requests import (
+    BadRequest,
+    CompletionRequest,
+    JoinRequest,
+    LoadWeightsRequest,
+    ServerLimits,
+    UpdateRequest,
+    parse_completion,
+    parse_join,
+    parse_update,
+    read_body,
+    validate,
+    validation_message,
+    weights_dir,
+)
+from nemo_logitavg.rollout.responses import device_info, error_response, render_completions
+from nemo_logitavg.rollout.vllm_engine import VLLMEngine  # imports vLLM itself only when an engine is built
 
 logger = logging.getLogger("nemo_logitavg.rollout.server")
 
-
-@dataclass
-class ServerLimits:
-    """What one request may ask, checked before any work (GET /v1/models advertises them, and the client sizes its
-    requests to them). The defaults admit every shipped config with one server (the largest, 64 prompts x 8
-    samples x 4096 tokens = 2.1M work tokens; the evaluation's 256 prompts x 4 samples x 4096 = 4.2M).
-
-    max_work_tokens bounds ``n * sum(len(prompt) + max_tokens)`` over the request's prompts; max_prompt_chars bounds
-    each text prompt before it is tokenized (None: 32 x the model's context length, far above any real text of
-    fewer tokens than the context); max_body_bytes bounds the request body (413 beyond it).
-    """
-
-    max_n: int = 64
-    max_tokens: int = 4096
-    max_prompts: int = 512
-    max_stop: int = 16
-    max_stop_chars: int = 256
-    max_stop_token_ids: int = 256
-    max_prompt_chars: int | None = None
-    max_work_tokens: int = 1 << 23
-    max_body_bytes: int = 4 << 20
-
-    def resolved(self, max_model_len: int) -> ServerLimits:
-        """These limits with ``max_prompt_chars`` filled in for a model of context ``max_model_len``."""
-        chars = self.max_prompt_chars
-        if chars is None:
-            chars = min(32 * max_model_len, self.max_body_bytes)
-        return dataclasses.replace(self, max_prompt_chars=int(chars))
-    push_timeout: float = 600.0  # seconds a policy push may take to land
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: StrictStr | None = None
-    prompt: Any  # a text, texts, token ids or lists of token ids: checked by _prompts (see _validate)
-    n: StrictInt = 1
-    max_tokens: StrictInt | None = 16
-    temperature: StrictFloat | StrictInt | None = 1.0
-    top_p: StrictFloat | StrictInt | None = 1.0
-    seed: StrictInt | None = None
-    seeds: list[StrictInt] | None = None  # extension: one seed per prompt (see the module docstring)
-    stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    logprobs: StrictInt | None = None
-    echo: StrictBool | None = False
-    stream: StrictBool | None = False
-    ignore_eos: StrictBool = False
-
-
-class LoadWeightsRequest(BaseModel):
-    path: StrictStr
-    step: StrictInt
-    run_id: StrictStr
-
-
-def _inside(root: str, path: str) -> bool:
-    return os.path.commonpath([root, path]) == root
-
-
-def _weights_dir(root: str, path: str) -> str:
-    """``path`` resolved against the weights ``root`` (both real paths); BadRequest (naming only the request's own
-    path) when it or a safetensors file its index names leaves the root or the directory."""
-    resolved = os.path.realpath(os.path.join(root, path))
-    if not _inside(root, resolved):
-        raise BadRequest(f"{path!r} lies outside this server's weights root", 403)
-    index = os.path.join(resolved, "model.safetensors.index.json")
-    files = ["model.safetensors"]
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BadRequest(f"{path!r}: unreadable model.safetensors.index.json ({type(exc).__name__})") from exc
-    for name in files:
-        if not isinstance(name, str) or not _inside(resolved, os.path.realpath(os.path.join(resolved, name))):
-            raise BadRequest(f"{path!r}: safetensors file {name!r} lies outside the directory")
-    return resolved
-
-
-class JoinRequest(BaseModel):
-    groups: list[dict]
-    rank: StrictInt
-
-
-class UpdateRequest(BaseModel):
-    step: StrictInt
-    run_id: StrictStr
-    dtype: StrictStr
-    plan: dict
-    timeout_s: StrictFloat | StrictInt | None = None  # the trainer's rollout.push_timeout (capped by the server's)
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
-
-
-def _validation_message(errors: list[dict]) -> str:
-    parts = []
-    for err in errors[:6]:
-        if err.get("type") == "json_invalid":
-            detail = (err.get("ctx") or {}).get("error", "JSON decode error")
-            return f"invalid JSON body: {detail}"
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw request body, refused with a 413 as soon as it exceeds ``limit`` bytes (before it is parsed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise BadRequest(f"the request body ({declared} bytes) exceeds this server's limit of {limit} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(f"the request body exceeds this server's limit of {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _validate(model: type[BaseModel], raw: bytes) -> Any:
-    """``raw`` JSON as ``model``; BadRequest naming the field at fault. Runs in a worker thread. A C or Rust
-    parser holds the GIL for its whole call (pydantic's ``validate_json`` of an 8 MB body held the event loop for
-    1.9 s here), so the only long call is ``json.loads`` of a capped body, and the big ``prompt`` field is checked
-    by Python loops (``_prompts``), during which the event loop gets its turns."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"invalid JSON body: {exc}") from exc
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise BadRequest(_validation_message(exc.errors())) from exc
-
-
-def _prompts(prompt: Any) -> list:
-    """The request's prompts as a list whose items are texts or lists of int token ids, else BadRequest."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list):
-        raise BadRequest("prompt: must be a text, a list of texts, a list of token ids or a list of token-id lists")
-    if prompt and all(type(t) is int for t in prompt):
-        return [prompt]
-    for k, p in enumerate(prompt):
-        if not isinstance(p, str) and not (isinstance(p, list) and all(type(t) is int for t in p)):
-            raise BadRequest(f"prompt.{k}: must be a text or a list of int token ids")
-    return prompt
+__all__ = ["ServerLimits", "bind_socket", "create_app", "main", "serve"]
 
 
 class _BearerAuth:
@@ -271,9 +130,130 @@ class _BearerAuth:
             if not hmac.compare_digest(given, self.expected):
                 reason = "missing" if not given else "wrong"
                 message = f"{reason} bearer token (send 'Authorization: Bearer <token>')"
-                await _error(401, message, "authentication_error")(scope, receive, send)
+                await error_response(401, message, "authentication_error")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+@dataclass(eq=False)
+class _ServerState:
+    """What the endpoints share, and the work they hand to worker threads.
+
+    Weights change only between requests: one generate or one weight load holds ``serve_lock`` at a time. Pushes
+    waiting for the lock (``waiting``, under ``push_gate``) hold back requests that have not started (asynchronous
+    GRPO keeps requests coming while a push arrives), so weights land after the request in progress, not after a
+    queue. ``stale``: a push failed or is landing; no rollouts until a complete one lands.
+    """
+
+    engine: Engine
+    limits: ServerLimits
+    model_name: str
+    weights_root: str | None
+    created: int = field(default_factory=lambda: int(time.time()))
+    # Per start: the trainer rebuilds its weight-update groups when it changes.
+    server_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    serve_lock: threading.Lock = field(default_factory=threading.Lock)
+    push_gate: threading.Condition = field(default_factory=threading.Condition)
+    stale: bool = False
+    waiting: int = 0
+    loaded_steps: dict[str, int] = field(default_factory=dict)  # run_id -> the last step loaded (newest runs kept)
+
+    def model_card(self) -> dict:
+        engine = self.engine
+        info = engine.info()
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "nemo_logitavg",
+            "ref_weight": engine.ref_weight,
+            "policy_step": engine.policy_step,
+            "max_model_len": engine.max_model_len,
+            "engine": info.get("engine"),
+            "limits": dataclasses.asdict(self.limits),
+            "server_id": self.server_id,
+            "policy_manifest": engine.policy_manifest,
+            "weight_receivers": engine.weight_receivers,
+            "device": device_info(engine),
+            "stale": self.stale,
+            "dtype": info.get("dtype"),  # the trainer refuses a server whose dtype differs from its own
+        }
+
+    def load_weights(self, raw: bytes) -> tuple[int, str]:
+        """``POST /v1/load_weights``: the policy half reloaded from a directory under the weights root, between
+        requests; the served step and the request's path."""
+        body = validate(LoadWeightsRequest, raw)
+        path = weights_dir(self.weights_root, body.path)
+        engine = self.engine
+        with self.serve_lock:
+            last = self.loaded_steps.get(body.run_id)
+            repeat = last == body.step == engine.policy_step and engine.info().get("policy_path") == path
+            if last is not None and body.step <= last and not repeat:
+                raise BadRequest(f"step {body.step} is not above step {last}, loaded for run {body.run_id!r}", 409)
+            if not repeat:
+                try:
+                    engine.load_policy(path, body.step)
+                    self.stale = False  # a whole policy landed
+                except (FileNotFoundError, ValueError) as exc:
+                    raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
+            self.loaded_steps.pop(body.run_id, None)
+            self.loaded_steps[body.run_id] = body.step
+            while len(self.loaded_steps) > 64:
+                self.loaded_steps.pop(next(iter(self.loaded_steps)))
+            return engine.policy_step, body.path
+
+    def digests(self) -> dict:
+        """``GET /v1/weights/digest``: the served step and the sha256 of every served tensor."""
+        with self.serve_lock:
+            return {"policy_step": self.engine.policy_step, **self.engine.weight_digests()}
+
+    def check_push_step(self, body: UpdateRequest) -> None:
+        """A push's step rises above the last one pushed or loaded for its run (409 otherwise)."""
+        last = self.loaded_steps.get(body.run_id)
+        if last is not None and body.step <= last:
+            raise BadRequest(f"step {body.step} does not rise above this run's last pushed step {last}", 409)
+
+    def land_push(self, body: UpdateRequest, plans: dict, dtype: torch.dtype) -> int:
+        """``POST /v1/weights/update``: receive the pushed policy between requests; the step now served."""
+        with self.push_gate:
+            self.waiting += 1
+        try:
+            with self.serve_lock:  # between requests: no completion ever mixes two policies
+                self.stale = True
+                timeout = min(float(body.timeout_s or self.limits.push_timeout), self.limits.push_timeout)
+                self.engine.receive_policy(plans, dtype, body.step, timeout_s=timeout)
+                self.stale = False
+                self.loaded_steps.pop(body.run_id, None)
+                self.loaded_steps[body.run_id] = body.step
+                return self.engine.policy_step
+        finally:
+            with self.push_gate:
+                self.waiting -= 1
+                self.push_gate.notify_all()
+
+    def prepare(
+        self, raw: bytes, cancel: threading.Event
+    ) -> tuple[CompletionRequest, list[list[int]], int, list[GenerationRequest]]:
+        """A completion request's body, prompts, n and the engine's requests (checked, tokenized)."""
+        body = validate(CompletionRequest, raw)
+        prompts, params, n, seeds = parse_completion(body, self.engine, self.limits)
+        requests = [
+            GenerationRequest(p, params, n=n, seed=seed, cancel=cancel) for p, seed in zip(prompts, seeds, strict=True)
+        ]
+        return body, prompts, n, requests
+
+    def generate(
+        self, requests: list[GenerationRequest], cancel: threading.Event
+    ) -> tuple[list[list[GeneratedSequence]] | None, int | None]:
+        """The completions and the policy step that made them, between pushes; (None, None) while stale."""
+        with self.push_gate:  # a push that arrived first lands first
+            self.push_gate.wait_for(lambda: self.waiting == 0)
+        with self.serve_lock:
+            if cancel.is_set():  # dropped while it waited for the lock
+                raise Cancelled("the request was cancelled")
+            if self.stale:  # checked under the lock: a push may have failed while this request waited
+                return None, None
+            return self.engine.generate(requests), self.engine.policy_step
 
 
 def create_app(
@@ -292,65 +272,53 @@ def create_app(
             raise ValueError(f"--weights-root {weights_root} is not a directory")
     limits = (limits or ServerLimits()).resolved(engine.max_model_len)
     app = FastAPI(title="nemo_logitavg rollout server", docs_url=None, redoc_url=None, openapi_url=None)
-    serve_lock = threading.Lock()  # one generate or one weight load at a time
-    created = int(time.time())
+    state = _ServerState(engine, limits, model_name, weights_root)
     if token is not None:
         app.add_middleware(_BearerAuth, token=token)
-    server_id = uuid.uuid4().hex  # per start: the trainer rebuilds its weight-update groups when it changes
-    push = {"stale": False, "waiting": 0}  # a push failed or is landing: no rollouts until a complete one lands
-    # Pushes waiting for the serve lock hold back requests that have not started (asynchronous GRPO keeps
-    # requests coming while a push arrives): weights land after the request in progress, not after a queue.
-    push_gate = threading.Condition()
+    _add_error_handlers(app)
+    _add_status_routes(app, state)
+    _add_weight_routes(app, state)
+    _add_completions_route(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": {...}}``: 4xx for bad requests, 500 (details only in the log) for failures."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
-        return _error(400, _validation_message(list(exc.errors())))
+        return error_response(400, validation_message(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(BadRequest)
     async def on_bad(request: Request, exc: BadRequest):
-        return _error(exc.status, str(exc))
+        return error_response(exc.status, str(exc))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception):
         # The message stays in the server's log: exception texts reveal paths and internals to the caller.
         logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return _error(500, "internal server error (the server's log has the details)", "server_error")
+        return error_response(500, "internal server error (the server's log has the details)", "server_error")
 
-    def model_card() -> dict:
-        info = engine.info()
-        return {
-            "id": model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "nemo_logitavg",
-            "ref_weight": engine.ref_weight,
-            "policy_step": engine.policy_step,
-            "max_model_len": engine.max_model_len,
-            "engine": info.get("engine"),
-            "limits": dataclasses.asdict(limits),
-            "server_id": server_id,
-            "policy_manifest": engine.policy_manifest,
-            "weight_receivers": engine.weight_receivers,
-            "device": _device_info(engine),
-            "stale": push["stale"],
-            "dtype": info.get("dtype"),  # the trainer refuses a server whose dtype differs from its own
-        }
+
+def _add_status_routes(app: FastAPI, state: _ServerState) -> None:
+    """``GET /health`` and ``GET /v1/models``."""
+    engine = state.engine
 
     @app.get("/health")
     async def health():
         # pid: lets whoever started this process check that it is the one answering on the port.
-        state = {"policy_step": engine.policy_step, "ref_weight": engine.ref_weight, "pid": os.getpid()}
+        status = {"policy_step": engine.policy_step, "ref_weight": engine.ref_weight, "pid": os.getpid()}
         if not engine.alive():
-            return JSONResponse(status_code=503, content={"status": "engine dead", **state})
-        return {"status": "ok", **state}
+            return JSONResponse(status_code=503, content={"status": "engine dead", **status})
+        return {"status": "ok", **status}
 
     @app.get("/v1/models")
     async def models():
-        card = model_card()
+        card = state.model_card()
         return {
             "object": "list",
             "data": [card],
@@ -359,124 +327,54 @@ def create_app(
             "limits": card["limits"],
         }
 
-    loaded_steps: dict[str, int] = {}  # run_id -> the last step loaded for it (newest runs kept)
+
+def _add_weight_routes(app: FastAPI, state: _ServerState) -> None:
+    """The policy's weights: reload by path, digest, and the collective push (join, update)."""
 
     @app.post("/v1/load_weights")
     async def load_weights(request: Request):
-        if weights_root is None:
+        if state.weights_root is None:
             raise BadRequest("this server loads no weights by path: start it with --weights-root DIR", 403)
-        raw = await _read_body(request, 1 << 16)
-
-        def load() -> tuple[int, str]:
-            body = _validate(LoadWeightsRequest, raw)
-            path = _weights_dir(weights_root, body.path)
-            with serve_lock:
-                last = loaded_steps.get(body.run_id)
-                repeat = last == body.step == engine.policy_step and engine.info().get("policy_path") == path
-                if last is not None and body.step <= last and not repeat:
-                    raise BadRequest(f"step {body.step} is not above step {last}, loaded for run {body.run_id!r}", 409)
-                if not repeat:
-                    try:
-                        engine.load_policy(path, body.step)
-                        push["stale"] = False  # a whole policy landed
-                    except (FileNotFoundError, ValueError) as exc:
-                        raise BadRequest(f"cannot load policy weights from {body.path!r}: {exc}") from exc
-                loaded_steps.pop(body.run_id, None)
-                loaded_steps[body.run_id] = body.step
-                while len(loaded_steps) > 64:
-                    loaded_steps.pop(next(iter(loaded_steps)))
-                return engine.policy_step, body.path
-
-        step, path = await run_in_threadpool(load)
+        raw = await read_body(request, 1 << 16)
+        step, path = await run_in_threadpool(state.load_weights, raw)
         return {"policy_step": step, "path": path}
 
     @app.get("/v1/weights/digest")
     async def weights_digest():
-        def digests() -> dict:
-            with serve_lock:
-                return {"policy_step": engine.policy_step, **engine.weight_digests()}
-
-        return await run_in_threadpool(digests)
+        return await run_in_threadpool(state.digests)
 
     @app.post("/v1/weights/join")
     async def weights_join(body: JoinRequest):
-        try:
-            specs = [GroupSpec.from_dict(g) for g in body.groups]
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
-        if not specs or len({s.stage for s in specs}) != len(specs):
-            raise BadRequest("groups must name each pipeline stage once")
-        if any(not 1 <= body.rank <= s.world_size - engine.weight_receivers for s in specs):
-            raise BadRequest(f"rank {body.rank} does not fit the groups (this engine takes {engine.weight_receivers})")
-        engine.join_weight_groups(specs, body.rank)
+        specs = parse_join(body, state.engine.weight_receivers)
+        state.engine.join_weight_groups(specs, body.rank)
         return {"joined": specs[0].name, "rank": body.rank}
 
     @app.post("/v1/weights/update")
     async def weights_update(body: UpdateRequest):
+        plans, dtype = parse_update(body)
+        state.check_push_step(body)
         try:
-            plans, dtype = plan_from_wire(body.plan), parse_dtype(body.dtype)
-        except ValueError as exc:
-            raise BadRequest(f"bad push: {exc}") from exc
-        last = loaded_steps.get(body.run_id)
-        if last is not None and body.step <= last:
-            raise BadRequest(f"step {body.step} does not rise above this run's last pushed step {last}", 409)
-
-        def land() -> int:
-            with push_gate:
-                push["waiting"] += 1
-            try:
-                with serve_lock:  # between requests: no completion ever mixes two policies
-                    push["stale"] = True
-                    timeout = min(float(body.timeout_s or limits.push_timeout), limits.push_timeout)
-                    engine.receive_policy(plans, dtype, body.step, timeout_s=timeout)
-                    push["stale"] = False
-                    loaded_steps.pop(body.run_id, None)
-                    loaded_steps[body.run_id] = body.step
-                    return engine.policy_step
-            finally:
-                with push_gate:
-                    push["waiting"] -= 1
-                    push_gate.notify_all()
-
-        try:
-            step = await run_in_threadpool(land)
+            step = await run_in_threadpool(state.land_push, body, plans, dtype)
         except ValueError as exc:
             raise BadRequest(f"bad push: {exc}") from exc
         except Exception as exc:
             print(f"nemo_logitavg rollout server: policy push failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return _error(500, "the policy push failed; no rollouts until a complete push lands", "server_error")
+            message = "the policy push failed; no rollouts until a complete push lands"
+            return error_response(500, message, "server_error")
         return {"policy_step": step}
+
+
+def _add_completions_route(app: FastAPI, state: _ServerState) -> None:
+    """``POST /v1/completions``. Only reading the (capped) body happens on the event loop; parsing, checks,
+    tokenizing, decoding and rendering the response run in worker threads, so /health keeps answering during a
+    large request."""
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        # Only reading the (capped) body happens on the event loop; parsing, checks, tokenizing, decoding and
-        # rendering the response run in worker threads, so /health keeps answering during a large request.
-        raw = await _read_body(request, limits.max_body_bytes)
-
+        raw = await read_body(request, state.limits.max_body_bytes)
         cancel = threading.Event()
-
-        def prepare() -> tuple[CompletionRequest, list[list[int]], int, list[GenerationRequest]]:
-            body = _validate(CompletionRequest, raw)
-            prompts, params, n, seeds = _parse_completion(body, engine, limits)
-            requests = [
-                GenerationRequest(p, params, n=n, seed=seed, cancel=cancel)
-                for p, seed in zip(prompts, seeds, strict=True)
-            ]
-            return body, prompts, n, requests
-
-        body, prompts, n, requests = await run_in_threadpool(prepare)
-
-        def run():
-            with push_gate:  # a push that arrived first lands first
-                push_gate.wait_for(lambda: push["waiting"] == 0)
-            with serve_lock:
-                if cancel.is_set():  # dropped while it waited for the lock
-                    raise Cancelled("the request was cancelled")
-                if push["stale"]:  # checked under the lock: a push may have failed while this request waited
-                    return None, None
-                return engine.generate(requests), engine.policy_step
-
-        task = asyncio.ensure_future(run_in_threadpool(run))
+        body, prompts, n, requests = await run_in_threadpool(state.prepare, raw, cancel)
+        task = asyncio.ensure_future(run_in_threadpool(state.generate, requests, cancel))
         # A client that disconnects cancels the rest of its decoding (the torch engine checks between steps),
         # so the next request does not wait behind work nobody will read.
         while not task.done():
@@ -490,158 +388,12 @@ def create_app(
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
         if outputs is None:
-            return _error(503, "this server missed a policy push; no rollouts until a complete push lands", "stale")
-        content = await run_in_threadpool(_render, engine, body.model or model_name, prompts, n, outputs, step)
+            return error_response(
+                503, "this server missed a policy push; no rollouts until a complete push lands", "stale"
+            )
+        model = body.model or state.model_name
+        content = await run_in_threadpool(render_completions, state.engine, model, prompts, n, outputs, step)
         return Response(content, media_type="application/json")
-
-    return app
-
-
-def _render(engine: Engine, model: str, prompts: list[list[int]], n: int, outputs, step: int) -> bytes:
-    """The completions response as JSON bytes (in a worker thread: a large response takes a while)."""
-    choices = []
-    completion_tokens = 0
-    for i, group in enumerate(outputs):
-        for j, out in enumerate(group):
-            completion_tokens += len(out.token_ids)
-            tokens = engine.token_strings(out.token_ids)
-            offsets, pos = [], 0
-            for t in tokens:
-                offsets.append(pos)
-                pos += len(t)
-            choices.append(
-                {
-                    "index": i * n + j,
-                    "text": out.text,
-                    "token_ids": out.token_ids,
-                    "logprobs": {
-                        "tokens": tokens,
-                        "token_logprobs": out.logprobs,
-                        "top_logprobs": None,
-                        "text_offset": offsets,
-                    },
-                    "finish_reason": out.finish_reason,
-                }
-            )
-    prompt_tokens = sum(len(p) for p in prompts) * n
-    payload = {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-        "policy_step": step,
-        "ref_weight": engine.ref_weight,
-    }
-    return json.dumps(payload, separators=(",", ":")).encode()
-def _device_info(engine: Engine) -> dict:
-    """Where the engine's weights live: the trainer picks NCCL only between GPUs that are not the same one."""
-    import torch
-
-    device = torch.device(getattr(engine, "device", "cpu"))
-    uuid_ = None
-    if device.type == "cuda":
-        uuid_ = str(torch.cuda.get_device_properties(device).uuid)
-    return {"type": device.type, "gpu_uuid": uuid_}
-
-
-def _parse_completion(body: CompletionRequest, engine: Engine, limits: ServerLimits):
-    """The request's prompts (token ids), sampling parameters, n and per-prompt seeds; BadRequest naming the first
-    limit exceeded. Cheap checks come first: nothing is tokenized before the sizes are known to fit."""
-    if body.stream:
-        raise BadRequest("stream=true is not supported by this server")
-    if body.echo:
-        raise BadRequest("echo=true is not supported by this server")
-    if not 1 <= body.n <= limits.max_n:
-        raise BadRequest(f"n={body.n} is outside this server's limits [1, {limits.max_n}]")
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise BadRequest(f"max_tokens={max_tokens} is outside this server's limits [1, {limits.max_tokens}]")
-    temperature = 1.0 if body.temperature is None else float(body.temperature)
-    top_p = 1.0 if body.top_p is None else float(body.top_p)
-    if not (temperature == 0 or (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)):
-        raise BadRequest(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise BadRequest(f"top_p must lie in (0, 1], got {top_p}")
-    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
-        raise BadRequest(f"logprobs must lie in [0, 5], got {body.logprobs}")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stop) > limits.max_stop:
-        raise BadRequest(f"at most {limits.max_stop} stop strings, got {len(stop)}")
-    long_stop = [k for k, text in enumerate(stop) if len(text) > limits.max_stop_chars]
-    if long_stop:
-        raise BadRequest(f"stop string {long_stop[0]} is longer than this server's limit of {limits.max_stop_chars}")
-    if stop and not engine.has_tokenizer:
-        raise BadRequest("stop strings need a tokenizer; this server runs in token-id mode (no tokenizer files)")
-    stop_token_ids = body.stop_token_ids or []
-    if len(stop_token_ids) > limits.max_stop_token_ids:
-        raise BadRequest(f"at most {limits.max_stop_token_ids} stop_token_ids, got {len(stop_token_ids)}")
-
-    prompts_raw = _prompts(body.prompt)
-    if not prompts_raw:
-        raise BadRequest("prompt is empty")
-    if len(prompts_raw) > limits.max_prompts:
-        raise BadRequest(f"{len(prompts_raw)} prompts exceed this server's limit of {limits.max_prompts}")
-    n = body.n
-
-    def work(lengths) -> int:
-        return n * sum(length + max_tokens for length in lengths)
-
-    def check_work(lengths, what: str) -> None:
-        if work(lengths) > limits.max_work_tokens:
-            raise BadRequest(
-                f"{what} n x sum(prompt tokens + max_tokens) = {work(lengths)} exceeds this server's limit of "
-                f"{limits.max_work_tokens} tokens: send fewer prompts or samples per request"
-            )
-
-    check_work([0] * len(prompts_raw), "even with empty prompts,")
-    for k, p in enumerate(prompts_raw):
-        if isinstance(p, str) and len(p) > limits.max_prompt_chars:
-            raise BadRequest(
-                f"prompt {k} has {len(p)} characters, above this server's limit of {limits.max_prompt_chars}"
-            )
-    check_work([0 if isinstance(p, str) else len(p) for p in prompts_raw], "before tokenizing the text prompts,")
-    prompts: list[list[int]] = []
-    for k, p in enumerate(prompts_raw):
-        if isinstance(p, str):
-            if not engine.has_tokenizer:
-                raise BadRequest("text prompts need a tokenizer; this server runs in token-id mode: send token ids")
-            p = engine.encode(p)
-        if not p:
-            raise BadRequest(f"prompt {k} is empty")
-        bad = [t for t in p if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise BadRequest(f"prompt {k}: unknown token id(s) {bad[:8]} (vocabulary size {engine.vocab_size})")
-        if len(p) >= engine.max_model_len:
-            raise BadRequest(f"prompt {k} has {len(p)} tokens; the model's context length is {engine.max_model_len}")
-        prompts.append(list(p))
-    check_work([len(p) for p in prompts], "")
-    bad_stop = [t for t in stop_token_ids if not 0 <= t < engine.vocab_size]
-    if bad_stop:
-        raise BadRequest(f"unknown stop_token_ids {bad_stop[:8]} (vocabulary size {engine.vocab_size})")
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop=stop,
-        stop_token_ids=tuple(stop_token_ids),
-        ignore_eos=body.ignore_eos,
-    )
-    if body.seeds is None:
-        seed = body.seed if body.seed is not None else secrets.randbits(63)
-        seeds = prompt_seeds(seed, range(len(prompts)))
-    elif body.seed is not None:
-        raise BadRequest("give either seed or seeds (one per prompt), not both")
-    elif len(body.seeds) != len(prompts):
-        raise BadRequest(f"seeds has {len(body.seeds)} entries for {len(prompts)} prompts: give one per prompt")
-    else:
-        seeds = list(body.seeds)
-    return prompts, params, n, seeds
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -669,10 +421,8 @@ def serve(
     limits: ServerLimits,
     log_level: str = "warning",
     weights_root: str | None = None,
-):
+) -> None:
     """Serve ``engine`` on the listening socket ``sock`` (bound once, before the models were loaded)."""
-    import uvicorn
-
     host = sock.getsockname()[0]
     app = create_app(engine, token=token, limits=limits, weights_root=weights_root)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=5)
@@ -686,12 +436,17 @@ def serve(
     uvicorn.Server(config).run(sockets=[sock])
 
 
-if __name__ == "__main__":
-    import argparse
+# -- the command line (``python -m nemo_logitavg.rollout.server``) ------------------------------------------------
 
-    import torch
-    import yaml
+_LIMIT_NAMES = [f.name for f in dataclasses.fields(ServerLimits)]
+_KNOWN_SETTINGS = {
+    "policy", "reference", "ref_weight", "host", "port", "token", "max_batch_size", "threads", "policy_step",
+    "engine", "vllm", "weights_root", "dtype", "device", *_LIMIT_NAMES,
+}  # fmt: skip
+_DTYPES = ("float32", "bfloat16", "float16")
 
+
+def _arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve pi_mix (logit average of policy and reference)")
     parser.add_argument("--config", help="YAML with any of the settings below (flags win)")
     parser.add_argument("--policy", help="Hugging Face directory of the policy")
@@ -700,8 +455,7 @@ if __name__ == "__main__":
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     parser.add_argument("--token", help=f"bearer token required on every endpoint (visible in ps: prefer {TOKEN_ENV})")
-    limit_names = [f.name for f in dataclasses.fields(ServerLimits)]
-    for name in limit_names:  # --max-n, --max-tokens, --max-prompts, --max-work-tokens, --max-body-bytes, ...
+    for name in _LIMIT_NAMES:  # --max-n, --max-tokens, --max-prompts, --max-work-tokens, --max-body-bytes, ...
         default = getattr(ServerLimits, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"request limit (default {default})")
     parser.add_argument("--max-batch-size", type=int, help="sequences decoded together (default 256)")
@@ -709,12 +463,16 @@ if __name__ == "__main__":
     parser.add_argument("--weights-root", help="directory /v1/load_weights may load from (default: refused)")
     parser.add_argument("--policy-step", type=int, help="step of the initial policy weights (default 0)")
     parser.add_argument("--engine", choices=["torch", "vllm"], help="torch (default) or vllm")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="the models' dtype (default: torch float32, vLLM auto; vllm.dtype wins)")
+    parser.add_argument("--dtype", choices=list(_DTYPES),
+                        help="the models' dtype (default: torch float32, vLLM auto; vllm.dtype wins)")  # fmt: skip
     parser.add_argument("--device", help="the torch engine's device, e.g. cuda:0 (default cpu)")
     parser.add_argument("--log-level", default="warning")
-    args = parser.parse_args()
+    return parser
 
+
+def _settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The ``--config`` file's settings (or its ``rollout_server`` section) with the flags given over them and the
+    token from the environment when none is set; parser errors for unknown or missing ones."""
     settings: dict = {}
     if args.config:
         with open(args.config, encoding="utf-8") as f:
@@ -726,20 +484,21 @@ if __name__ == "__main__":
         if value is not None and key not in ("config", "log_level"):
             settings[key] = value
     settings.setdefault("token", os.environ.get(TOKEN_ENV) or None)
-    known = {
-        "policy", "reference", "ref_weight", "host", "port", "token", "max_batch_size", "threads", "policy_step",
-        "engine", "vllm", "weights_root", "dtype", "device", *limit_names,
-    }  # fmt: skip
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(set(settings) - _KNOWN_SETTINGS)
     if unknown:
         parser.error(f"unknown settings {unknown}")
     for required in ("policy", "ref_weight"):
         if settings.get(required) is None:
             parser.error(f"--{required.replace('_', '-')} is required (flag or config)")
+    return settings
+
+
+def _check_engine_settings(settings: dict, parser: argparse.ArgumentParser) -> str:
+    """The engine's name, after the settings that belong to one engine are checked against it."""
     engine_name = settings.get("engine") or "torch"
     if engine_name not in ("torch", "vllm"):
         parser.error(f"engine {engine_name!r} is unknown: choose 'torch' or 'vllm'")
-    if settings.get("dtype") not in (None, "float32", "bfloat16", "float16"):
+    if settings.get("dtype") not in (None, *_DTYPES):
         parser.error(f"dtype {settings['dtype']!r} is unknown: choose float32, bfloat16 or float16")
     vllm_args = settings.get("vllm") or {}
     if not isinstance(vllm_args, dict):
@@ -748,39 +507,46 @@ if __name__ == "__main__":
         parser.error("vllm settings were given but the engine is not vllm (set engine: vllm)")
     if settings.get("device") and engine_name != "torch":
         parser.error("--device is the torch engine's (vLLM places its workers itself)")
+    return engine_name
+
+
+def _build_engine(settings: dict, engine_name: str) -> Engine:
+    """The engine the settings describe, with its models loaded."""
+    engine_kwargs = {
+        "max_batch_size": int(settings.get("max_batch_size", 256)),
+        "policy_step": int(settings.get("policy_step", 0)),
+    }
+    if engine_name == "vllm":
+        engine_class = VLLMEngine
+        engine_kwargs["engine_args"] = dict(settings.get("vllm") or {})
+        if settings.get("dtype"):
+            engine_kwargs["dtype"] = settings["dtype"]
+    else:
+        engine_class = TorchEngine
+        if settings.get("dtype"):
+            engine_kwargs["dtype"] = getattr(torch, settings["dtype"])
+        engine_kwargs["device"] = settings.get("device") or "cpu"
+    return engine_class(settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nemo_logitavg.rollout.server``: parse the flags (and ``--config``), bind the port, load the
+    models and serve until stopped."""
+    parser = _arg_parser()
+    args = parser.parse_args(argv)
+    settings = _settings(args, parser)
+    engine_name = _check_engine_settings(settings, parser)
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
-
     if settings.get("weights_root") and not os.path.isdir(settings["weights_root"]):
         parser.error(f"--weights-root {settings['weights_root']} is not a directory")
     host = settings.get("host", "127.0.0.1")
     port = int(settings.get("port", 8000))
     # Bound once, before loading the models: a held port fails fast, and nobody can take it while they load.
     listening = bind_socket(host, port)
-
-    engine_kwargs = {
-        "max_batch_size": int(settings.get("max_batch_size", 256)),
-        "policy_step": int(settings.get("policy_step", 0)),
-    }
-    if engine_name == "vllm":
-        from nemo_logitavg.rollout.vllm_engine import VLLMEngine as engine_class
-
-        engine_kwargs["engine_args"] = dict(vllm_args)
-        if settings.get("dtype"):
-            engine_kwargs["dtype"] = settings["dtype"]
-    else:
-        from nemo_logitavg.rollout.engine import TorchEngine as engine_class
-
-        if settings.get("dtype"):
-            engine_kwargs["dtype"] = getattr(torch, settings["dtype"])
-        engine_kwargs["device"] = settings.get("device") or "cpu"
-    served_engine = engine_class(
-        settings["policy"], settings.get("reference"), float(settings["ref_weight"]), **engine_kwargs
-    )
-    server_limits = ServerLimits(**{name: int(settings[name]) for name in limit_names if name in settings})
+    served_engine = _build_engine(settings, engine_name)
+    server_limits = ServerLimits(**{name: int(settings[name]) for name in _LIMIT_NAMES if name in settings})
     if hasattr(served_engine, "close"):  # the vLLM engine has processes of its own to stop on the way out
-        import signal
-
         # uvicorn re-raises SIGTERM after its graceful shutdown; as an exception it lets the finally below run.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
@@ -791,3 +557,7 @@ if __name__ == "__main__":
     finally:
         if hasattr(served_engine, "close"):
             served_engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,48 +165,63 @@ class PolicyPusher:
         raise RuntimeError(f"the policy push of step {step} landed in no rollout server: {'; '.join(errors)}")
 
     def _push_once(self, step: int) -> tuple[list[str], list[str]]:
+        """One try of ``push``, a collective: the servers holding ``step`` now, and the errors of the others."""
+        members, rebuild = self._agree_on_members()
+        if not members:
+            return [], ["no rollout server answered with a policy of the trainer's shape"]
+        if rebuild and not self._rebuild(members):
+            return [], ["building the weight-update groups failed"]
+        self.members = members
+        # rank 0 posts the update to every member (each answers once the push landed); senders broadcast.
+        posts = self._post_update(step, members) if self.rank == 0 else {}
+        send_error = self._send_policy()
+        return self._settle(step, members, posts, send_error)
+
+    def _agree_on_members(self) -> tuple[list[_Member], bool]:
+        """Rank 0 probes the servers and decides whether the groups must be rebuilt; every rank learns both."""
         decision = None
         if self.rank == 0:
             members = self._probe()
             changed = [(m.url, m.server_id) for m in members] != [(m.url, m.server_id) for m in self.members]
             decision = {"members": [asdict(m) for m in members], "rebuild": self._dirty or changed}
         decision = self._bcast(decision)
-        members = [_Member(**m) for m in decision["members"]]
-        if not members:
-            return [], ["no rollout server answered with a policy of the trainer's shape"]
-        if decision["rebuild"]:
-            built = self._rebuild(members)
-            if not built:
-                return [], ["building the weight-update groups failed"]
-        self.members = members
+        return [_Member(**m) for m in decision["members"]], decision["rebuild"]
 
-        # rank 0 posts the update to every member (each answers once the push landed); senders broadcast.
-        posts = {}
-        if self.rank == 0:
-            self.client.begin_push(step)  # rollouts running meanwhile (asynchronous GRPO) may come back at `step`
-            body = {
-                "step": int(step), "run_id": self.client.run_id, "dtype": dtype_name(self.dtype),
-                "plan": plan_to_wire(self.plans), "timeout_s": self.push_timeout,
-            }  # fmt: skip
-            if self._posts is None:  # kept across pushes: a step starts no threads
-                self._posts = ThreadPoolExecutor(max_workers=8, thread_name_prefix="push")
-            posts = {
-                m.url: self._posts.submit(self.client.post_once, m.url, "/v1/weights/update", body,
-                                          self.push_timeout + 30.0)
-                for m in members
-            }  # fmt: skip
-        send_error = None
-        if self.streams:
-            try:
-                # Only the sender (TP rank 0) needs the full tensors: the TP peers send it their shards.
-                buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes, dst=0)
-                if self.is_sender:
-                    send_buckets(self._group, buckets, self.plans[self.stage], self._backend)
-                else:
-                    for bucket in buckets:  # the TP peers take part in the per-tensor gathers
-                        del bucket  # dropped before the next one is built
-            except RuntimeError as exc:  # a receiver died mid-push: gloo/NCCL raise, the group is broken
-                send_error = f"rank {self.rank}: {exc}"
+    def _post_update(self, step: int, members: list[_Member]) -> dict[str, Future]:
+        """Rank 0: ``POST /v1/weights/update`` to every member, in threads (each answers once the push landed)."""
+        self.client.begin_push(step)  # rollouts running meanwhile (asynchronous GRPO) may come back at `step`
+        body = {
+            "step": int(step), "run_id": self.client.run_id, "dtype": dtype_name(self.dtype),
+            "plan": plan_to_wire(self.plans), "timeout_s": self.push_timeout,
+        }  # fmt: skip
+        if self._posts is None:  # kept across pushes: a step starts no threads
+            self._posts = ThreadPoolExecutor(max_workers=8, thread_name_prefix="push")
+        return {
+            m.url: self._posts.submit(self.client.post_once, m.url, "/v1/weights/update", body,
+                                      self.push_timeout + 30.0)
+            for m in members
+        }  # fmt: skip
+
+    def _send_policy(self) -> str | None:
+        """This rank's part of the broadcast of its stage's buckets; the error that broke it, if one did."""
+        if not self.streams:
+            return None
+        try:
+            # Only the sender (TP rank 0) needs the full tensors: the TP peers send it their shards.
+            buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes, dst=0)
+            if self.is_sender:
+                send_buckets(self._group, buckets, self.plans[self.stage], self._backend)
+            else:
+                for bucket in buckets:  # the TP peers take part in the per-tensor gathers
+                    del bucket  # dropped before the next one is built
+        except RuntimeError as exc:  # a receiver died mid-push: gloo/NCCL raise, the group is broken
+            return f"rank {self.rank}: {exc}"
+        return None
+
+    def _settle(
+        self, step: int, members: list[_Member], posts: dict[str, Future], send_error: str | None
+    ) -> tuple[list[str], list[str]]:
+        """The members' answers and every sender's error, agreed by all ranks; unconfirmed members are stale."""
         results = {url: future.result() for url, future in posts.items()}
         outcome = None
         if self.rank == 0:
