@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_logitavg.models.families import FAMILIES
+from nemo_logitavg.models.families.table import ModelFamily
 
 # megatron-core applies Llama 3.1's rope scaling with only the factor configurable: these are the defaults of
 # ``RotaryEmbedding._apply_scaling`` in megatron/core/models/common/embeddings/rotary_pos_embedding.py, which
@@ -32,6 +33,69 @@ def llama3_rope_mismatches(low_freq_factor: float, high_freq_factor: float, orig
     }
     return [f"{name}={value} (megatron uses {MEGATRON_LLAMA3_ROPE[name]})"
             for name, value in given.items() if value != MEGATRON_LLAMA3_ROPE[name]]  # fmt: skip
+
+
+def _read_hf_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A Hugging Face ``config.json`` as a dict, and the name of where it came from (for error messages)."""
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict), "the given config dict"
+    source = os.fspath(path_or_dict)
+    if os.path.isdir(source):
+        source = os.path.join(source, "config.json")
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"no Hugging Face config.json at {source}")
+    with open(source, encoding="utf-8") as f:
+        return json.load(f), source
+
+
+def _check_family(hf: Mapping[str, Any], refuse: Callable[[str], ValueError]) -> ModelFamily:
+    """The family table of ``hf``; refuses an architecture or model_type without a table, a mismatch of the two,
+    or a flag the family's table marks as unsupported."""
+    architectures = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    for arch in architectures:
+        if arch not in {family.architecture for family in FAMILIES.values()}:
+            raise refuse(f"architecture {arch} is not supported")
+    if model_type not in FAMILIES:
+        raise refuse(f"model_type {model_type!r} is not supported")
+    family = FAMILIES[model_type]
+    if any(arch != family.architecture for arch in architectures):
+        raise refuse(f"architectures {architectures} do not match model_type {model_type!r}")
+    for flag, what in family.refused_flags:  # e.g. Llama's biases (Qwen2's are fixed by its architecture)
+        if hf.get(flag):
+            raise refuse(f"{flag}=true is not supported (the builder has no {what})")
+    return family
+
+
+def _rope_scaling(hf: Mapping[str, Any], rope: Mapping[str, Any], refuse: Callable[[str], ValueError]) -> dict:
+    """LlamaConfig's rope-scaling fields from the merged rope settings: none for unscaled rotary, megatron-core's
+    llama3 scaling where its constants match; anything else is refused."""
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise refuse(f"partial_rotary_factor={partial} is not supported (only full rotary embeddings)")
+    scaling: dict[str, Any] = {}
+    if rope_type == "llama3":
+        names = ("factor", *MEGATRON_LLAMA3_ROPE)
+        absent = [name for name in names if rope.get(name) is None]
+        if absent:
+            raise refuse(f"llama3 rope scaling without {', '.join(absent)}")
+        wrong = llama3_rope_mismatches(*(rope[name] for name in MEGATRON_LLAMA3_ROPE))
+        if wrong:
+            raise refuse(
+                f"llama3 rope scaling with {', '.join(wrong)} is not supported (megatron-core hard-codes "
+                "them in RotaryEmbedding._apply_scaling, megatron/core/models/common/embeddings/"
+                "rotary_pos_embedding.py; only the factor is configurable)"
+            )
+        scaling = {
+            "rope_scaling_factor": float(rope["factor"]),
+            "rope_low_freq_factor": float(rope["low_freq_factor"]),
+            "rope_high_freq_factor": float(rope["high_freq_factor"]),
+            "rope_original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+        }
+    elif rope_type != "default":
+        raise refuse(f"rope scaling of type {rope_type!r} is not supported (only unscaled rotary or llama3)")
+    return scaling
 
 
 @dataclass(frozen=True)
@@ -96,34 +160,13 @@ class LlamaConfig:
                 megatron's, sliding-window attention, a non-SiLU activation, a custom head_dim).
             FileNotFoundError: when the directory has no ``config.json``.
         """
-        if isinstance(path_or_dict, Mapping):
-            hf, source = dict(path_or_dict), "the given config dict"
-        else:
-            source = os.fspath(path_or_dict)
-            if os.path.isdir(source):
-                source = os.path.join(source, "config.json")
-            if not os.path.isfile(source):
-                raise FileNotFoundError(f"no Hugging Face config.json at {source}")
-            with open(source, encoding="utf-8") as f:
-                hf = json.load(f)
+        hf, source = _read_hf_config(path_or_dict)
 
         def refuse(what: str) -> ValueError:
             supported = ", ".join(f"{f.architecture} (model_type {mt!r})" for mt, f in FAMILIES.items())
             return ValueError(f"{source}: {what}; supported: {supported}")
 
-        architectures = hf.get("architectures") or []
-        model_type = hf.get("model_type")
-        for arch in architectures:
-            if arch not in {family.architecture for family in FAMILIES.values()}:
-                raise refuse(f"architecture {arch} is not supported")
-        if model_type not in FAMILIES:
-            raise refuse(f"model_type {model_type!r} is not supported")
-        family = FAMILIES[model_type]
-        if any(arch != family.architecture for arch in architectures):
-            raise refuse(f"architectures {architectures} do not match model_type {model_type!r}")
-        for flag, what in family.refused_flags:  # e.g. Llama's biases (Qwen2's are fixed by its architecture)
-            if hf.get(flag):
-                raise refuse(f"{flag}=true is not supported (the builder has no {what})")
+        family = _check_family(hf, refuse)
         if hf.get("use_sliding_window"):
             raise refuse("use_sliding_window=true is not supported (only full attention)")
         sliding = sorted({t for t in hf.get("layer_types") or [] if t != "full_attention"})
@@ -138,31 +181,7 @@ class LlamaConfig:
 
         # transformers 5 writes rope_parameters (rope_theta inside); 4 writes rope_theta and rope_scaling.
         rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-        rope_type = rope.get("rope_type") or rope.get("type") or "default"
-        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
-            raise refuse(f"partial_rotary_factor={partial} is not supported (only full rotary embeddings)")
-        scaling: dict[str, Any] = {}
-        if rope_type == "llama3":
-            names = ("factor", *MEGATRON_LLAMA3_ROPE)
-            absent = [name for name in names if rope.get(name) is None]
-            if absent:
-                raise refuse(f"llama3 rope scaling without {', '.join(absent)}")
-            wrong = llama3_rope_mismatches(*(rope[name] for name in MEGATRON_LLAMA3_ROPE))
-            if wrong:
-                raise refuse(
-                    f"llama3 rope scaling with {', '.join(wrong)} is not supported (megatron-core hard-codes "
-                    "them in RotaryEmbedding._apply_scaling, megatron/core/models/common/embeddings/"
-                    "rotary_pos_embedding.py; only the factor is configurable)"
-                )
-            scaling = {
-                "rope_scaling_factor": float(rope["factor"]),
-                "rope_low_freq_factor": float(rope["low_freq_factor"]),
-                "rope_high_freq_factor": float(rope["high_freq_factor"]),
-                "rope_original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
-            }
-        elif rope_type != "default":
-            raise refuse(f"rope scaling of type {rope_type!r} is not supported (only unscaled rotary or llama3)")
+        scaling = _rope_scaling(hf, rope, refuse)
         rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
         if not rope_theta.is_integer():  # megatron-core takes an integer rotary base
             raise refuse(f"a non-integer rope_theta={rope_theta} is not supported")

@@ -91,8 +91,20 @@ def _fill_full(
                 out[start : start + count].copy_(piece[:count])
             move(r, out[start : start + count] if mine else piece[:count])
         return
-    # Split on columns: rank r's columns, row block by row block; the assembling ranks receive through one
-    # block-sized buffer, a sending rank's rows are contiguous already.
+    _fill_columns(out, piece, move, me, mine, tp_size)
+
+
+def _fill_columns(
+    out: torch.Tensor | None,
+    piece: torch.Tensor,
+    move: Callable[[int, torch.Tensor], None],
+    me: int,
+    mine: bool,
+    tp_size: int,
+) -> None:
+    """``_fill_full`` for a tensor split on columns (``piece`` is this rank's ``[rows, cols]``): rank r's columns,
+    row block by row block; the assembling ranks receive through one block-sized buffer, a sending rank's rows are
+    contiguous already."""
     rows, cols = piece.shape
     row_bytes = cols * piece.element_size()
     block = max(1, min(-(-rows // _COLUMN_BLOCKS), _COLUMN_BLOCK_MAX_BYTES // row_bytes))
@@ -240,45 +252,64 @@ def export_model_hf(
         raise ValueError(f"the pipeline stages' weights have different dtypes {sorted(set(dtypes))}")
     files = weight_files(cfg, pp_size, dtype, max_shard_bytes)
 
-    def write_stage() -> None:
-        if not streams:
-            return
-        pending: dict[str, torch.Tensor] = {}
-        stage_files = iter(files[pp_rank])
-        file, names = next(stage_files)
-        failure: BaseException | None = None
-        for bucket in iter_hf_buckets(model, cfg, bucket_bytes, dst=0):  # only the writer assembles tensors
-            # After a failure the writer keeps consuming: its TP peers are still gathering with it.
-            if writer and failure is None:
-                try:
-                    for name, tensor in bucket:
-                        pending[name] = tensor.to("cpu", copy=True)  # its own storage: the bucket's is shared
-                        if len(pending) == len(names):
-                            save_weight_file({n: pending[n] for n in names}, os.path.join(tmp, file))
-                            pending.clear()
-                            file, names = next(stage_files, (None, []))
-                except Exception as exc:  # noqa: BLE001 - re-raised after the stream ends
-                    failure, pending = exc, {}
-            del bucket  # before the next one is gathered: one bucket at a time
-        if failure is not None:
-            raise failure
-        if writer and file is not None:
-            raise RuntimeError(f"stage {pp_rank}'s stream ended before {file} was complete")
-
-    _agree(write_stage, None, tmp)
+    _agree(lambda: _write_stage(model, cfg, pp_rank, files[pp_rank], tmp, bucket_bytes, streams, writer), None, tmp)
 
     def publish() -> None:
         if rank == 0:
-            write_metadata(tmp, cfg, config, files, dtype, source_dir)
-            fsync(tmp)
-            old = out_dir + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.lexists(out_dir):
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _publish(tmp, out_dir, cfg, config, files, dtype, source_dir)
 
     _agree(publish, None, tmp)
+
+
+def _write_stage(
+    model: torch.nn.Module,
+    cfg: LlamaConfig,
+    pp_rank: int,
+    stage_files: list[tuple[str, list[str]]],
+    tmp: str,
+    bucket_bytes: int,
+    streams: bool,
+    writer: bool,
+) -> None:
+    """Stream this stage's tensors (every rank of a streaming replica, in lockstep) and, on the writer, save each
+    of ``stage_files`` (a file name and the HF names it holds) into ``tmp`` as soon as its tensors are in."""
+    if not streams:
+        return
+    pending: dict[str, torch.Tensor] = {}
+    remaining = iter(stage_files)
+    file, names = next(remaining)
+    failure: BaseException | None = None
+    for bucket in iter_hf_buckets(model, cfg, bucket_bytes, dst=0):  # only the writer assembles tensors
+        # After a failure the writer keeps consuming: its TP peers are still gathering with it.
+        if writer and failure is None:
+            try:
+                for name, tensor in bucket:
+                    pending[name] = tensor.to("cpu", copy=True)  # its own storage: the bucket's is shared
+                    if len(pending) == len(names):
+                        save_weight_file({n: pending[n] for n in names}, os.path.join(tmp, file))
+                        pending.clear()
+                        file, names = next(remaining, (None, []))
+            except Exception as exc:  # noqa: BLE001 - re-raised after the stream ends
+                failure, pending = exc, {}
+        del bucket  # before the next one is gathered: one bucket at a time
+    if failure is not None:
+        raise failure
+    if writer and file is not None:
+        raise RuntimeError(f"stage {pp_rank}'s stream ended before {file} was complete")
+
+
+def _publish(tmp: str, out_dir: str, cfg: LlamaConfig, config: dict, files: list, dtype: torch.dtype,
+             source_dir: str | os.PathLike | None) -> None:  # fmt: skip
+    """Rank 0: the index and config.json into ``tmp``, flushed, then ``tmp`` renamed into place (the old directory,
+    if any, moved aside first and removed after)."""
+    write_metadata(tmp, cfg, config, files, dtype, source_dir)
+    fsync(tmp)
+    old = out_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _agree(step: Callable[[], None], value, tmp: str) -> list:
