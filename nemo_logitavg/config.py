@@ -166,7 +166,7 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, TensorBoard events, weight-sync directory
+    dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, TensorBoard events, the rollout server's log, policy_final/
     steps: int = 100
     seed: int = 1234
     checkpoint_every: int = 10
