@@ -28,8 +28,8 @@ def load_config(schema: type[T], path: str | Path, overrides: list[str] | None =
     """Read ``path`` into the dataclass ``schema``, apply ``key=value`` overrides, return a typed object.
 
     Raises:
-        ValueError: naming the file and key when a key is unknown, a value has the wrong type, or an
-            override is malformed.
+        ValueError: naming the file and key when a key is unknown (a key that moved: its new place, see
+            ``MOVED_KEYS``), a value has the wrong type, or an override is malformed.
     """
     path = Path(path)
     if not path.is_file():
@@ -76,8 +76,27 @@ def redact_secrets(cfg: Mapping) -> dict:
     return out
 
 
+# Keys that moved to another section: old key -> (new key, why). A config that still uses one is refused by name.
+_UPDATE_NOT_ROLLOUTS = "it sizes the update's micro-batches, not the rollouts"
+MOVED_KEYS = {
+    "rollout.micro_batch_size": ("train.micro_batch_size", _UPDATE_NOT_ROLLOUTS),
+    "rollout.max_tokens_per_micro_batch": ("train.max_tokens_per_micro_batch", _UPDATE_NOT_ROLLOUTS),
+}
+
+
+def moved_key(key: str | None) -> str | None:
+    """``"<old> moved to <new> (<why>)"`` when ``key`` is one of ``MOVED_KEYS``, else None."""
+    if key not in MOVED_KEYS:
+        return None
+    new, why = MOVED_KEYS[key]
+    return f"{key} moved to {new} ({why})"
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
+    moved = moved_key(key)
+    if moved:
+        return moved
     message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
     return f"key '{key}': {message}" if key else message
 
@@ -141,9 +160,16 @@ class RolloutSection:
     push_timeout: float = 600.0  # seconds a policy push may take to land in the servers
     prompts_per_step: int = 8
     max_tokens: int = 256
-    micro_batch_size: int = 4  # sequences per forward/backward micro-batch
     push_bucket_mb: float | None = None  # policy push bucket (MiB); None: 1024 on GPUs, 128 on CPUs
     allow_dtype_mismatch: bool = False  # True: accept servers serving another dtype than model.dtype
+
+
+@dataclass
+class TrainSection:
+    """The training update's micro-batches: how the actor's forward/backward passes split each mini-batch
+    (trainer/batching.py, plan_micro_batches). Not the rollouts."""
+
+    micro_batch_size: int = 4  # sequences per forward/backward micro-batch, padded to the step's longest
     # Set: micro-batches by token budget instead (rows x own longest sequence <= this; replaces micro_batch_size).
     max_tokens_per_micro_batch: int | None = None
 
@@ -166,7 +192,7 @@ class OptimSection:
 
 @dataclass
 class RunSection:
-    dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, TensorBoard events, weight-sync directory
+    dir: str = "runs/grpo"  # checkpoints, metrics.jsonl, TensorBoard events, the rollout server's log, policy_final/
     steps: int = 100
     seed: int = 1234
     checkpoint_every: int = 10
@@ -203,6 +229,7 @@ class GRPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    train: TrainSection = field(default_factory=TrainSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
@@ -228,7 +255,7 @@ class GRPOConfig:
 
     def validate(self) -> GRPOConfig:
         """Check ranges and names; raise ValueError naming the key."""
-        a, r = self.algorithm, self.rollout
+        a, r, t = self.algorithm, self.rollout, self.train
         check_ref_weight(a.ref_weight, "config key algorithm.ref_weight")
         checks = [
             (a.group_size >= 2, "algorithm.group_size", "must be >= 2 (advantages are relative to the group)"),
@@ -245,15 +272,15 @@ class GRPOConfig:
              "must be >= 1 (an on-policy token keeps importance weight 1)"),
             (r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1"),
             (r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1"),
-            (r.micro_batch_size >= 1, "rollout.micro_batch_size", "must be >= 1"),
+            (t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
             (r.push_bucket_mb is None or r.push_bucket_mb > 0, "rollout.push_bucket_mb", "must be > 0 (or null)"),
             (r.timeout > 0, "rollout.timeout", "must be > 0"),
             (r.attempts >= 1, "rollout.attempts", "must be >= 1"),
             (r.push_timeout > 0, "rollout.push_timeout", "must be > 0"),
             (self.data.reward_timeout > 0, "data.reward_timeout", "must be > 0"),
             (self.run.wait_timeout is None or self.run.wait_timeout > 0, "run.wait_timeout", "must be > 0 (or unset)"),
-            (r.max_tokens_per_micro_batch is None or r.max_tokens_per_micro_batch >= r.max_tokens,
-             "rollout.max_tokens_per_micro_batch", f"must be >= rollout.max_tokens ({r.max_tokens})"),
+            (t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= r.max_tokens,
+             "train.max_tokens_per_micro_batch", f"must be >= rollout.max_tokens ({r.max_tokens})"),
             (self.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16"),
             (self.data.reward in ("math", "mcq"), "data.reward", "must be math or mcq"),
             (self.run.steps >= 1, "run.steps", "must be >= 1"),
@@ -263,8 +290,8 @@ class GRPOConfig:
                 raise ValueError(f"config key {key} {why}, got {_get(self, key)!r}")
         # A token budget replaces the fixed micro-batch size: the mini-batches need only split the step.
         split = [("algorithm.mini_batches", a.mini_batches)]
-        if r.max_tokens_per_micro_batch is None:
-            split.append(("rollout.micro_batch_size", r.micro_batch_size))
+        if t.max_tokens_per_micro_batch is None:
+            split.append(("train.micro_batch_size", t.micro_batch_size))
         check_batch_split("config: rollout.prompts_per_step x algorithm.group_size", r.prompts_per_step * a.group_size,
                           split)  # fmt: skip
         bound = self.wait_bound()
@@ -280,7 +307,7 @@ class GRPOConfig:
         return self
 
     def _validate_cluster(self) -> None:
-        c, m = self.cluster, self.model
+        c, m, t = self.cluster, self.model, self.train
         checks = [
             (c.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1"),
             (c.trainer_nodes >= 1, "cluster.trainer_nodes", "must be >= 1"),
@@ -290,8 +317,8 @@ class GRPOConfig:
             (c.rollout_max_seqs >= 1, "cluster.rollout_max_seqs", "must be >= 1"),
             (c.max_context > self.rollout.max_tokens, "cluster.max_context",
              f"must exceed rollout.max_tokens ({self.rollout.max_tokens}): it holds the prompt too"),
-            (self.rollout.max_tokens_per_micro_batch is None or self.rollout.max_tokens_per_micro_batch
-             >= c.max_context - 1, "rollout.max_tokens_per_micro_batch",
+            (t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= c.max_context - 1,
+             "train.max_tokens_per_micro_batch",
              f"must hold a sequence of cluster.max_context ({c.max_context}) tokens, >= {c.max_context - 1}"),
             (1 <= c.rollout_port <= 65535 - c.gpus_per_node, "cluster.rollout_port", "must be a port number"),
             (c.rollout_engine in ("vllm", "torch"), "cluster.rollout_engine", "must be vllm or torch"),
@@ -306,8 +333,8 @@ class GRPOConfig:
                 f"model.tensor_parallel x model.pipeline_parallel = {model_parallel}"
             )
         split = [("data parallel of the cluster section", gpus // model_parallel)]
-        if self.rollout.max_tokens_per_micro_batch is None:
-            split.append(("rollout.micro_batch_size", self.rollout.micro_batch_size))
+        if t.max_tokens_per_micro_batch is None:
+            split.append(("train.micro_batch_size", t.micro_batch_size))
         per_mini = self.rollout.prompts_per_step * self.algorithm.group_size // self.algorithm.mini_batches
         mini = "config: a mini-batch (rollout.prompts_per_step x algorithm.group_size / algorithm.mini_batches)"
         check_batch_split(mini, per_mini, split)

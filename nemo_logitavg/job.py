@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from nemo_logitavg import evaluation
 from nemo_logitavg.checkpointing import latest_step
-from nemo_logitavg.config import GRPOConfig, JobConfig, SFTConfig, load_config
+from nemo_logitavg.config import GRPOConfig, JobConfig, SFTConfig, load_config, moved_key
 from nemo_logitavg.data import dedupe, read_jsonl, read_prompts, split_by_hash, write_prompts
 from nemo_logitavg.data.loaders import math_record, mmlu_record
 from nemo_logitavg.data.synthetic import make_problems, multiple_choice
@@ -76,6 +76,9 @@ def _typed(schema: type, values: dict, where: str) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
+        moved = moved_key(key)
+        if moved:
+            raise ValueError(f"{where}: {moved}") from None
         message = getattr(exc, "msg", None) or str(exc).splitlines()[0]
         raise ValueError(f"{where}{'.' + key if key else ''}: {message}") from None
 

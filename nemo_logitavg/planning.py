@@ -455,8 +455,8 @@ def format_plan(result: Plan) -> str:
 
 def plan_config(cfg: GRPOConfig) -> Plan:
     """The plan of a GRPO config with a ``cluster`` section: training at model.tensor_parallel x
-    model.pipeline_parallel over the trainer nodes, micro-batches of ``rollout.micro_batch_size`` sequences of
-    ``cluster.max_context`` tokens, or of ``rollout.max_tokens_per_micro_batch`` tokens when that is set (no
+    model.pipeline_parallel over the trainer nodes, micro-batches of ``train.micro_batch_size`` sequences of
+    ``cluster.max_context`` tokens, or of ``train.max_tokens_per_micro_batch`` tokens when that is set (no
     activation recomputation: the actor does not use it); rollout servers of ``cluster.rollout_tp`` GPUs holding
     both stacks (the policy alone when ref_weight is 0). ``model.policy`` is a Hugging Face directory or a preset
     name (``llama3-70b``) when the weights are not at hand.
@@ -469,8 +469,8 @@ def plan_config(cfg: GRPOConfig) -> Plan:
         raise ValueError("the config has no cluster section: nothing to plan (give --model and a layout instead)")
     gpus = c.trainer_nodes * c.gpus_per_node
     dp = gpus // (m.tensor_parallel * m.pipeline_parallel)
-    budget = cfg.rollout.max_tokens_per_micro_batch  # activations scale with rows x length: plan budget tokens
-    mb, seq = (1, budget) if budget else (cfg.rollout.micro_batch_size, c.max_context)
+    budget = cfg.train.max_tokens_per_micro_batch  # activations scale with rows x length: plan budget tokens
+    mb, seq = (1, budget) if budget else (cfg.train.micro_batch_size, c.max_context)
     training = TrainingLayout(m.tensor_parallel, m.pipeline_parallel, dp, mb, seq)
     stacks = 2 if cfg.algorithm.ref_weight > 0 else 1
     rollout = RolloutLayout(c.rollout_tp, c.rollout_nodes * c.servers_per_node, c.rollout_max_seqs, c.max_context,

@@ -104,10 +104,10 @@ def test_shipped_cluster_configs_load_and_validate(name):
         ("cluster.trainer_nodes=0", "cluster.trainer_nodes must be >= 1"),
         ("cluster.max_context=3072", "cluster.max_context must exceed rollout.max_tokens"),
         ("model.pipeline_parallel=3", "64 trainer GPUs must be a multiple of"),
-        # the shipped config uses a token budget (which replaces rollout.micro_batch_size): one sequence per
+        # the shipped config uses a token budget (which replaces train.micro_batch_size): one sequence per
         # mini-batch does not split over DP=2, and a budget below a whole context is refused
         ("algorithm.mini_batches=512", "must split over data parallel"),
-        ("rollout.max_tokens_per_micro_batch=3500", "rollout.max_tokens_per_micro_batch must hold a sequence"),
+        ("train.max_tokens_per_micro_batch=3500", "train.max_tokens_per_micro_batch must hold a sequence"),
     ],
 )
 def test_cluster_section_errors_name_the_key(override, message):
@@ -147,7 +147,7 @@ def test_wait_timeout_is_derived_from_the_rollout_worst_case():
     path = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_tiny.yaml"
     overrides = ["model.policy=p", "data.train=t", "rollout.timeout=100", "rollout.attempts=3",
                  "rollout.push_timeout=50", "data.reward_timeout=2", "rollout.prompts_per_step=4",
-                 "algorithm.group_size=4", "rollout.micro_batch_size=2"]  # fmt: skip
+                 "algorithm.group_size=4", "train.micro_batch_size=2"]  # fmt: skip
     cfg = load_config(GRPOConfig, path, overrides).validate()
     expected = 3 * (100 + 30) + (120 + 16 * 2) + 50
     assert cfg.wait_bound() == expected and cfg.wait_timeout() == expected
@@ -191,13 +191,13 @@ def test_shipped_configs_wait_longer_than_the_rollout_worst_case(name):
 def test_batch_split_check_names_every_setting():
     from nemo_logitavg.config import check_batch_split
 
-    check_batch_split("a step", 16, [("algorithm.mini_batches", 2), ("rollout.micro_batch_size", 4)])
+    check_batch_split("a step", 16, [("algorithm.mini_batches", 2), ("train.micro_batch_size", 4)])
     check_batch_split("a step", 6, [])
     with pytest.raises(ValueError, match=r"^a step = 12 sequences must split over algorithm\.mini_batches \(2\) x "
-                                         r"rollout\.micro_batch_size \(4\)$"):  # fmt: skip
-        check_batch_split("a step", 12, [("algorithm.mini_batches", 2), ("rollout.micro_batch_size", 4)])
-    with pytest.raises(ValueError, match=r"rollout\.micro_batch_size \(None\)"):  # not set: never splits
-        check_batch_split("a mini-batch", 8, [("data parallel", 2), ("rollout.micro_batch_size", None)])
+                                         r"train\.micro_batch_size \(4\)$"):  # fmt: skip
+        check_batch_split("a step", 12, [("algorithm.mini_batches", 2), ("train.micro_batch_size", 4)])
+    with pytest.raises(ValueError, match=r"train\.micro_batch_size \(None\)"):  # not set: never splits
+        check_batch_split("a mini-batch", 8, [("data parallel", 2), ("train.micro_batch_size", None)])
 
 
 def test_config_bounds_are_the_clients_and_the_graders():
@@ -227,3 +227,37 @@ def test_redact_secrets_hides_the_rollout_token_only():
     assert redact_secrets({"rollout": {"token": "${oc.env:TOKEN}"}})["rollout"]["token"] == "${oc.env:TOKEN}"
     assert redact_secrets({"rollout": {"token": None}, "run": {}}) == {"rollout": {"token": None}, "run": {}}
     assert redact_secrets({"run": {"seed": 1}}) == {"run": {"seed": 1}}
+
+
+MOVED = "moved to train.{key} (it sizes the update's micro-batches, not the rollouts)"
+
+
+@pytest.mark.parametrize("key,value", [("micro_batch_size", 8), ("max_tokens_per_micro_batch", 4096)])
+def test_moved_rollout_keys_are_refused_with_their_new_place(tmp_path, key, value):
+    """rollout.micro_batch_size and rollout.max_tokens_per_micro_batch size the update: they live in ``train``."""
+    import re
+    from pathlib import Path
+
+    from nemo_logitavg.config import GRPOConfig, config_as_dict
+
+    base = ["model.policy=p", "data.train=t"]
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "grpo_logitavg_tiny.yaml"
+    moved = re.escape(f"rollout.{key} " + MOVED.format(key=key))
+    with pytest.raises(ValueError, match=rf"^command-line override: {moved}$"):
+        load_config(GRPOConfig, tiny, [*base, f"rollout.{key}={value}"])
+    old = tmp_path / "old.yaml"
+    old.write_text(f"model:\n  policy: p\ndata:\n  train: t\nrollout:\n  max_tokens: 16\n  {key}: {value}\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(old))}: {moved}$"):
+        load_config(GRPOConfig, old)
+    with pytest.raises(ValueError, match=rf"{moved}$"):
+        config_as_dict(GRPOConfig, old)
+    # the new place takes the same value
+    cfg = load_config(GRPOConfig, tiny, [*base, f"train.{key}={value}"]).validate()
+    assert getattr(cfg.train, key) == value and not hasattr(cfg.rollout, key)
+
+
+def test_train_section_keeps_the_defaults():
+    from nemo_logitavg.config import GRPOConfig
+
+    cfg = GRPOConfig()
+    assert (cfg.train.micro_batch_size, cfg.train.max_tokens_per_micro_batch) == (4, None)

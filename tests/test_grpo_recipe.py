@@ -37,6 +37,7 @@ algorithm:
 {"".join(f"  {k}: {v}" + chr(10) for k, v in alg.items())}rollout:
   prompts_per_step: 2
   max_tokens: 6
+train:
   micro_batch_size: 4
 data:
   train: {prompts}

@@ -95,7 +95,7 @@ def test_shipped_config_plans_every_phase():
     assert (la.algorithm.ref_weight, la.algorithm.beta) == (0.5, 0.0)
     assert (kl.algorithm.ref_weight, kl.algorithm.beta) == (0.0, 0.05)
     # The same budget for both methods: everything but the objective is equal.
-    for section in ("rollout", "optim", "model"):
+    for section in ("rollout", "train", "optim", "model"):
         assert getattr(la, section) == getattr(kl, section)
     assert (la.run.steps, la.algorithm.group_size) == (kl.run.steps, kl.algorithm.group_size)
     assert la.model.tensor_parallel == 2 and p.cfg.nproc == 2
@@ -109,7 +109,16 @@ def test_shipped_config_plans_every_phase():
         (["sft.stpes=3"], r"tiny_cpu\.yaml: sft\.stpes"),
         (["methods.kl.algorithm.bta=1"], r"methods\.kl.*bta"),
         (["methods.logit_avg.algorithm.ref_weight=1.5"], r"methods\.logit_avg.*algorithm\.ref_weight"),
-        (["grpo.rollout.micro_batch_size=5"], r"methods\.logit_avg.*micro_batch_size"),
+        (["grpo.train.micro_batch_size=5"], r"methods\.logit_avg.*train\.micro_batch_size \(5\)"),
+        # the keys that moved out of the rollout section: refused with their new place
+        (
+            ["grpo.rollout.micro_batch_size=5"],
+            r"tiny_cpu\.yaml: methods\.logit_avg: rollout\.micro_batch_size moved to train\.micro_batch_size \(it ",
+        ),
+        (
+            ["methods.kl.rollout.max_tokens_per_micro_batch=4096"],
+            r"methods\.kl: rollout\.max_tokens_per_micro_batch moved to train\.max_tokens_per_micro_batch",
+        ),
         (["baseline=kl"], r"baseline 'kl'"),
         (["problems.sede=1"], r"problems\.sede"),
     ],
@@ -167,7 +176,7 @@ SMALL = [
     "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2", "model.vocab_size=160",
     "sft.steps=12", "sft.sequences_per_step=16", "sft.micro_batch_size=8", "sft.checkpoint_every=4",
     "grpo.run.steps=6", "grpo.run.checkpoint_every=2", "grpo.run.eval_every=2",
-    "grpo.rollout.prompts_per_step=2", "grpo.algorithm.group_size=4", "grpo.rollout.micro_batch_size=4",
+    "grpo.rollout.prompts_per_step=2", "grpo.algorithm.group_size=4", "grpo.train.micro_batch_size=4",
     "grpo.rollout.max_tokens=24", "eval.max_tokens=24", "eval.sampled_k=1",
 ]  # fmt: skip
 

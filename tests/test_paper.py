@@ -258,7 +258,7 @@ PAPER_SMALL = [
     "sft.steps=150", "sft.sequences_per_step=8", "sft.micro_batch_size=8", "sft.lr=1e-2", "sft.checkpoint_every=0",
     "seeds=[1,2]", "ref_weight_sweep.ref_weights=[0.25,0.75]",
     "grpo.run.steps=2", "grpo.run.checkpoint_every=2", "grpo.run.eval_every=2",
-    "grpo.rollout.prompts_per_step=2", "grpo.algorithm.group_size=4", "grpo.rollout.micro_batch_size=4",
+    "grpo.rollout.prompts_per_step=2", "grpo.algorithm.group_size=4", "grpo.train.micro_batch_size=4",
 ]  # fmt: skip
 
 

@@ -135,17 +135,17 @@ def test_token_budget_packs_tighter_than_fixed_size():
 
 
 def test_sequence_longer_than_the_budget_names_the_key():
-    with pytest.raises(ValueError, match=r"rollout\.max_tokens_per_micro_batch \(256\)"):
+    with pytest.raises(ValueError, match=r"train\.max_tokens_per_micro_batch \(256\)"):
         plan_micro_batches([10, 300, 20, 5], [0, 1, 2, 3], 2, max_tokens=256)
 
 
 def test_config_token_budget_is_checked():
     cfg = GRPOConfig()
-    cfg.rollout.max_tokens_per_micro_batch = 100
-    with pytest.raises(ValueError, match="rollout.max_tokens_per_micro_batch"):
+    cfg.train.max_tokens_per_micro_batch = 100
+    with pytest.raises(ValueError, match="train.max_tokens_per_micro_batch"):
         cfg.validate()  # below rollout.max_tokens (256)
-    cfg.rollout.max_tokens_per_micro_batch = 2048
-    cfg.rollout.prompts_per_step, cfg.algorithm.group_size, cfg.rollout.micro_batch_size = 3, 3, 2
+    cfg.train.max_tokens_per_micro_batch = 2048
+    cfg.rollout.prompts_per_step, cfg.algorithm.group_size, cfg.train.micro_batch_size = 3, 3, 2
     cfg.validate()  # the budget replaces micro_batch_size: 9 sequences need not split into micro-batches of 2
 
 
@@ -173,8 +173,8 @@ def test_config_validation_names_the_key(key, value, message):
 
 def test_config_batch_split_is_checked():
     cfg = GRPOConfig()
-    cfg.rollout.prompts_per_step, cfg.algorithm.group_size, cfg.rollout.micro_batch_size = 3, 3, 2
-    with pytest.raises(ValueError, match="micro_batch_size"):
+    cfg.rollout.prompts_per_step, cfg.algorithm.group_size, cfg.train.micro_batch_size = 3, 3, 2
+    with pytest.raises(ValueError, match=r"train\.micro_batch_size \(2\)"):
         cfg.validate()
 
 
@@ -234,9 +234,9 @@ def test_planner_activations_follow_the_token_budget():
         return next(line.bytes for line in plan_config(cfg).training.lines if line.name == "activations")
 
     shipped = activations()
-    assert activations("rollout.max_tokens_per_micro_batch=16384") == pytest.approx(2 * shipped)
+    assert activations("train.max_tokens_per_micro_batch=16384") == pytest.approx(2 * shipped)
     # the shipped budget of 8192 tokens plans like two 4096-token sequences of the fixed-size path
-    fixed = activations("rollout.max_tokens_per_micro_batch=null", "rollout.micro_batch_size=2")
+    fixed = activations("train.max_tokens_per_micro_batch=null", "train.micro_batch_size=2")
     assert shipped == pytest.approx(fixed)
 
 

@@ -38,23 +38,23 @@ def make_batch(completion_lengths: list[int], group_size: int, seed: int):
 
 # Sequence lengths (prompt + completion tokens) from 3 to 200: the prompts of make_batch are 2-5 tokens.
 SPREAD = ([1, 60, 198, 15, 7, 120, 33, 2, 90, 11, 150, 4, 45, 70, 9, 180], 4, 13)
-# name -> (algorithm settings, rollout settings, batch[, update_policy keywords])
+# name -> (algorithm settings, rollout and train settings by "section.key", batch[, update_policy keywords])
 CASES = {
     "token-mean-kl": (
         {"mini_batches": 2, "beta": 0.1, "agg": "token-mean"},
-        {"micro_batch_size": 2},
+        {"train.micro_batch_size": 2},
         ([3, 9, 1, 14, 6, 2, 11, 5, 8, 4, 12, 7, 2, 10, 3, 6], 4, 11),
     ),
     "seq-mean-2-epochs": (
         {"mini_batches": 2, "epochs": 2, "agg": "seq-mean-token-mean", "clip_high": 0.28},
-        {"micro_batch_size": 2},
+        {"train.micro_batch_size": 2},
         ([5, 2, 13, 7, 1, 9, 4, 12, 6, 3, 8, 10, 2, 5, 11, 4], 4, 12),
     ),
     # One update (the old log-probs are the update forward's own): fixed size against a token budget.
-    "spread-fixed": ({"beta": 0.1}, {"micro_batch_size": 2, "max_tokens": 200}, SPREAD),
-    "spread-budget": ({"beta": 0.1}, {"max_tokens": 200, "max_tokens_per_micro_batch": 400}, SPREAD),
+    "spread-fixed": ({"beta": 0.1}, {"train.micro_batch_size": 2, "rollout.max_tokens": 200}, SPREAD),
+    "spread-budget": ({"beta": 0.1}, {"rollout.max_tokens": 200, "train.max_tokens_per_micro_batch": 400}, SPREAD),
     # The same update with the separate old-log-prob pass forced.
-    "spread-old-pass": ({"beta": 0.1}, {"max_tokens": 200, "max_tokens_per_micro_batch": 400}, SPREAD,
+    "spread-old-pass": ({"beta": 0.1}, {"rollout.max_tokens": 200, "train.max_tokens_per_micro_batch": 400}, SPREAD,
                         {"reuse_update_logprobs": False}),
 }  # fmt: skip
 
@@ -75,13 +75,14 @@ def _update_worker(tp: int, pp: int, policy_dir: str, reference_dir: str, cases:
     reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
     out = {"rank": dist.get_rank(), "dp_rank": ps.get_data_parallel_rank(), "reporter": reporter, "cases": {}}
     for name in cases:
-        algorithm, rollout, batch_args, *keywords = CASES[name]
+        algorithm, settings, batch_args, *keywords = CASES[name]
         cfg = GRPOConfig()
         cfg.algorithm.ref_weight, cfg.algorithm.clip_low, cfg.rollout.max_tokens = 0.5, 0.2, 16
         for key, value in algorithm.items():
             setattr(cfg.algorithm, key, value)
-        for key, value in rollout.items():
-            setattr(cfg.rollout, key, value)
+        for key, value in settings.items():
+            section, attr = key.split(".")
+            setattr(getattr(cfg, section), attr, value)
         batch = make_batch(*batch_args)
         cfg.rollout.prompts_per_step = batch.input_ids.shape[0] // batch_args[1]
         cfg.algorithm.group_size = batch_args[1]

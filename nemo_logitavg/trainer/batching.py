@@ -91,7 +91,7 @@ def pack_rollouts(
     )
 
 
-BUDGET_KEY = "rollout.max_tokens_per_micro_batch"
+BUDGET_KEY = "train.max_tokens_per_micro_batch"
 MINI_BATCH = "a mini-batch (rollout.prompts_per_step x algorithm.group_size / algorithm.mini_batches)"
 
 
@@ -108,11 +108,11 @@ def plan_micro_batches(
     number of micro-batches on every DP rank). Deterministic: every rank computes the whole plan.
 
     Raises:
-        ValueError: naming ``rollout.max_tokens_per_micro_batch`` when a sequence is longer than the budget, or
+        ValueError: naming ``train.max_tokens_per_micro_batch`` when a sequence is longer than the budget, or
             the settings when the mini-batch does not split over the DP ranks.
     """
     if max_tokens is None:
-        check_batch_split(MINI_BATCH, len(seqs), [("data parallel", dp_size), ("rollout.micro_batch_size", size)])
+        check_batch_split(MINI_BATCH, len(seqs), [("data parallel", dp_size), ("train.micro_batch_size", size)])
         return [[list(seqs[r::dp_size][k : k + size]) for k in range(0, len(seqs) // dp_size, size)]
                 for r in range(dp_size)]  # fmt: skip
     check_batch_split(MINI_BATCH, len(seqs), [("data parallel", dp_size)])
@@ -179,12 +179,12 @@ def build_micro_batches(cfg: Any, batch: StepBatch, minis: Sequence[Sequence[int
                         ) -> list[list[dict]]:  # fmt: skip
     """This DP rank's micro-batches of each mini-batch: the one place the update's batch layout is decided.
 
-    With ``rollout.max_tokens_per_micro_batch`` set: token-budget micro-batches, each padded to its own longest
-    sequence; otherwise ``rollout.micro_batch_size`` sequences each, padded to the step's longest. A packer
+    With ``train.max_tokens_per_micro_batch`` set: token-budget micro-batches, each padded to its own longest
+    sequence; otherwise ``train.micro_batch_size`` sequences each, padded to the step's longest. A packer
     (THD layout with ``PackedSeqParams``) would replace this function.
     """
-    budget = cfg.rollout.max_tokens_per_micro_batch
+    budget = cfg.train.max_tokens_per_micro_batch
     lengths = batch.lengths.tolist()
     pad_to = None if budget else batch.input_ids.shape[1]
-    plans = [plan_micro_batches(lengths, seqs, dp_size, cfg.rollout.micro_batch_size, budget) for seqs in minis]
+    plans = [plan_micro_batches(lengths, seqs, dp_size, cfg.train.micro_batch_size, budget) for seqs in minis]
     return [micro_batches(batch, plan[dp_rank], pad_to) for plan in plans]

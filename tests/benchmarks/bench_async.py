@@ -60,6 +60,7 @@ rollout:
   token: {token}
   prompts_per_step: {args.prompts}
   max_tokens: {args.max_tokens}
+train:
   micro_batch_size: {args.prompts * args.group}
 data:
   train: {prompts}

@@ -34,7 +34,8 @@ def run(tmp: Path, name: str, policy: str, reference: str, steps: int, tp: int, 
     config.write_text(
         f"model: {{policy: {policy}, reference: {reference}, tensor_parallel: {tp}}}\n"
         f"algorithm: {json.dumps({'group_size': 8, **alg})}\n"
-        f"rollout: {{prompts_per_step: 4, max_tokens: 32, micro_batch_size: 8}}\n"
+        f"rollout: {{prompts_per_step: 4, max_tokens: 32}}\n"
+        f"train: {{micro_batch_size: 8}}\n"
         f"data: {{train: {prompts}}}\n"
         f"run: {{dir: {run_dir}, steps: {steps}, checkpoint_every: 1000, seed: 3}}\n"
     )

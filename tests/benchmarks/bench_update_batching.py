@@ -8,9 +8,9 @@ vocabulary 8192, random weights: speed does not depend on their values) and one 
 at exactly 1024. It then times ``trainer.update_policy`` (old log-probs + forward/backward + optimiser step,
 epochs 1, mini_batches 1) in three settings, interleaved, ``repeats`` times each after one warm-up of each:
 
-- ``fixed``: ``rollout.micro_batch_size: 4``, every sequence padded to the step's longest (the path before
+- ``fixed``: ``train.micro_batch_size: 4``, every sequence padded to the step's longest (the path before
   issue 15), with the separate old-log-prob pass;
-- ``budget``: ``rollout.max_tokens_per_micro_batch: 4096`` (4 x 1024), with the separate pass;
+- ``budget``: ``train.max_tokens_per_micro_batch: 4096`` (4 x 1024), with the separate pass;
 - ``budget_skip``: the same budget, the old log-probs taken from the update forward (the default when a
   rollout step makes one optimiser step).
 
@@ -85,12 +85,12 @@ def _worker(repeats: int) -> dict:
     actor = LogitAveragingActor(model, model, ActorConfig(ref_weight=0.5, lr=1e-6))
     batch = make_batch()
     configs, padded = {}, {}
-    for name, (rollout, _) in SETTINGS.items():
+    for name, (train, _) in SETTINGS.items():
         cfg = GRPOConfig()
         cfg.rollout.prompts_per_step, cfg.algorithm.group_size = SEQUENCES // GROUP, GROUP
         cfg.rollout.max_tokens = MAX_LEN
-        for key, value in rollout.items():
-            setattr(cfg.rollout, key, value)
+        for key, value in train.items():
+            setattr(cfg.train, key, value)
         configs[name] = cfg.validate()
         mbs = build_micro_batches(cfg, batch, [list(range(SEQUENCES))], 0, 1)[0]
         padded[name] = {"micro_batches": len(mbs), "padded_tokens": sum(mb["input_ids"].numel() for mb in mbs)}

@@ -102,6 +102,7 @@ algorithm:
 rollout:
   prompts_per_step: 2
   max_tokens: 8
+train:
   micro_batch_size: 4
 data:
   train: {prompts}
