@@ -1,6 +1,6 @@
 """Make megatron-core's models, RNG tracker and schedules run on a CPU-only torch build.
 
-megatron-core assumes CUDA in a handful of places (measured with 0.16.1, DESIGN.md §5):
+megatron-core assumes CUDA in a handful of places (measured with 0.16.1, docs/design.md §5):
 ``GlobalMemoryBuffer.get_tensor`` allocates on ``torch.cuda.current_device()``; the model-parallel RNG
 tracker saves and restores CUDA generator states; ``torch.cuda.current_device()`` is passed as a device and
 ``torch.cuda.synchronize()`` is called by the p2p code; tied embeddings at PP > 1 call ``.cuda()``; and the

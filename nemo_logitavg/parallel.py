@@ -8,7 +8,7 @@ The default group has one backend per device type: gloo for CPU tensors, and NCC
 present (the CPU compatibility patches are applied when it is not), so control messages on CPU tensors work on
 any machine. ``rank_device()`` is the one place that says which device a rank computes on. ``wait_group()`` is
 a CPU (gloo) group with its own, longer timeout, for the ranks that wait while rank 0 rolls out, grades and
-pushes (DESIGN.md §7b, Timeouts).
+pushes (docs/design.md §7b, Timeouts).
 """
 
 from __future__ import annotations

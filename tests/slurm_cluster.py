@@ -1,7 +1,7 @@
 """A real one-node Slurm cluster on localhost (Debian's slurm-wlm + munge), for the launcher tests.
 
 Runs as root, everything under one temporary directory with its own munge socket and ports, so it neither
-needs nor touches a system-wide Slurm. DESIGN.md §5 has the measured configuration.
+needs nor touches a system-wide Slurm. docs/design.md §5 has the measured configuration.
 """
 
 from __future__ import annotations

@@ -29,14 +29,14 @@ def test_every_design_reference_points_at_a_file_that_exists():
     sections = set(re.findall(r"^#+ *(?:§)?(\d+[a-z]?)\b", design, flags=re.M))
     files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in {".py", ".sh", ".yaml", ".toml", ".md", ""}
              and not any(part.startswith(".") or part in {"runs", "build"} for part in p.relative_to(ROOT).parts)]
-    stale, missing = [], []
+    stale, missing = [], []  # BENCHMARKS.md keeps its history as written
     for path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
         rel = str(path.relative_to(ROOT))
-        if rel != "BENCHMARKS.md" and re.search(r"\bDESIGN(\.md)?\b", text):  # BENCHMARKS.md: history as written
+        if rel not in {"BENCHMARKS.md", "tests/test_layering.py"} and re.search(r"\bDESIGN(\.md)?\b", text):
             stale.append(rel)
         for cited in re.findall(r"docs/design\.md[^\n§]{0,3}§ ?(\d+[a-z]?)", text):
             if cited not in sections:

@@ -134,7 +134,7 @@ def test_70b_fits_with_recompute_and_refusal_names_the_component() -> None:
     result = check(plan(llama3_70b(), train, rollout))
     assert result.training.total < 74 * GIB and result.rollout.total < 74 * GIB
     assert "policy weights" in format_plan(result)
-    assert 4.0 * GIB < line(result.training, "reference weights") < 4.5 * GIB  # DESIGN §6: about 4 GB a GPU
+    assert 4.0 * GIB < line(result.training, "reference weights") < 4.5 * GIB  # docs/design.md §6: about 4 GB a GPU
 
     one_gpu = TrainingLayout(tp=1, pp=1, dp=1, micro_batch_size=1, seq_length=4096, recompute=True)
     with pytest.raises(ValueError, match=r"training GPU .*GiB needed > 74\.0 GiB available.*largest: optimizer state"):

@@ -1,4 +1,4 @@
-"""The torch rollout engine samples from pi_mix and returns log pi_mix (DESIGN.md §1, §7), and weight sync.
+"""The torch rollout engine samples from pi_mix and returns log pi_mix (docs/design.md §1, §7), and weight sync.
 
 Models are tiny random Llamas written with transformers (no hub access); a small word-level tokenizer is built
 locally with ``tokenizers`` where text matters.

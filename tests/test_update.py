@@ -160,7 +160,7 @@ def recompute(ranks: list[dict], case: str) -> dict:
     """The update's loss, KL and token metrics in plain float64 torch from the log-probs the actor returned.
 
     Collects every reporting rank's sequences of every optimiser step (their counted tokens only, whatever the
-    micro-batch layout), then applies the clipped surrogate and the aggregation of DESIGN §1/§7 over each
+    micro-batch layout), then applies the clipped surrogate and the aggregation of docs/design.md §1/§7 over each
     optimiser step's whole mini-batch.
     """
     alg = ranks[0]["cases"][case]["cfg"].algorithm

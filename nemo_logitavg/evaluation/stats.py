@@ -3,7 +3,7 @@
 Across problems (one training run): a percentile bootstrap of the mean (problems resampled with replacement,
 seeded), and the paired bootstrap of a difference (the same resampled problems for both runs).
 
-Across training seeds (the reproduction job, DESIGN.md §7b): a training seed sets the GRPO run seed and the rollout
+Across training seeds (the reproduction job, docs/design.md §7b): a training seed sets the GRPO run seed and the rollout
 seeds derived from it, not the SFT model. Each seed gives one number per method (e.g. its held-out accuracy);
 ``seed_t_interval`` is the Student-t interval of their mean, ``paired_seed_difference`` the t-interval of the
 per-seed differences of two methods (matched by seed), and ``minimum_detectable_difference`` the smallest true

@@ -223,7 +223,7 @@ class LogitAveragingActor:
         )
         config.no_sync_func = self.policy.no_sync
         config.pipeline_dtype = actor_cfg.params_dtype
-        config.batch_p2p_comm = use_gpu  # gloo's batched p2p is unreliable (DESIGN §5)
+        config.batch_p2p_comm = use_gpu  # gloo's batched p2p is unreliable (docs/design.md §5)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

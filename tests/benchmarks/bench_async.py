@@ -16,7 +16,7 @@ and the summary is their median:
 - U: the trainer's part (``time/old_logprobs_s + time/update_s + time/weight_sync_s``) of the synchronous run;
 - the loop's period (``time/step_s``) of each run, as steps per minute.
 
-The ideal speed-up of the overlap is (R + U) / max(R, U); the target (DESIGN.md §7b) is at least 0.8 of it.
+The ideal speed-up of the overlap is (R + U) / max(R, U); the target (docs/design.md §7b) is at least 0.8 of it.
 Besides, the overlapped run's period against its own bound max(R_1, U_1) (its own medians of the same two
 parts): the part of the period the overlap does not hide (1.00 = nothing but the slower side).
 

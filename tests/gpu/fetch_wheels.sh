@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# numpy: the GPU image's is newer than megatron-core 0.16 allows (DESIGN.md §5). transformers: the version here.
+# numpy: the GPU image's is newer than megatron-core 0.16 allows (docs/design.md §5). transformers: the version here.
 PACKAGES=(megatron-core numpy omegaconf antlr4-python3-runtime math-verify latex2sympy2_extended transformers
           fastapi opentelemetry-api starlette pydantic pydantic-core annotated-types typing-inspection
           typing-extensions uvicorn)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-GPU check (DESIGN.md §7b), for anyone with one H100/H200, a stock CUDA PyTorch (Python 3.12) and the
+# The one-GPU check (docs/design.md §7b), for anyone with one H100/H200, a stock CUDA PyTorch (Python 3.12) and the
 # wheels that tests/gpu/fetch_wheels.sh put in tests/gpu/wheels/ (megatron-core and the rest; no Transformer
 # Engine, no vLLM). Takes under 5 minutes. The checks are the pytest files beside this script (marker `gpu`):
 #   mixed_logprobs  test_gpu_mixed_logprobs.py  mixed_logprobs on CUDA, float32 and bfloat16, against float64

@@ -1,4 +1,4 @@
-"""``mixed_logprobs`` on CUDA in float32 and bfloat16 against a dense float64 computation (DESIGN.md §7)."""
+"""``mixed_logprobs`` on CUDA in float32 and bfloat16 against a dense float64 computation (docs/design.md §7)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_mixed_logprobs_on_cuda_matches_float64(dtype):
     assert logp.device.type == "cuda" and logp.dtype == torch.float32
     logp.sum().backward()
 
-    # Against the exact values of the unrounded logits: the DESIGN tolerance of each input dtype.
+    # Against the exact values of the unrounded logits: the tolerance of each input dtype (docs/design.md §7).
     exact, _ = _dense(policy64, ref64, target, a, t)
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     err = (logp.double() - exact).abs().max().item()
