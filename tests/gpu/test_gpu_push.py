@@ -1,6 +1,6 @@
 """The collective push of a ~1B-parameter bfloat16 policy on one GPU: trainer rank and torch-engine server on the
-same GPU, so the weight-update group is gloo through host memory (NCCL refuses two ranks on one GPU; docs/design.md §7b).
-Prints the push time per step; checks the landed weights bit for bit on a sample of tensors."""
+same GPU, so the weight-update group is gloo through host memory (NCCL refuses two ranks on one GPU;
+docs/design.md §7b). Prints the push time per step; checks the landed weights bit for bit on a sample of tensors."""
 
 from __future__ import annotations
 
