@@ -72,6 +72,22 @@ LM_HEAD = Weight(
     "lm_head.weight", "output_layer.weight", ("vocab", "hidden"), Layout.VOCAB, tied_to="model.embed_tokens.weight"
 )
 
+# The Llama decoder layer's two halves, in Hugging Face order; a family lists them with what it adds in between
+# (Qwen2's q/k/v biases come after o_proj).
+ATTENTION = (
+    Weight("input_layernorm.weight", "input_layernorm.weight", ("hidden",), Layout.REPLICATED),
+    Weight("self_attn.q_proj.weight", "self_attention.linear_qkv.weight", ("q", "hidden"), Layout.QKV, "q"),
+    Weight("self_attn.k_proj.weight", "self_attention.linear_qkv.weight", ("kv", "hidden"), Layout.QKV, "k"),
+    Weight("self_attn.v_proj.weight", "self_attention.linear_qkv.weight", ("kv", "hidden"), Layout.QKV, "v"),
+    Weight("self_attn.o_proj.weight", "self_attention.linear_proj.weight", ("hidden", "q"), Layout.SPLIT_COLUMNS),
+)
+MLP = (
+    Weight("post_attention_layernorm.weight", "pre_mlp_layernorm.weight", ("hidden",), Layout.REPLICATED),
+    Weight("mlp.gate_proj.weight", "mlp.linear_fc1.weight", ("ffn", "hidden"), Layout.GATE_UP, "gate"),
+    Weight("mlp.up_proj.weight", "mlp.linear_fc1.weight", ("ffn", "hidden"), Layout.GATE_UP, "up"),
+    Weight("mlp.down_proj.weight", "mlp.linear_fc2.weight", ("hidden", "ffn"), Layout.SPLIT_COLUMNS),
+)
+
 
 @dataclass(frozen=True)
 class ModelFamily:
