@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import os
 import pickle
@@ -43,13 +44,16 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from nemo_logitavg.models.actor import LogitAveragingActor
+from nemo_logitavg.models import LlamaConfig
+from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
+from nemo_logitavg.models.conversion.mcore_checkpoint import load_mcore_checkpoint
 
 FORMAT = "nemo_logitavg.checkpoint"
 FORMAT_VERSION = 1
@@ -92,7 +96,7 @@ def step_dir_name(step: int) -> str:
 
 def parallel_layout() -> dict:
     """This run's TP, PP and DP sizes (and world size), the key under which RNG states are interchangeable."""
-    import torch.distributed as dist
+    # megatron-core is heavy (~3 s after torch): the job imports this module for latest_step without it
     from megatron.core import parallel_state as ps
 
     return {
@@ -219,8 +223,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 def _check_extra_state(extra_state: dict) -> dict:
     """``extra_state`` round-tripped as megatron will read it back (``torch.load`` with ``weights_only=True``)."""
-    import io
-
     if not isinstance(extra_state, dict):
         raise TypeError(f"extra_state must be a dict, got {type(extra_state).__name__}")
     buffer = io.BytesIO()
@@ -241,6 +243,7 @@ def _check_extra_state(extra_state: dict) -> dict:
 
 def _rng_states() -> dict:
     """This rank's RNG states as tensors and plain data (what ``torch.load(weights_only=True)`` reads back)."""
+    # megatron-core is heavy (~3 s after torch): the job imports this module for latest_step without it
     from megatron.core import tensor_parallel
 
     version, mt_state, gauss = random.getstate()
@@ -264,6 +267,7 @@ def _rng_states() -> dict:
 
 
 def _set_rng_states(states: dict) -> None:
+    # megatron-core is heavy (~3 s after torch): the job imports this module for latest_step without it
     from megatron.core import tensor_parallel
 
     python, numpy_state = states["random"], states["numpy"]
@@ -284,6 +288,7 @@ def _set_rng_states(states: dict) -> None:
 
 
 def _rng_sharded_object(layout: dict, with_data: bool):
+    # megatron-core is heavy (~3 s after torch): the job imports this module for latest_step without it
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
@@ -379,7 +384,7 @@ def save_checkpoint(
         reference_dir: where the reference's weights come from; by default the one ``actor.load_hf`` loaded.
         keep_last: keep only this many newest complete checkpoints (None: keep all).
     """
-    import torch.distributed as dist
+    # megatron-core is heavy (~3 s after torch): the job imports this module for latest_step without it
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
@@ -508,9 +513,6 @@ def _weights_only_loads():
 
 
 def _load_reference(actor: LogitAveragingActor, reference_dir: str, path: str) -> None:
-    from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
-    from nemo_logitavg.models.conversion.mcore_checkpoint import load_mcore_checkpoint
-
     if not os.path.isdir(reference_dir):
         raise CheckpointNotFoundError(
             f"checkpoint {path} names the reference {reference_dir}, which does not exist "
@@ -543,6 +545,7 @@ def load_checkpoint(
         CheckpointNotFoundError / CheckpointError: see ``find_checkpoint``; also a reference directory that no
             longer exists.
     """
+    # megatron-core and torch.distributed.checkpoint are heavy (~3 s, ~0.8 s): the job imports this module without them
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
     from torch.distributed.checkpoint.api import CheckpointException
@@ -633,8 +636,7 @@ def export_checkpoint_to_hf(ckpt: str | os.PathLike, out_dir: str | os.PathLike,
     Raises:
         CheckpointError: the checkpoint names no reference directory, or it no longer exists.
     """
-    from nemo_logitavg.models import LlamaConfig
-    from nemo_logitavg.models.actor import ActorConfig, LogitAveragingActor
+    # the streaming export imports megatron-core (heavy, ~3 s) at its top: loaded when a checkpoint is exported
     from nemo_logitavg.models.conversion.streaming import export_model_hf
 
     ckpt = os.fspath(ckpt)

@@ -81,6 +81,7 @@ def apply() -> bool:
     ):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
+    # After the filters above (megatron warns on import) and only on CPU: megatron-core is heavy (~3 s).
     from megatron.core import utils as mcore_utils
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -118,6 +119,7 @@ def apply() -> bool:
     mcore_random.CudaRNGStatesTracker.add = add
 
     # Gradient clipping asserts `grad.type() == "torch.cuda.FloatTensor"`; the same scaling without it.
+    # megatron-core, imported after the warning filters like the imports above
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as mcore_optimizer
 

@@ -180,6 +180,7 @@ def init_parallel(
     else:
         cpu_compat.apply()
 
+    # After cpu_compat.apply(), whose warning filters silence megatron's import warnings on CPU; heavy too (~3 s).
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -205,6 +206,7 @@ def init_parallel(
 
 def teardown() -> None:
     """Destroy megatron-core's groups and the default process group; safe to call twice."""
+    # megatron-core is heavy (~3 s): models and the job import this module without it (see init_parallel)
     from megatron.core import parallel_state
 
     global _WAIT_GROUP

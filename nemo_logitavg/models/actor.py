@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nemo_logitavg.models.builder import LlamaConfig, build_gpt_model
+from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
 from nemo_logitavg.ops import mixed_logprobs
 from nemo_logitavg.parallel import rank_device
 
@@ -63,6 +65,7 @@ def _lr_scheduler(optimizer: Any, cfg: ActorConfig) -> Any:
 
     It also applies megatron's per-group weight-decay multipliers (no decay on norms and biases).
     """
+    # megatron-core is heavy (~3 s): the job imports this module (through checkpointing) without it
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
@@ -172,6 +175,7 @@ class LogitAveragingActor:
     """
 
     def __init__(self, policy_cfg: LlamaConfig, reference_cfg: LlamaConfig | None, actor_cfg: ActorConfig) -> None:
+        # megatron-core is heavy (~3 s): the job imports this module (through checkpointing) without it
         from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -258,6 +262,7 @@ class LogitAveragingActor:
         micro-batch is moved to ``self.device`` when the schedule takes it, and ``loss_fn`` sees it there; the
         results are on ``self.device``.
         """
+        # megatron-core is heavy (~3 s): the job imports this module (through checkpointing) without it
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -349,8 +354,6 @@ class LogitAveragingActor:
         The flag stays on the device with the tensors (one host sync, at the caller's ``.item()``) and is
         reduced over the default group: NCCL for a CUDA flag, gloo for a CPU one.
         """
-        import torch.distributed as dist
-
         flag = torch.ones(1, device=self.device)
         for tensor in tensors:
             flag.mul_(torch.isfinite(tensor).all())
@@ -359,8 +362,6 @@ class LogitAveragingActor:
 
     def load_hf(self, policy_dir: str, reference_dir: str | None) -> None:
         """Load both models' shards from Hugging Face directories (checked against the configs)."""
-        from nemo_logitavg.models.conversion.loading import load_hf_into_mcore
-
         load_hf_into_mcore(self.gpt_policy, policy_dir)
         if self.reference is not None:
             if reference_dir is None:

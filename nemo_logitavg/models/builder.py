@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from nemo_logitavg.models.families import FAMILIES
 from nemo_logitavg.models.families.table import ModelFamily
+from nemo_logitavg.parallel import rank_device
 
 # megatron-core applies Llama 3.1's rope scaling with only the factor configurable: these are the defaults of
 # ``RotaryEmbedding._apply_scaling`` in megatron/core/models/common/embeddings/rotary_pos_embedding.py, which
@@ -209,6 +210,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
 
 def _layer_spec():
     # Transformer Engine's fused layers when they import (NGC container, GPU); megatron's local layers otherwise.
+    # Both imported here: TE is optional, megatron-core heavy (~3 s) and the config imports this module without it.
     try:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -245,10 +247,9 @@ def build_gpt_model(
         ValueError: when ``tensor_parallel_size`` does not divide the attention heads or the query groups, or
             ``pipeline_parallel_size`` does not divide the layers.
     """
+    # megatron-core is heavy (~3 s): the config and the offline converter import this module without it
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
-
-    from nemo_logitavg.parallel import rank_device
 
     for what, count in (
         ("num_attention_heads", cfg.num_attention_heads),

@@ -9,6 +9,9 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import sentencepiece as spm
+import torch
+
 # sentencepiece ids of the specials; the Hugging Face tokenizer keeps them.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -31,7 +34,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int) -> None
     """Train a BPE sentencepiece model on ``texts`` (digits split one per token, whitespace kept verbatim) and
     save it into ``out_dir`` as a Hugging Face Llama tokenizer (``tokenizer.json``; BOS added, EOS appended by
     the recipes)."""
-    import sentencepiece as spm
+    # transformers takes ~1 s to import: the config, which imports this module for its schema, must not pay it
     from transformers import LlamaTokenizer
 
     model = io.BytesIO()
@@ -52,7 +55,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int) -> None
 
 def init_llama(out_dir: str, cfg: ScratchModelConfig, seed: int) -> None:
     """Save a randomly initialised float32 Llama with ``cfg``'s shape into ``out_dir`` (beside its tokenizer)."""
-    import torch
+    # transformers' Llama takes ~2 s to import: the config, which imports this module for its schema, must not pay it
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)

@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = ["Engine", "TorchEngine", "VLLMEngine", "RolloutClient", "RolloutError"]
 
 
+# Lazy (PEP 562): `import nemo_logitavg.rollout.client` must load neither torch nor transformers, nor vLLM.
 def __getattr__(name: str):
     if name in ("Engine", "TorchEngine"):
         from nemo_logitavg.rollout import engine

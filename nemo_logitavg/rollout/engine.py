@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors.torch import load_file
 
 from nemo_logitavg.ops.ref_weight import check_ref_weight, mixes_reference
 from nemo_logitavg.rollout import weight_wire
@@ -166,8 +167,6 @@ def _eos_ids(model) -> set[int]:
 
 
 def _safetensors_state(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
@@ -282,6 +281,7 @@ class TorchEngine(EngineCommon):
         policy_step: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
+        # transformers takes ~1 s to import: the server and the vLLM engine import this module without needing it
         from transformers import AutoModelForCausalLM
 
         if reference_path is None and mixes_reference(ref_weight):
@@ -321,6 +321,7 @@ class TorchEngine(EngineCommon):
         self.tokenizer = None
         for path in (self.policy_path, self.reference_path):
             if _has_tokenizer(path):
+                # transformers is heavy (~1 s): imported with the models above, not by importers of this module
                 from transformers import AutoTokenizer
 
                 self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -492,6 +493,7 @@ class TorchEngine(EngineCommon):
         """Decode ``seqs`` together: one left-padded prefill of their distinct prompts (the n samples of a prompt
         share it; the caches are then expanded row by row), then one token per live row per step; finished rows
         leave the batch and the caches."""
+        # transformers is heavy (~1 s): loaded by __init__ when the models are, not by importers of this module
         from transformers import DynamicCache
 
         distinct: dict[tuple[int, ...], int] = {}

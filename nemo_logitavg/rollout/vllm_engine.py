@@ -39,6 +39,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
+import torch
+from safetensors import safe_open
+
+from nemo_logitavg.models.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE
 from nemo_logitavg.ops.ref_weight import check_ref_weight, mixes_reference
 from nemo_logitavg.rollout import weight_wire
 from nemo_logitavg.rollout.engine import (
@@ -118,8 +123,7 @@ def _eos_ids_of(path: str) -> set[int]:
 
 def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a directory's safetensors, from their headers (nothing is loaded)."""
-    from safetensors import safe_open
-
+    # vllm_plugin imports transformers (~1 s) at its top: loaded when a vLLM engine is built, not with the server
     from nemo_logitavg.rollout.vllm_plugin import safetensors_files
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -133,8 +137,6 @@ def _tensor_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, out: str) -> str:
     """A minimal bundle (docs/design.md §7) in ``out`` that points at the two directories instead of copying them."""
-    from nemo_logitavg.models.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE
-
     os.makedirs(out, exist_ok=True)
     link = os.path.join(out, "policy")
     if os.path.lexists(link):
@@ -155,8 +157,6 @@ def write_bundle_view(policy_path: str, reference_path: str, ref_weight: float, 
 
 
 def _child_processes() -> list:
-    import psutil
-
     return psutil.Process().children(recursive=True)
 
 
@@ -201,7 +201,7 @@ class VLLMEngine(EngineCommon):
         fixed = sorted(_FIXED_ARGS & set(engine_args or {}))
         if fixed:
             raise ValueError(f"engine_args may not set {fixed}: the vLLM engine fixes them")
-        try:
+        try:  # vLLM is optional: imported only when this engine is built, with a message saying how to get it
             import vllm  # noqa: F401
         except ImportError as exc:
             raise ImportError(
@@ -214,6 +214,7 @@ class VLLMEngine(EngineCommon):
         self.policy_step = int(policy_step)
         self._lock = threading.Lock()
 
+        # vllm_plugin imports transformers (~1 s) at its top: loaded when a vLLM engine is built, not with the server
         from nemo_logitavg.rollout.vllm_plugin import WORKER_EXTENSION, register
 
         # Registered here, and in every vLLM worker when it imports the worker extension (vllm_model), so the
@@ -238,6 +239,7 @@ class VLLMEngine(EngineCommon):
         self.tokenizer = None
         tokenizer_dir = next((p for p in (self.policy_path, self.reference_path) if _has_tokenizer(p)), None)
         if tokenizer_dir is not None:
+            # transformers takes ~1 s to import: paid when a vLLM engine is built, not by the server
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -253,6 +255,7 @@ class VLLMEngine(EngineCommon):
         else:
             model_dir = self.policy_path
 
+        # vLLM is optional: imported only when this engine is built (the server imports this module for any engine)
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(
@@ -280,8 +283,6 @@ class VLLMEngine(EngineCommon):
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         if len(visible) > 1:  # a server sees only its own GPUs (the launcher's slice): shard over all of them
             kwargs["tensor_parallel_size"] = len(visible)
-        import torch
-
         total = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None  # what vLLM's budget scales
         kwargs.update(resolve_memory_budget(engine_args or {}, total))
         try:
@@ -292,7 +293,7 @@ class VLLMEngine(EngineCommon):
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._children = _child_processes()  # vLLM's engine core and workers (none when it runs in-process)
         self.dtype = self.llm.llm_engine.model_config.dtype  # what vLLM resolved (a torch.dtype), for info()
-        import vllm
+        import vllm  # optional: see above
 
         self.vllm_version = getattr(vllm, "__version__", "unknown")
 
@@ -357,8 +358,6 @@ class VLLMEngine(EngineCommon):
 
     @property
     def device(self) -> str:
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def join_weight_groups(self, specs: Sequence, rank: int) -> None:
@@ -402,6 +401,7 @@ class VLLMEngine(EngineCommon):
     # ------------------------------------------------------------------------------------------ decoding
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[GeneratedSequence]]:
+        # vLLM is optional: imported when this engine runs, not when the module is imported
         from vllm import SamplingParams as VllmSamplingParams
 
         prompts, params = [], []
@@ -463,8 +463,6 @@ class VLLMEngine(EngineCommon):
 
     def alive(self) -> bool:
         """False once closed or once a process vLLM started (engine core, workers) has exited."""
-        import psutil
-
         if getattr(self, "llm", None) is None:
             return False
         try:

@@ -49,13 +49,16 @@ import os
 from collections.abc import Iterable, Iterator
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model, maybe_prefix
+from vllm.platforms import current_platform
 
 from nemo_logitavg.models.bundle import bundle_dirs
 from nemo_logitavg.ops.ref_weight import check_ref_weight
+from nemo_logitavg.rollout.engine import tensor_digest
 from nemo_logitavg.rollout.vllm_plugin import register, safetensors_files
 from nemo_logitavg.rollout.weight_receiver import WeightReceiver
 from nemo_logitavg.rollout.weight_wire import GroupSpec, parse_dtype, plan_from_wire, receive_buckets
@@ -71,7 +74,7 @@ STACKS = ("policy", "reference")
 
 def _patch_rope(config) -> None:
     """vLLM normalises RoPE fields of the top-level config only; do the same for each half's config."""
-    try:
+    try:  # local: absent from some vLLM versions
         from vllm.transformers_utils.config import patch_rope_parameters
     except ImportError:  # pragma: no cover - older or newer vLLM without it
         return
@@ -81,7 +84,7 @@ def _patch_rope(config) -> None:
 @contextlib.contextmanager
 def _model_tag(tag: str):
     """Tag torch.compile artifacts per stack (both stacks may share one architecture and shapes)."""
-    try:
+    try:  # local: absent from some vLLM versions
         from vllm.compilation.backends import set_model_tag
     except ImportError:  # pragma: no cover
         yield
@@ -192,8 +195,6 @@ class LogitAveragedForCausalLM(nn.Module):
 
 def iter_safetensors(path: str, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """``(prefix + name, tensor)`` for every tensor of ``path``, one file open at a time."""
-    from safetensors import safe_open
-
     for file in safetensors_files(path):
         with safe_open(file, framework="pt", device="cpu") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -240,8 +241,6 @@ def load_policy_weights(worker, source) -> int:
         with _quiet(*(f"vllm.model_executor.model_loader.reload.{m}" for m in ("layerwise", "inplace"))):
             worker.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
     else:  # vLLM 0.14: no in-place reload with an iterator; unquantised GPU weights are used as loaded
-        from vllm.platforms import current_platform
-
         if current_platform.is_cpu():
             raise RuntimeError("this vLLM cannot reload CPU weights in place (needs reload_weights(weights_iterator))")
         with torch.no_grad():
@@ -296,8 +295,6 @@ class PolicyWeightsExtension:
 
     def nemo_logitavg_digests(self) -> dict:
         """sha256 of every parameter of the served model by vLLM's own (fused, sharded) names."""
-        from nemo_logitavg.rollout.engine import tensor_digest
-
         return {name: tensor_digest(p) for name, p in self.model_runner.get_model().named_parameters()}
 
     def nemo_logitavg_describe(self) -> dict:

@@ -25,7 +25,7 @@ import json
 import os
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
 from nemo_logitavg.models.bundle import BUNDLE_ARCHITECTURE, BUNDLE_MODEL_TYPE, bundle_dirs
 from nemo_logitavg.ops.ref_weight import check_ref_weight
@@ -41,8 +41,6 @@ def _sub_config(value: Any) -> PretrainedConfig | None:
     if value is None or isinstance(value, PretrainedConfig):
         return value
     if isinstance(value, dict):
-        from transformers import CONFIG_MAPPING
-
         return CONFIG_MAPPING[value["model_type"]].from_dict(dict(value))
     raise TypeError(f"expected a config or a dict, got {type(value).__name__}")
 
@@ -111,8 +109,6 @@ def _load_sub_configs(root: str, config: dict) -> dict:
             sub = json.load(fh)
         if "model_type" not in sub:
             raise ValueError(f"{path}/config.json has no model_type")
-        from transformers import CONFIG_MAPPING
-
         out[key] = CONFIG_MAPPING[sub["model_type"]].from_dict(sub)
     policy_vocab = out["policy_config"].vocab_size
     reference_vocab = out["reference_config"].vocab_size
@@ -133,6 +129,7 @@ def register() -> None:
     if _registered:
         return
     AutoConfig.register(BUNDLE_MODEL_TYPE, LogitAveragedVLLMConfig, exist_ok=True)
+    # vLLM is optional: this module also serves transformers' AutoConfig (release bundles) without it
     from vllm import ModelRegistry
 
     if BUNDLE_ARCHITECTURE not in ModelRegistry.get_supported_archs():

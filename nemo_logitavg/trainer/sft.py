@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from nemo_logitavg.checkpointing import latest_step, load_checkpoint, save_checkpoint
 from nemo_logitavg.config import check_batch_split
@@ -82,8 +83,6 @@ def train_sft(
     before any thread started), a SIGTERM / SIGUSR1 ends the run after the step, checkpointed when
     ``checkpoint_dir`` is set; ``stop.stopped`` is then True on every rank, so the caller does not export.
     """
-    from megatron.core import parallel_state as ps  # megatron is heavy: imported when a run starts
-
     check_batch_split("sft: sequences_per_step", sequences_per_step, [("micro_batch_size", micro_batch_size)])
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()

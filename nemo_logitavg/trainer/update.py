@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from nemo_logitavg.parallel import rank_device
 from nemo_logitavg.trainer.batching import StepBatch, build_micro_batches
@@ -30,8 +31,6 @@ def reduce_update_metrics(step_results: Sequence[Sequence[dict]], mismatch: Sequ
     per-token metrics are means over every token of every optimiser step. A collective over the DP group
     (every rank calls it); the values are meaningful on the last pipeline stage only.
     """
-    from megatron.core import parallel_state as ps  # megatron is heavy: imported when an update runs
-
     steps = len(step_results)
     totals = torch.zeros(steps, 2, dtype=torch.float64)  # per optimiser step: loss, kl
     sums = torch.zeros(len(TOKEN_MEAN_METRICS) + 3, dtype=torch.float64)  # ..., tokens, mismatch sum, count
@@ -84,8 +83,6 @@ def update_policy(
     ``step`` is the policy step being trained: ``mismatch/*`` counts only the completions it sampled (None: all);
     with ``algorithm.max_staleness > 0`` the loss also reports the importance weights' ``is_truncated_fraction``.
     """
-    from megatron.core import parallel_state as ps  # megatron is heavy: imported when an update runs
-
     alg = cfg.algorithm
     count = batch.input_ids.shape[0]
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
