@@ -9,6 +9,8 @@
 #                         directories of the models and data, e.g. /lustre/models:/lustre/models
 #   NLA_LOG_DIR           where per-rank logs go (default: outputs/logs/<job name>-<job id>)
 #   NLA_SERVER_TIMEOUT    seconds the rollout servers get to become healthy (default 3600)
+#   NLA_ROLLOUT_DEVICE    the torch engine's device on a rollout node (default cuda: rollout nodes are GPU nodes,
+#                         each server seeing only its own GPUs; cpu serves from the host, as the server's default)
 
 nla_die() { echo "[launcher] error: $*" >&2; exit 1; }
 
@@ -153,6 +155,11 @@ nla_serve_node() {
     [[ -n "${NLA_REFERENCE}" ]] && reference=(--reference "${NLA_REFERENCE}")  # empty: the policy alone
     # The trainer's dtype (a --dtype in cluster.server_args, coming later, wins; the trainer refuses a mismatch).
     engine=(--engine "${NLA_ROLLOUT_ENGINE}" --dtype "${NLA_DTYPE}")
+    # The torch engine serves from the CPU (and pushes over gloo) unless told a device; vLLM places its own workers.
+    # The first of the server's CUDA_VISIBLE_DEVICES; a --device in cluster.server_args, coming later, wins.
+    if [[ "${NLA_ROLLOUT_ENGINE}" == torch && "${NLA_ROLLOUT_DEVICE:-cuda}" != cpu ]]; then
+        engine+=(--device "${NLA_ROLLOUT_DEVICE:-cuda}")
+    fi
     if [[ "${NLA_ROLLOUT_ENGINE}" == vllm ]]; then  # vLLM's own settings reach the server through its YAML
         nla_vllm_config "${NLA_LOG_DIR}/server-${node}.yaml"
         engine+=(--config "${NLA_LOG_DIR}/server-${node}.yaml")

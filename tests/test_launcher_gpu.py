@@ -125,9 +125,9 @@ def test_missing_container_image_is_explained(tmp_path):
     assert rc != 0 and "no container image" in out and "NLA_CONTAINER_IMAGE=none" in out
 
 
-def test_rollout_node_gives_each_server_its_gpus_and_port(tmp_path):
-    """nla_serve_node (the step on a rollout node): 8 GPUs, TP2 -> four servers on GPU pairs and ports 8000-8003,
-    each with USR1 ignored (preemption is the trainer's) and the reference only when ref_weight > 0."""
+def _serve_node(tmp_path: Path, **overrides: str) -> list[str]:
+    """Run nla_serve_node (the step on a rollout node: 8 GPUs, TP2, four servers) with a stub python that records
+    each server's CUDA_VISIBLE_DEVICES, its ignored signals and its command line; the sorted records."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(
@@ -143,9 +143,17 @@ def test_rollout_node_gives_each_server_its_gpus_and_port(tmp_path):
                NLA_ROLLOUT_ENGINE="vllm", NLA_MAX_CONTEXT="4096", NLA_ROLLOUT_GPU_MEMORY_GIB="74",
                NLA_ROLLOUT_BATCHED_TOKENS="8192", NLA_DTYPE="bfloat16",
                NLA_LOG_DIR=str(tmp_path), SLURMD_NODENAME="gpu02")  # fmt: skip
+    env.pop("NLA_ROLLOUT_DEVICE", None)
+    env.update(overrides)
     subprocess.run(["bash", "-c", 'source launcher/common.sh && nla_serve_node "$@"', "nla_serve_node", "--max-n",
                     "16"], env=env, cwd=ROOT, timeout=60, check=True)  # fmt: skip
-    lines = sorted(log.read_text().splitlines())
+    return sorted(log.read_text().splitlines())
+
+
+def test_rollout_node_gives_each_server_its_gpus_and_port(tmp_path):
+    """nla_serve_node (the step on a rollout node): 8 GPUs, TP2 -> four servers on GPU pairs and ports 8000-8003,
+    each with USR1 ignored (preemption is the trainer's) and the reference only when ref_weight > 0."""
+    lines = _serve_node(tmp_path)
     assert [line.split("|")[0] for line in lines] == ["0,1", "2,3", "4,5", "6,7"]
     for k, line in enumerate(lines):
         devices, ignored, args = line.split("|")
@@ -155,10 +163,32 @@ def test_rollout_node_gives_each_server_its_gpus_and_port(tmp_path):
         assert (f"--port {8000 + k} --max-batch-size 96 --engine vllm --dtype bfloat16 --config {yaml_path} "
                 "--max-n 16") in args  # fmt: skip
         assert "--reference" not in args and "--ref-weight 0.0" in args
+        assert "--device" not in args  # vLLM places its own workers
     # vLLM's settings: its GPUs, the planned context and batch, the planner's memory budget of a GPU
     assert yaml_path.read_text() == ("vllm:\n  tensor_parallel_size: 2\n  max_model_len: 4096\n"
                                      "  max_num_batched_tokens: 8192\n  gpu_memory_gib: 74\n")  # fmt: skip
     assert sorted(p.name for p in tmp_path.glob("server-gpu02-*.log")) == [f"server-gpu02-{k}.log" for k in range(4)]
+
+
+@pytest.mark.parametrize(
+    "overrides,device",
+    [
+        ({}, "cuda"),  # a rollout node is a GPU node: each torch server on the first of its own GPUs
+        ({"NLA_ROLLOUT_DEVICE": "cuda:1"}, "cuda:1"),
+        ({"NLA_ROLLOUT_DEVICE": "cpu"}, None),  # serving from the host: the server's own default, no flag
+    ],
+)
+def test_torch_engine_servers_get_the_gpu_device(tmp_path, overrides, device):
+    lines = _serve_node(tmp_path, NLA_ROLLOUT_ENGINE="torch", **overrides)
+    assert [line.split("|")[0] for line in lines] == ["0,1", "2,3", "4,5", "6,7"]
+    for line in lines:
+        args = line.split("|")[2].split()
+        assert "--config" not in args  # the vLLM settings are vLLM's
+        if device is None:
+            assert "--device" not in args, line
+        else:  # once, after the dtype and before the extra flags (a --device among them would win)
+            assert args.count("--device") == 1 and args[args.index("--device") + 1] == device, line
+            assert args.index("--dtype") < args.index("--device") < args.index("--max-n"), line
 
 
 def test_evaluate_serves_each_model_with_vllm_over_the_node(tmp_path):

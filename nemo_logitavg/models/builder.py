@@ -209,15 +209,20 @@ def padded_vocab_size(vocab_size: int, tensor_parallel_size: int, divisible_by: 
 
 
 def _layer_spec():
-    # Transformer Engine's fused layers when they import (NGC container, GPU); megatron's local layers otherwise.
-    # Both imported here: TE is optional, megatron-core heavy (~3 s) and the config imports this module without it.
+    # Transformer Engine's fused layers when TE itself imports and CUDA is there (NGC container, GPU); megatron's
+    # local layers otherwise. Asking megatron for the TE spec is not a test of TE: without TE, megatron-core 0.16's
+    # gpt_layer_specs imports but never defines TESpecProvider, and the TE spec raises NameError.
+    # Imported here: TE is optional, megatron-core heavy (~3 s) and the config imports this module without it.
     try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError, OSError):  # TE raises RuntimeError on CPU-only machines
+        has_te = False
+    else:
+        has_te = True
+    if has_te and torch.cuda.is_available():
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        if torch.cuda.is_available():
-            return get_gpt_layer_with_transformer_engine_spec()
-    except (ImportError, RuntimeError, OSError):  # TE raises RuntimeError on CPU-only machines
-        pass
+        return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(normalization="RMSNorm")

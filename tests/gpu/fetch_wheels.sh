@@ -6,10 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# numpy: the GPU image's is newer than megatron-core 0.16 allows (docs/design.md §5). transformers: the version here.
-PACKAGES=(megatron-core numpy omegaconf antlr4-python3-runtime math-verify latex2sympy2_extended transformers
-          fastapi opentelemetry-api starlette pydantic pydantic-core annotated-types typing-inspection
-          typing-extensions uvicorn)
+# Only what the GPU image (tests/gpu/gpu_image_packages.txt) lacks or has at a version the project cannot use:
+# numpy, because megatron-core 0.16 needs numpy<2.5 and the image has 2.5.2 (docs/design.md §5). Not transformers:
+# the image's 5.17.0 serves, and this machine's would refuse the image's huggingface_hub. tests/test_gpu_wheels.py
+# checks that every requirement of these wheels is met by the set or by the image.
+PACKAGES=(megatron-core numpy omegaconf antlr4-python3-runtime math-verify latex2sympy2_extended
+          fastapi annotated-doc opentelemetry-api starlette pydantic pydantic-core annotated-types typing-inspection
+          typing-extensions uvicorn click)
 pins=()
 for name in "${PACKAGES[@]}"; do
     version=$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name") || {
