@@ -97,9 +97,10 @@ def hf_dirs(tmp_path_factory):
     return make_hf_llama(root / "policy", seed=1), make_hf_llama(root / "reference", seed=2)
 
 
-def run_layout(tp: int, pp: int, dirs, ref_weight: float = 0.5, dp: int = 1) -> dict:
+def run_layout(tp: int, pp: int, dirs, ref_weight: float = 0.5, dp: int = 1, timeout_s: float = 600.0) -> dict:
     ranks = run_distributed(
-        _actor_worker, tp * pp * dp, tp=tp, pp=pp, policy_dir=dirs[0], reference_dir=dirs[1], ref_weight=ref_weight
+        _actor_worker, tp * pp * dp, timeout_s, tp=tp, pp=pp, policy_dir=dirs[0], reference_dir=dirs[1],
+        ref_weight=ref_weight,
     )
     for r in ranks:
         assert not r["reference_has_grad"], f"TP={tp} PP={pp} rank {r['rank']}: the reference received a gradient"

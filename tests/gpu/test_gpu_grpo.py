@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tests.distributed import run_distributed
-from tests.gpu import GPU
+from tests.gpu import GPU, inner_timeout
 from tests.tiny_models import make_hf_llama, make_llama_with_tokenizer
 
 pytestmark = GPU
@@ -61,7 +61,8 @@ def test_bf16_actor_on_one_gpu(tmp_path):
     from tests.test_actor import micro_batches
 
     dirs = make_hf_llama(tmp_path / "policy", seed=1), make_hf_llama(tmp_path / "reference", seed=2)
-    (result,) = run_distributed(_bf16_actor_worker, world_size=1, policy_dir=dirs[0], reference_dir=dirs[1])
+    (result,) = run_distributed(_bf16_actor_worker, world_size=1, timeout_s=inner_timeout("grpo"), policy_dir=dirs[0],
+                                reference_dir=dirs[1])  # fmt: skip
     assert result["device"] == torch.device("cuda", 0) and "nccl" in result["backend"]
     assert result["placement"] == {(torch.device("cuda", 0), torch.bfloat16)}
     assert result["logprob_devices"] == {torch.device("cuda", 0)}
@@ -122,7 +123,7 @@ run:
     log = tmp_path / "log.txt"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=240)
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=inner_timeout("grpo"))
     assert proc.returncode == 0, log.read_text()[-4000:] + (run_dir / "rollout_server.log").read_text()[-2000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
