@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import json
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -127,17 +128,87 @@ def open_group(spec: GroupSpec, rank: int, store: dist.TCPStore | None = None) -
     return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, options)
 
 
-def _broadcast_all(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor]) -> None:
-    """Broadcast every tensor from rank 0 of ``group`` in place (any shape and dtype), all in flight at once."""
+class PushAborted(RuntimeError):
+    """A push's collectives did not complete by their deadline; its weight-update group was aborted.
+
+    A ``RuntimeError``, as the broken-group errors gloo and NCCL raise: the sender's existing failure path (the
+    server is stale, the group is rebuilt at the next push) handles it unchanged.
+    """
+
+
+# How often the host checks a collective in flight: short against any deadline, long against a syscall.
+POLL_S = 0.01
+
+
+def _issue_broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> dist.Work:
+    """Start one broadcast from rank 0 of ``group``, asynchronously (the one place a push issues a collective)."""
     options = dist.BroadcastOptions()
     options.rootRank = 0
-    works = [group.broadcast([t], options) for t in tensors]
+    return group.broadcast([tensor], options)
+
+
+def abort_group(group: dist.ProcessGroup) -> None:
+    """Abort ``group`` (a weight-update group only: never one of the trainer's).
+
+    The groups of ``open_group`` are backend objects built from their own store and never registered with
+    ``torch.distributed`` (so ``dist.destroy_process_group`` and ``distributed_c10d._abort_process_group``, which
+    look the group up in the registry, do not apply): ``ProcessGroup.abort`` ends this group's communicator and
+    work in flight (NCCL: ``ncclCommAbort``) and touches no other group.
+    """
+    try:
+        group.abort()
+    except RuntimeError as exc:  # a backend without abort (or one already torn down): nothing more to end
+        print(f"[push] aborting the weight-update group: {exc}", flush=True)
+
+
+def complete_works(
+    group: dist.ProcessGroup, works: Sequence[dist.Work], deadline: float | None, poll_s: float = POLL_S
+) -> None:
+    """Wait for ``works`` (collectives on ``group``) on the host, giving up at ``deadline`` (``time.monotonic``).
+
+    Why polling: on NCCL ``work.wait()`` only makes the current CUDA stream wait for the collective and returns
+    at once; nothing blocks or raises on the host. A receiver that died (or never came) then leaves the stream
+    waiting until the NCCL watchdog kills the whole process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``). So the host
+    polls ``work.is_completed()`` (true only once the collective finished on the device, or failed) and nothing
+    counts as sent before every work is completed; at the deadline this group alone is aborted and
+    ``PushAborted`` raised. On gloo the same loop applies (``is_completed`` follows the host-side work); a
+    completed work's ``wait()`` then raises gloo's own error when the collective failed. ``deadline=None``:
+    plain ``wait()`` (the group's own timeout applies).
+
+    Raises:
+        PushAborted: the deadline passed before every work completed (the group is aborted).
+        RuntimeError: a collective failed (the backend's error).
+    """
+    if deadline is not None:
+        pending = list(works)
+        while pending:
+            pending = [work for work in pending if not work.is_completed()]
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                abort_group(group)
+                raise PushAborted(
+                    f"{len(pending)} of {len(works)} broadcasts of the weight-update group not completed by the "
+                    "push deadline: the group is aborted"
+                )
+            time.sleep(poll_s)
     for work in works:
-        work.wait()
+        work.wait()  # completed: raises the backend's error if the collective failed; NCCL: orders the stream
+
+
+def _broadcast_all(group: dist.ProcessGroup, tensors: Sequence[torch.Tensor], deadline: float | None = None) -> None:
+    """Broadcast every tensor from rank 0 of ``group`` in place (any shape and dtype), all in flight at once;
+    completed (or given up, the group aborted) by ``deadline`` (``complete_works``)."""
+    works = [_issue_broadcast(group, t) for t in tensors]
+    complete_works(group, works, deadline)
 
 
 def send_buckets(
-    group: dist.ProcessGroup, buckets: Iterable[list[tuple[str, torch.Tensor]]], plan: BucketPlan, backend: str
+    group: dist.ProcessGroup,
+    buckets: Iterable[list[tuple[str, torch.Tensor]]],
+    plan: BucketPlan,
+    backend: str,
+    deadline: float | None = None,
 ) -> int:
     """Broadcast ``buckets`` (the sender's ``iter_hf_buckets``) as rank 0 of ``group``; returns the bytes sent.
 
@@ -145,8 +216,12 @@ def send_buckets(
     policy's dtype (the one the update request names), on any device: over gloo each tensor is copied to the host
     first, over NCCL it is sent from where it lives (contiguous).
 
+    ``deadline`` (``time.monotonic``, the whole push): every broadcast completes on the host by then, or the group
+    is aborted (``complete_works``).
+
     Raises:
         RuntimeError: the buckets do not follow ``plan`` (the receivers would mis-assign tensors).
+        PushAborted: the deadline passed (a ``RuntimeError``).
     """
     sent, count = 0, 0
     # No enumerate(): its cached result tuple would keep the previous bucket alive while the next is built.
@@ -160,7 +235,7 @@ def send_buckets(
         del tensor
         # gloo moves host memory: stage CUDA tensors on the host (the one-GPU case); NCCL sends them in place.
         staged = [t.detach().contiguous() if backend == "nccl" else t.detach().cpu().contiguous() for _, t in bucket]
-        _broadcast_all(group, staged)
+        _broadcast_all(group, staged, deadline)
         sent += sum(t.numel() * t.element_size() for t in staged)
         count += 1
         del bucket, staged  # before the iterator builds the next one: one bucket alive at a time

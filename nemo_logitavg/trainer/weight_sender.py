@@ -22,6 +22,7 @@ per-tensor gathers (``iter_hf_buckets``). This module runs on the trainer only (
 from __future__ import annotations
 
 import datetime
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -210,11 +211,14 @@ class PolicyPusher:
             # Only the sender (TP rank 0) needs the full tensors: the TP peers send it their shards.
             buckets = iter_hf_buckets(self.model, self.cfg, self.bucket_bytes, dst=0)
             if self.is_sender:
-                send_buckets(self._group, buckets, self.plans[self.stage], self._backend)
+                # The whole push, not each bucket, must land within push_timeout: past it, this group is aborted
+                # (NCCL never raises on the host by itself; weight_wire.complete_works).
+                deadline = time.monotonic() + self.push_timeout
+                send_buckets(self._group, buckets, self.plans[self.stage], self._backend, deadline)
             else:
                 for bucket in buckets:  # the TP peers take part in the per-tensor gathers
                     del bucket  # dropped before the next one is built
-        except RuntimeError as exc:  # a receiver died mid-push: gloo/NCCL raise, the group is broken
+        except RuntimeError as exc:  # a receiver died mid-push (gloo raises; the deadline aborts): group broken
             return f"rank {self.rank}: {exc}"
         return None
 
